@@ -1,0 +1,341 @@
+"""Fused multi-tensor F-SAM passes in Triton.
+
+One F-SAM step over a *bucket* (all parameters of one device and dtype) is three launches,
+whatever the number of tensors:
+
+1. ``_norm_kernel``: recompute the direction ``d`` (EMA read, not written) and write one
+   float32 partial sum of ``(a * d)**2`` per program.
+2. ``_perturb_kernel``: every program first sums *all* partials (of every bucket on the
+   device) in the same fixed order, so the global norm needs no extra launch, no atomics and
+   no host synchronisation, and every program sees the same bits. It then recomputes ``d``,
+   writes the EMA update, the exact saved copy of ``w`` and ``w + e``.
+3. ``_restore_kernel``: copies the saved values back into the weights.
+
+The EMA is written in pass 2, not pass 1, because the official order perturbs along
+``g - sigma * m_old``: once ``m`` is overwritten, ``m_old`` cannot be recovered exactly (and not
+at all when ``lmbda == 0``). Recomputing ``d`` costs one more read of ``g`` and ``m``; storing
+``d`` would cost a write and a read of a full-size buffer.
+
+Bytes each pass must move, per parameter (``W`` = bytes of the weight dtype, ``M`` = bytes
+of the EMA dtype, 4 for the default float32 EMA):
+
+============  ======================  ===========================================
+pass          reads                   writes
+============  ======================  ===========================================
+norm          g (W), m (M), w (W)*    none (one float per program)
+perturb       g (W), m (M), w (W)     m (M), saved (W), w (W)
+restore       saved (W)               w (W)
+============  ======================  ===========================================
+
+``*`` w only when a parameter group is adaptive; m only when ``sigma > 0``.
+For float32 weights with the float32 EMA, non-adaptive: 8 + 24 + 8 = 40 bytes per parameter
+per step; bfloat16 weights: 6 + 16 + 4 = 26. :func:`bytes_per_step` counts this for the
+benchmarks.
+
+Tensors are reached through device-resident pointer tables (one int64 row per tensor),
+rebuilt only when some address changes. Every table entry is checked to be 16-byte aligned on
+the host (addresses are host metadata, so this costs no synchronisation); then the kernels
+promise that alignment with ``tl.multiple_of`` and the compiler emits 128-bit loads and stores
+on the unmasked path. A bucket with any misaligned tensor uses the same kernels without the
+hint.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per inner iteration. At 4 warps that is 8 per thread: two 128-bit vectors of
+# float32, one of a 16-bit type, the widest access the hardware has.
+BLOCK = 1024
+NUM_WARPS = 4
+# Elements per program. Each program of pass 2 re-reads every partial sum (from L2): with
+# P programs that is 4 * P**2 bytes, so big buckets take bigger chunks to keep P <= MAX_PROGRAMS.
+CHUNK_SIZES = (16 * BLOCK, 64 * BLOCK, 256 * BLOCK)
+MAX_PROGRAMS = 4096
+# Partials summed per iteration of the norm prologue of pass 2.
+RBLOCK = 1024
+# Alignment (bytes) that allows 128-bit accesses.
+ALIGN = 16
+
+# Columns of the pointer table and of the per-tensor scalar table.
+_W, _G, _M, _SAVED = 0, 1, 2, 3
+_RHO, _ADAPT, _DECAY, _GAIN = 0, 1, 2, 3
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _ptr(ptr_tab, t, COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+    p = tl.load(ptr_tab + t * 4 + COL).to(tl.pointer_type(DT))
+    if ALIGNED:
+        # The hint must sit on the pointer itself: a hint on the integer is lost in the cast.
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _direction(g, m, decay, gain, sigma, HAS_EMA: tl.constexpr, PAPER: tl.constexpr):
+    """(d, m_new) for float32 g and m. First sight of a tensor in the official order has
+    decay = 0, gain = 1 and m = 0, which gives d = g and m_new = g exactly."""
+    if HAS_EMA:
+        m_new = decay * m + gain * g
+        if PAPER:
+            d = g - sigma * m_new
+        else:
+            d = g - sigma * m
+    else:
+        m_new = g
+        d = g
+    return d, m_new
+
+
+@triton.jit
+def _load(p, offs, n, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(p + offs, mask=offs < n, other=0.0)
+    else:
+        x = tl.load(p + offs)
+    return x
+
+
+@triton.jit
+def _store(p, offs, x, n, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(p + offs, x, mask=offs < n)
+    else:
+        tl.store(p + offs, x)
+
+
+@triton.jit
+def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+              HAS_EMA: tl.constexpr, PAPER: tl.constexpr, ADAPTIVE: tl.constexpr,
+              MASKED: tl.constexpr):
+    g = _load(g_p, offs, n, MASKED).to(tl.float32)
+    m = g
+    if HAS_EMA:
+        m = _load(m_p, offs, n, MASKED).to(tl.float32)
+    d, _ = _direction(g, m, decay, gain, sigma, HAS_EMA, PAPER)
+    if ADAPTIVE:
+        w = _load(w_p, offs, n, MASKED).to(tl.float32)
+        d = tl.where(adapt, tl.abs(w), 1.0) * d
+    return d * d
+
+
+@triton.jit
+def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+                   HAS_EMA: tl.constexpr, PAPER: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   MASKED: tl.constexpr):
+    g = _load(g_p, offs, n, MASKED).to(tl.float32)
+    w_raw = _load(w_p, offs, n, MASKED)
+    m = g
+    if HAS_EMA:
+        m = _load(m_p, offs, n, MASKED).to(tl.float32)
+    d, m_new = _direction(g, m, decay, gain, sigma, HAS_EMA, PAPER)
+    if HAS_EMA:
+        _store(m_p, offs, m_new.to(m_p.dtype.element_ty), n, MASKED)
+    # The saved copy is the raw stored value, so the restore is bit-exact.
+    _store(s_p, offs, w_raw, n, MASKED)
+    w = w_raw.to(tl.float32)
+    if ADAPTIVE:
+        e = (scale * tl.where(adapt, w * w, 1.0)) * d
+    else:
+        e = scale * d
+    _store(w_p, offs, (w + e).to(w_p.dtype.element_ty), n, MASKED)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, sigma,
+                 W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+                 PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tab + 2 * pid)
+    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
+    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
+    decay = tl.load(scal_tab + 4 * t + 2)
+    gain = tl.load(scal_tab + 4 * t + 3)
+    adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
+    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
+    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+    m_p = g_p
+    if HAS_EMA:
+        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    n_full = (n // BLOCK) * BLOCK
+    for i in range(0, n_full, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+                         HAS_EMA, PAPER, ADAPTIVE, False)
+    if n_full < n:
+        offs = n_full + tl.arange(0, BLOCK)
+        acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+                         HAS_EMA, PAPER, ADAPTIVE, True)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, sigma, eps,
+                    W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+                    PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr):
+    # Global norm: the same loads and the same reduction tree in every program.
+    tot = tl.zeros([RBLOCK], dtype=tl.float32)
+    for j in range(0, n_sq, RBLOCK):
+        o = j + tl.arange(0, RBLOCK)
+        tot += tl.load(sq_ptr + o, mask=o < n_sq, other=0.0)
+    norm = tl.sqrt_rn(tl.sum(tot, axis=0))
+
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tab + 2 * pid)
+    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
+    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
+    scale = tl.div_rn(tl.load(scal_tab + 4 * t), norm + eps)
+    adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
+    decay = tl.load(scal_tab + 4 * t + 2)
+    gain = tl.load(scal_tab + 4 * t + 3)
+    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
+    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+    m_p = g_p
+    if HAS_EMA:
+        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+    n_full = (n // BLOCK) * BLOCK
+    for i in range(0, n_full, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+                       HAS_EMA, PAPER, ADAPTIVE, False)
+    if n_full < n:
+        offs = n_full + tl.arange(0, BLOCK)
+        _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+                       HAS_EMA, PAPER, ADAPTIVE, True)
+
+
+@triton.jit
+def _restore_kernel(ptr_tab, numel_tab, chunk_tab,
+                    W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tab + 2 * pid)
+    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
+    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
+    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+    n_full = (n // BLOCK) * BLOCK
+    for i in range(0, n_full, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        tl.store(w_p + offs, tl.load(s_p + offs))
+    if n_full < n:
+        offs = n_full + tl.arange(0, BLOCK)
+        mask = offs < n
+        tl.store(w_p + offs, tl.load(s_p + offs, mask=mask), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def bytes_per_step(numel: int, w_bytes: int, m_bytes: int, has_ema: bool, adaptive: bool) -> int:
+    """Bytes one F-SAM step must move for ``numel`` parameters (see the module docstring)."""
+    ema = m_bytes if has_ema else 0
+    norm = w_bytes + ema + (w_bytes if adaptive else 0)
+    perturb = (2 * w_bytes + ema) + (ema + 2 * w_bytes)  # read g, w, m; write m, saved, w
+    restore = 2 * w_bytes
+    return numel * (norm + perturb + restore)
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    # From pinned memory the copy is asynchronous: no host synchronisation.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _chunk_size(numels: list[int]) -> int:
+    for chunk in CHUNK_SIZES:
+        if sum(-(-n // chunk) for n in numels) <= MAX_PROGRAMS:
+            return chunk
+    return CHUNK_SIZES[-1]
+
+
+class MultiTensorFSAM:
+    """Tables and launches for one bucket: tensors of one device and one weight dtype.
+
+    The caller passes, each step, the lists ``weights, grads, emas, saved`` (``emas`` is None
+    when sigma is 0) and one ``(rho, adaptive, decay, gain)`` row per tensor. Tables are
+    uploaded only when an address, a size or a scalar changes.
+    """
+
+    def __init__(self, device: torch.device, w_dtype: torch.dtype, m_dtype: torch.dtype):
+        if w_dtype not in _TL_DTYPES:
+            raise TypeError(f"Triton F-SAM kernels support {SUPPORTED_DTYPES}, got {w_dtype}")
+        if m_dtype not in _TL_DTYPES:
+            raise TypeError(f"Triton F-SAM kernels keep the EMA in {SUPPORTED_DTYPES}, got {m_dtype}")
+        self.device = torch.device(device)
+        self.w_dtype, self.m_dtype = w_dtype, m_dtype
+        self._ptr_key = None
+        self._scal_key = None
+        self.n_programs = 0
+
+    def prepare(self, weights, grads, emas, saved, scalars) -> None:
+        has_ema = emas is not None
+        zeros = [None] * len(weights)
+        cols = list(zip(weights, grads, emas if has_ema else zeros, saved))
+        ptrs = [[0 if x is None else x.data_ptr() for x in row] for row in cols]
+        numels = [w.numel() for w in weights]
+        key = (tuple(map(tuple, ptrs)), tuple(numels))
+        if key != self._ptr_key:
+            self.chunk = _chunk_size(numels)
+            chunks = []
+            for t, n in enumerate(numels):
+                chunks.extend((t, c) for c in range(-(-n // self.chunk)))
+            self.ptr_tab = _upload(ptrs, torch.int64, self.device)
+            self.numel_tab = _upload(numels, torch.int64, self.device)
+            self.chunk_tab = _upload(chunks, torch.int32, self.device)
+            self.n_programs = len(chunks)
+            self.aligned = all(p % ALIGN == 0 for row in ptrs for p in row)
+            self._ptr_key = key
+        self.has_ema = has_ema
+        skey = tuple(scalars)
+        if skey != self._scal_key:
+            self.scal_tab = _upload([list(r) for r in scalars], torch.float32, self.device)
+            self.any_adaptive = any(r[_ADAPT] for r in scalars)
+            self._scal_key = skey
+
+    def _flags(self):
+        return dict(W_DTYPE=_TL_DTYPES[self.w_dtype], M_DTYPE=_TL_DTYPES[self.m_dtype],
+                    HAS_EMA=self.has_ema, ADAPTIVE=self.any_adaptive, ALIGNED=self.aligned,
+                    BLOCK=BLOCK, CHUNK=self.chunk)
+
+    def norm_partials(self, out: torch.Tensor, sigma: float, paper: bool) -> None:
+        """Write ``self.n_programs`` float32 partial sums of squares into ``out``."""
+        if self.n_programs == 0:  # only empty tensors: nothing to launch
+            return
+        _norm_kernel[(self.n_programs,)](
+            self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, sigma,
+            PAPER=paper, num_warps=NUM_WARPS, **self._flags())
+
+    def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool) -> None:
+        """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
+        squares whose total is the squared global norm."""
+        if self.n_programs == 0:
+            return
+        _perturb_kernel[(self.n_programs,)](
+            self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq, sq.numel(),
+            sigma, eps, PAPER=paper, RBLOCK=RBLOCK, num_warps=NUM_WARPS, **self._flags())
+
+    def restore(self) -> None:
+        """Copy the saved values back into the weights (the tables of the last prepare)."""
+        if self.n_programs == 0:
+            return
+        _restore_kernel[(self.n_programs,)](
+            self.ptr_tab, self.numel_tab, self.chunk_tab, W_DTYPE=_TL_DTYPES[self.w_dtype],
+            ALIGNED=self.aligned, BLOCK=BLOCK, CHUNK=self.chunk, num_warps=NUM_WARPS)
