@@ -85,6 +85,23 @@ def _ptr(ptr_tab, t, COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr)
 
 
 @triton.jit
+def _round(x, DT: tl.constexpr):
+    """float32 -> DT, rounding to nearest even.
+
+    bfloat16 is rounded in integer ops: compiled code rounds that conversion to nearest even
+    but Triton's interpreter (3.9), which the CPU tests run, truncates it. Spelling it out makes
+    the tested code and the GPU code one and the same, for a few integer ops per element in a
+    memory-bound kernel. NaN stays NaN (quiet, same sign)."""
+    if DT == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        hi = u >> 16
+        bits = tl.where(x != x, hi | 0x40, (u + 0x7FFF + (hi & 1)) >> 16)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
 def _direction(g, m, decay, gain, sigma, HAS_EMA: tl.constexpr, PAPER: tl.constexpr):
     """(d, m_new) for float32 g and m. First sight of a tensor in the official order has
     decay = 0, gain = 1 and m = 0, which gives d = g and m_new = g exactly."""
@@ -134,8 +151,8 @@ def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
 
 @triton.jit
 def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                   HAS_EMA: tl.constexpr, PAPER: tl.constexpr, ADAPTIVE: tl.constexpr,
-                   MASKED: tl.constexpr):
+                   W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+                   PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr):
     g = _load(g_p, offs, n, MASKED).to(tl.float32)
     w_raw = _load(w_p, offs, n, MASKED)
     m = g
@@ -143,7 +160,7 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
         m = _load(m_p, offs, n, MASKED).to(tl.float32)
     d, m_new = _direction(g, m, decay, gain, sigma, HAS_EMA, PAPER)
     if HAS_EMA:
-        _store(m_p, offs, m_new.to(m_p.dtype.element_ty), n, MASKED)
+        _store(m_p, offs, _round(m_new, M_DTYPE), n, MASKED)
     # The saved copy is the raw stored value, so the restore is bit-exact.
     _store(s_p, offs, w_raw, n, MASKED)
     w = w_raw.to(tl.float32)
@@ -151,7 +168,7 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
         e = (scale * tl.where(adapt, w * w, 1.0)) * d
     else:
         e = scale * d
-    _store(w_p, offs, (w + e).to(w_p.dtype.element_ty), n, MASKED)
+    _store(w_p, offs, _round(w + e, W_DTYPE), n, MASKED)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -217,11 +234,11 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, sigma
     for i in range(0, n_full, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                       HAS_EMA, PAPER, ADAPTIVE, False)
+                       W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False)
     if n_full < n:
         offs = n_full + tl.arange(0, BLOCK)
         _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                       HAS_EMA, PAPER, ADAPTIVE, True)
+                       W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True)
 
 
 @triton.jit

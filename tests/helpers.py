@@ -1,0 +1,114 @@
+"""Shared test machinery: models, base optimizers, trajectories and tolerances."""
+
+import os
+
+import pytest
+import torch
+
+from fsam_fused import FSAM
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    "sgd_plain_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
+
+
+def backend_available(backend: str, device) -> None:
+    """Skip when this backend cannot run on this device in this process."""
+    device = torch.device(device)
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+class SmallNet(torch.nn.Module):
+    """Tensors of awkward sizes, a LayerNorm, and a parameter that never gets a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(10, 33)
+        self.norm = torch.nn.LayerNorm(33)
+        self.fc2 = torch.nn.Linear(33, 5)
+        self.unused = torch.nn.Parameter(torch.randn(7))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+    def groups(self, rho, adaptive):
+        """Two param groups with different rho."""
+        return [
+            {"params": [*self.fc1.parameters(), *self.norm.parameters()]},
+            {"params": [*self.fc2.parameters(), self.unused], "rho": 2 * rho,
+             "adaptive": adaptive},
+        ]
+
+
+def make_net(seed, dtype=torch.float32, device="cpu"):
+    torch.manual_seed(seed)
+    return SmallNet().to(device=device, dtype=dtype)
+
+
+def batches(seed, steps, dtype=torch.float32, device="cpu"):
+    """Fresh random data for every step."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield (torch.randn(16, 10, generator=g).to(device, dtype),
+               torch.randn(16, 5, generator=g).to(device, dtype))
+
+
+def loss_of(net, x, y):
+    return torch.nn.functional.mse_loss(net(x).float(), y.float())
+
+
+def trajectory(backend, *, seed=0, steps=5, dtype=torch.float32, device="cpu", base="sgd",
+               rho=0.1, sigma=1.0, lmbda=0.6, adaptive=False, ema_order="official",
+               net=None, opt_kwargs=None):
+    """Run `steps` F-SAM steps with the explicit first/second-step API; return a snapshot per
+    step: the perturbed weights, the final weights and the EMA of every parameter."""
+    net = net if net is not None else make_net(seed, dtype, device)
+    cls, kw = BASES[base]
+    opt = FSAM(net.groups(rho, adaptive), cls, rho=rho, sigma=sigma, lmbda=lmbda,
+               adaptive=adaptive, ema_order=ema_order, backend=backend,
+               **(opt_kwargs or {}), **kw)
+    snaps = []
+    for x, y in batches(seed + 1, steps, dtype, device):
+        loss_of(net, x, y).backward()
+        opt.first_step(zero_grad=True)
+        perturbed = [p.detach().clone() for p in net.parameters()]
+        loss_of(net, x, y).backward()
+        opt.second_step(zero_grad=True)
+        snaps.append({
+            "perturbed": perturbed,
+            "weights": [p.detach().clone() for p in net.parameters()],
+            "ema": [opt.state[p]["ema"].clone() if "ema" in opt.state.get(p, {}) else None
+                    for p in net.parameters()],
+        })
+    return snaps, net, opt
+
+
+def assert_snapshots_close(got, want, rtol, atol, what=""):
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want)):
+        for key in ("perturbed", "weights", "ema"):
+            for i, (a, b) in enumerate(zip(g[key], w[key])):
+                if b is None:
+                    assert a is None, f"{what} step {step} {key}[{i}]: unexpected EMA"
+                    continue
+                assert a is not None, f"{what} step {step} {key}[{i}]: missing EMA"
+                torch.testing.assert_close(
+                    a.float(), b.float(), rtol=rtol, atol=atol,
+                    msg=lambda m: f"{what} step {step} {key}[{i}]: {m}")
+
+
+def lowp_yardstick(got, ref32, lowp, dtype, scale):
+    """flash-attention's rule: the error of `got` against the float32 reference is at most
+    twice the error of plain torch in the same low precision, plus a floor of one ulp at the
+    data's scale."""
+    err = (got.float() - ref32.float()).abs().max().item()
+    torch_err = (lowp.float() - ref32.float()).abs().max().item()
+    floor = torch.finfo(dtype).eps * scale
+    assert err <= 2 * torch_err + floor, (
+        f"{dtype}: error {err:.3g} > 2 x torch's {torch_err:.3g} + floor {floor:.3g}")
+    return err, torch_err
