@@ -69,7 +69,7 @@ def compile_kernel(kernel: str, dtype_name: str, target: str):
                           options=K.MultiTensorFSAM._launch_opts())
 
 
-_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z0-9_:]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
 
 
 def widest(ptx: str, op: str, elem_bits: int):

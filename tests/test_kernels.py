@@ -1,0 +1,158 @@
+"""The Triton path on the shapes that break multi-tensor kernels: awkward sizes, many tiny
+tensors beside a large one, misaligned views, gradients at new addresses, every chunk size.
+Output buffers are poisoned with NaN before the kernels run, so an element they fail to write
+shows up."""
+
+import pytest
+import torch
+
+from fsam_fused import FSAM
+
+from helpers import backend_available
+
+pytestmark = pytest.mark.usefixtures("_triton_ok")
+
+
+@pytest.fixture
+def _triton_ok(device):
+    backend_available("triton", device)
+
+
+def _kernels():
+    from fsam_fused.kernels import fsam
+    return fsam
+
+
+def _close(got, want, dtype, what):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    else:  # one rounding of nearly the same float32 value: at most one ulp apart
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def _poison(opt):
+    for buf in opt._saved.values():
+        buf.fill_(float("nan"))
+
+
+def _check_against_reference(make_params, dtype, device, steps=3, adaptive=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ps_t, ps_r = make_params(), make_params()
+    kw = dict(rho=0.5, sigma=1.0, lmbda=0.8, adaptive=adaptive, lr=0.01, momentum=0.9)
+    opt_t = FSAM(ps_t, torch.optim.SGD, backend="triton", **kw)
+    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", **kw)
+    for step in range(steps):
+        for phase in ("first", "second"):
+            for pt, pr in zip(ps_t, ps_r):
+                g = torch.randn(pt.shape, generator=gen).to(device, dtype)
+                pt.grad, pr.grad = g.clone(), g.clone()
+            if phase == "first":
+                before = [p.detach().clone() for p in ps_t]
+                _poison(opt_t)
+                opt_t.first_step()
+                opt_r.first_step()
+                for i, (pt, pr) in enumerate(zip(ps_t, ps_r)):
+                    _close(pt.detach(), pr.detach(), dtype, f"step {step} perturbed[{i}]")
+                    assert torch.equal(opt_t._saved[pt], before[i]), f"saved copy [{i}]"
+                    _close(opt_t.state[pt]["ema"], opt_r.state[pr]["ema"], torch.float32,
+                           f"step {step} ema[{i}]")
+            else:
+                opt_t.second_step()
+                opt_r.second_step()
+                for i, (pt, pr) in enumerate(zip(ps_t, ps_r)):
+                    _close(pt.detach(), pr.detach(), dtype, f"step {step} weights[{i}]")
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IDS = ["fp32", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_awkward_sizes(dtype, device):
+    k = _kernels()
+    prime = 2 * k.CHUNK_SIZES[0] + 3  # 32771 is prime: spans three chunks, odd tail
+    sizes = [1, 3, k.BLOCK - 1, k.BLOCK + 1, prime]
+
+    def make():
+        torch.manual_seed(1)
+        return [torch.nn.Parameter(torch.randn(n).to(device, dtype)) for n in sizes]
+    _check_against_reference(make, dtype, device, adaptive=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_many_tiny_tensors_beside_a_large_one(dtype, device):
+    def make():
+        torch.manual_seed(2)
+        shapes = [(int(n),) for n in torch.randint(1, 20, (500,))] + [(300, 1001)]
+        return [torch.nn.Parameter(torch.randn(s).to(device, dtype)) for s in shapes]
+    _check_against_reference(make, dtype, device, steps=2)
+
+
+def test_misaligned_views_take_the_unhinted_kernels(device):
+    """Parameters that are views at odd offsets: no 16-byte promise can be made."""
+    def make():
+        torch.manual_seed(3)
+        storage = torch.randn(5000, device=device)
+        return [torch.nn.Parameter(storage[1:1 + 777]), torch.nn.Parameter(storage[901:4000])]
+    _check_against_reference(make, torch.float32, device)
+    ps = make()
+    opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.first_step()
+    launcher = next(iter(opt._backends["triton"]._launchers.values()))
+    assert not launcher.aligned
+
+
+def test_every_chunk_size(device, monkeypatch):
+    """Big buckets take bigger chunks so pass 2's re-read of the partials stays small."""
+    k = _kernels()
+    assert k._chunk_size([10] * 10) == k.CHUNK_SIZES[0]
+    assert k._chunk_size([k.CHUNK_SIZES[0] * k.MAX_PROGRAMS + 1]) == k.CHUNK_SIZES[1]
+    for max_programs in (9, 2):  # force the 64K and 256K chunks on a modest bucket
+        monkeypatch.setattr(k, "MAX_PROGRAMS", max_programs)
+
+        def make():
+            torch.manual_seed(4)
+            return [torch.nn.Parameter(torch.randn(n, device=device)) for n in (300_001, 5)]
+        _check_against_reference(make, torch.float32, device, steps=2)
+
+
+def test_gradients_at_new_addresses_each_step(device):
+    """zero_grad(set_to_none=True) hands out new gradient storage; stale table entries would
+    read the old tensors, poisoned here."""
+    torch.manual_seed(5)
+    ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (100, 2000)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
+    opt_r = FSAM(ref, torch.optim.SGD, backend="reference", lr=0.1)
+    old = []
+    for _ in range(3):
+        for p, r in zip(ps, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g.clone()
+        for t in old:
+            t.fill_(float("nan"))  # still alive, so their addresses are not reused
+        old = [p.grad for p in ps]
+        opt.first_step()
+        opt_r.first_step()
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        opt.second_step(zero_grad=True)
+        opt_r.second_step(zero_grad=True)
+
+
+def test_empty_parameter_and_no_gradients(device):
+    p = torch.nn.Parameter(torch.randn(0, device=device))
+    q = torch.nn.Parameter(torch.randn(3, device=device))
+    opt = FSAM([p, q], torch.optim.SGD, backend="triton", lr=0.1)
+    opt.first_step()  # no gradients at all: a no-op
+    opt.second_step()
+    p.grad = torch.zeros_like(p)
+    q.grad = torch.zeros_like(q)  # zero norm: e = 0, no NaN
+    snap = q.detach().clone()
+    opt.first_step()
+    assert torch.equal(q.detach(), snap)
+    opt.second_step()
