@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The one script a lent GPU runs, well under eight minutes: the CUDA tests (every backend on
+# CUDA tensors, the compiled Triton kernels against the reference), then the benchmark on the
+# ResNet-18 list and a 302 M-parameter list. Everything it finds lands in $OUT.
+#
+#   run from the repository root, with the project on PYTHONPATH (the GPU machine has no
+#   network, so nothing is installed):  OUT=/some/dir bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu-local}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, triton, sys; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name())"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+status=0
+timeout 330 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
+  --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" || status=1
+timeout 150 python3 -m fsam_fused.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+exit $status
