@@ -363,6 +363,10 @@ class FSAM(Optimizer):
                                "perturbation to undo")
         self._restore()
         self.base_optimizer.step()
+        # A step taken through first/second_step is a step: tell an LR scheduler attached
+        # to this object (torch's warning about scheduler.step() before optimizer.step()
+        # looks only at optimizer.step, which this path does not call).
+        self._opt_called = True
         if zero_grad:
             self.zero_grad()
 

@@ -162,3 +162,17 @@ def test_state_dict_of_sam_has_no_ema_and_records_hyperparameters():
     assert sd["state"] == {}
     assert sd["fsam"]["sigma"] == 0.0
     assert sd["base_optimizer"]["state"], "base optimizer momentum missing from the state_dict"
+
+
+def test_scheduler_sees_steps_taken_with_first_and_second_step(recwarn):
+    net = make_net(0)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    (x, y), = batches(1, 1)
+    loss_of(net, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(net, x, y).backward()
+    opt.second_step(zero_grad=True)
+    sched.step()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+    assert opt.param_groups[0]["lr"] == 0.5
