@@ -49,9 +49,12 @@ def _check_number(name, value, lo, hi=math.inf, hi_open=False):
 
 
 def _same_dense_layout(p, g):
-    """Both tensors cover their storage densely, in the same element order."""
-    dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
-    return dense and g.stride() == p.stride()
+    """Both tensors cover their storage densely, in the same element order (the kernels
+    walk the storage of a parameter and its buffers linearly)."""
+    formats = (torch.contiguous_format, torch.channels_last) if p.dim() == 4 else \
+        (torch.contiguous_format,)
+    return any(p.is_contiguous(memory_format=f) and g.is_contiguous(memory_format=f)
+               for f in formats)
 
 
 def _check_group(group, where):
@@ -290,7 +293,8 @@ class FSAM(Optimizer):
         for _, b in buckets:
             for p in b.params:
                 s = self._saved.get(p)
-                if s is None or s.shape != p.shape or s.dtype != p.dtype or s.device != p.device:
+                if s is None or s.dtype != p.dtype or s.device != p.device or \
+                        s.shape != p.shape or s.stride() != p.stride():
                     # empty_like keeps the parameter's strides: the kernels walk all the
                     # buffers of one parameter in the same storage order.
                     s = self._saved[p] = torch.empty_like(p)
@@ -300,6 +304,10 @@ class FSAM(Optimizer):
                     continue
                 m = self.state[p].get("ema") if p in self.state else None
                 b.first.append(m is None)
+                if m is not None and m.stride() != p.stride():
+                    # The parameter changed memory format (or a checkpoint came from another
+                    # layout): same values, the parameter's element order.
+                    m = self.state[p]["ema"] = torch.empty_like(p, dtype=m.dtype).copy_(m)
                 if m is None:
                     # Zeros: the paper order starts from m = 0, and the kernels' official
                     # first step reads m with weight 0 (0 * garbage could be NaN).

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton")
+from helpers import require_triton
+
+require_triton()
 
 KEYS = {"kernel", "target", "dtype", "hot_load_bits", "hot_store_bits", "registers", "spills"}
 

@@ -7,7 +7,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available, batches, loss_of, make_net
+from helpers import backend_available, batches, loss_of, make_net, require_triton
 
 BACKENDS = ["reference", "foreach", "triton"]
 
@@ -154,7 +154,7 @@ def test_complex_parameter_rejected():
 
 
 def test_triton_backend_rejects_what_it_cannot_run(monkeypatch):
-    pytest.importorskip("triton")
+    require_triton()
     net = make_net(0)
     opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, backend="triton")
     (x, y), = batches(1, 1)

@@ -156,3 +156,56 @@ def test_empty_parameter_and_no_gradients(device):
     opt.first_step()
     assert torch.equal(q.detach(), snap)
     opt.second_step()
+
+
+def test_channels_last_weights(device):
+    """Dense but not contiguous: the buffers follow the parameter's element order."""
+    def make():
+        torch.manual_seed(6)
+        w = torch.randn(8, 3, 5, 5, device=device).to(memory_format=torch.channels_last)
+        return [torch.nn.Parameter(w), torch.nn.Parameter(torch.randn(8, device=device))]
+    ps = make()
+    assert not ps[0].is_contiguous()
+    gen = torch.Generator().manual_seed(0)
+    ps_r = make()
+    opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
+    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", lr=0.1)
+    for _ in range(2):
+        for p, r in zip(ps, ps_r):
+            g = torch.randn(p.shape, generator=gen).to(device)
+            p.grad = g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g
+            r.grad = g.clone()
+        opt.first_step()
+        opt_r.first_step()
+        for p, r in zip(ps, ps_r):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        opt.second_step(zero_grad=True)
+        opt_r.second_step(zero_grad=True)
+    assert opt.state[ps[0]]["ema"].stride() == ps[0].stride()
+
+
+@pytest.mark.parametrize("backend", ["foreach", "triton"])
+def test_no_host_synchronisation_in_a_step(backend, device):
+    """CUDA only: any synchronising call inside first_step/second_step raises."""
+    if device.type != "cuda":
+        pytest.skip("synchronisation is a CUDA notion")
+    torch.manual_seed(7)
+    ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (3, 1000, 70_000)]
+    from fsam_fused.bench import _NoOp  # the base optimizer's own syncs are not ours
+    opt = FSAM(ps, _NoOp, backend=backend)
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(3)]
+    for p, g in zip(ps, grads[0]):
+        p.grad = g
+    opt.first_step()  # builds the tables, compiles the kernels
+    opt.second_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            for p, g in zip(ps, grads[step]):
+                p.grad = g
+            opt.param_groups[0]["rho"] = 0.05 * step  # a changed rho re-uploads a table
+            opt.first_step()
+            opt.second_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
