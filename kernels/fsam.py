@@ -42,6 +42,8 @@ hint.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -332,6 +334,12 @@ class MultiTensorFSAM:
             self.any_adaptive = any(r[_ADAPT] for r in scalars)
             self._scal_key = skey
 
+    def _on_device(self):
+        # Triton launches on the current CUDA device: make it the bucket's (multi-GPU hosts).
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
     @staticmethod
     def _launch_opts():
         # No FMA contraction: the kernels then round like the unfused torch ops they are
@@ -347,23 +355,26 @@ class MultiTensorFSAM:
         """Write ``self.n_programs`` float32 partial sums of squares into ``out``."""
         if self.n_programs == 0:  # only empty tensors: nothing to launch
             return
-        _norm_kernel[(self.n_programs,)](
-            self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, sigma,
-            PAPER=paper, **self._launch_opts(), **self._flags())
+        with self._on_device():
+            _norm_kernel[(self.n_programs,)](
+                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, sigma,
+                PAPER=paper, **self._launch_opts(), **self._flags())
 
     def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool) -> None:
         """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
         squares whose total is the squared global norm."""
         if self.n_programs == 0:
             return
-        _perturb_kernel[(self.n_programs,)](
-            self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq, sq.numel(),
-            sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
+        with self._on_device():
+            _perturb_kernel[(self.n_programs,)](
+                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq, sq.numel(),
+                sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
 
     def restore(self) -> None:
         """Copy the saved values back into the weights (the tables of the last prepare)."""
         if self.n_programs == 0:
             return
-        _restore_kernel[(self.n_programs,)](
-            self.ptr_tab, self.numel_tab, self.chunk_tab, W_DTYPE=_TL_DTYPES[self.w_dtype],
-            ALIGNED=self.aligned, BLOCK=BLOCK, CHUNK=self.chunk, **self._launch_opts())
+        with self._on_device():
+            _restore_kernel[(self.n_programs,)](
+                self.ptr_tab, self.numel_tab, self.chunk_tab, W_DTYPE=_TL_DTYPES[self.w_dtype],
+                ALIGNED=self.aligned, BLOCK=BLOCK, CHUNK=self.chunk, **self._launch_opts())
