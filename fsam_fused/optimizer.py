@@ -51,10 +51,24 @@ def _check_number(name, value, lo, hi=math.inf, hi_open=False):
 def _same_dense_layout(p, g):
     """Both tensors cover their storage densely, in the same element order (the kernels
     walk the storage of a parameter and its buffers linearly)."""
-    formats = (torch.contiguous_format, torch.channels_last) if p.dim() == 4 else \
-        (torch.contiguous_format,)
-    return any(p.is_contiguous(memory_format=f) and g.is_contiguous(memory_format=f)
-               for f in formats)
+    if p.is_contiguous() and g.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return p.dim() == 4 and p.is_contiguous(memory_format=cl) and g.is_contiguous(memory_format=cl)
+
+
+def _reject(gi, pi, p, g):
+    """Raise the error that explains why gradient ``g`` of parameter ``p`` cannot be used."""
+    where = f"(param group {gi}, parameter {pi}, shape {tuple(p.shape)})"
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"FSAM does not support sparse gradients {where}")
+    if p.is_complex() or g.is_complex():
+        raise RuntimeError(f"FSAM does not support complex parameters {where}; "
+                           "use torch.view_as_real")
+    if not p.is_floating_point():
+        raise RuntimeError(f"FSAM needs floating-point parameters {where}")
+    raise RuntimeError(f"gradient shape/device {tuple(g.shape)}/{g.device} does not match the "
+                       f"parameter {where}")
 
 
 def _check_group(group, where):
@@ -228,8 +242,7 @@ class FSAM(Optimizer):
         name = self.backend
         if name in ("auto", "triton"):
             reason = triton_backend.supports(b.device, b.dtype, self._ema_dtype(b.dtype))
-            if reason is None and not all(_same_dense_layout(p, g)
-                                          for p, g in zip(b.params, b.grads)):
+            if reason is None and not all(map(_same_dense_layout, b.params, b.grads)):
                 reason = ("the Triton kernels need each parameter dense (contiguous or "
                           "channels_last) with a gradient of the same strides")
             if name == "auto":
@@ -251,67 +264,63 @@ class FSAM(Optimizer):
             _check_group(group, f" in param group {i}")
 
     def _buckets(self):
-        """Validate every gradient, then group parameters with a gradient into buckets.
+        """Validate every gradient, then group parameters with a gradient into buckets, and
+        attach their buffers. Returns ``(buckets, new_emas)``: the EMA created this step
+        enter ``self.state`` only once the step has succeeded.
 
-        Nothing is modified before every check has passed.
+        Nothing is modified before every check has passed. This runs on every step, so the
+        common case is one lean loop; the detailed diagnosis runs only when a check fails.
         """
-        found = []
+        strided = torch.strided
+        buckets = {}
         for gi, group in enumerate(self.param_groups):
+            rho, adaptive = float(group["rho"]), bool(group["adaptive"])
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
                     continue
-                where = f"(param group {gi}, parameter {pi}, shape {tuple(p.shape)})"
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"FSAM does not support sparse gradients {where}")
-                if p.is_complex() or g.is_complex():
-                    raise RuntimeError(f"FSAM does not support complex parameters {where}; "
-                                       "use torch.view_as_real")
-                if not p.is_floating_point():
-                    raise RuntimeError(f"FSAM needs floating-point parameters {where}")
-                if g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(f"gradient shape/device {tuple(g.shape)}/{g.device} does "
-                                       f"not match the parameter {where}")
-                found.append((p, g, group))
-        buckets = {}
-        for p, g, group in found:
-            b = buckets.get((p.device, p.dtype))
-            if b is None:
-                b = buckets[(p.device, p.dtype)] = Bucket(
-                    device=p.device, dtype=p.dtype, sigma=self.sigma, lmbda=self.lmbda,
-                    paper=self.ema_order == "paper", emas=[] if self.sigma > 0 else None)
-            b.params.append(p)
-            b.grads.append(g)
-            b.rhos.append(float(group["rho"]))
-            b.adaptive.append(bool(group["adaptive"]))
-        return [(self._backend_for(b), b) for b in buckets.values()]
+                dtype = p.dtype
+                if g.layout is not strided or not dtype.is_floating_point or \
+                        g.shape != p.shape or g.device != p.device:
+                    _reject(gi, pi, p, g)
+                b = buckets.get((p.device, dtype))
+                if b is None:
+                    b = buckets[(p.device, dtype)] = Bucket(
+                        device=p.device, dtype=dtype, sigma=self.sigma, lmbda=self.lmbda,
+                        paper=self.ema_order == "paper", emas=[] if self.sigma > 0 else None)
+                b.params.append(p)
+                b.grads.append(g)
+                b.rhos.append(rho)
+                b.adaptive.append(adaptive)
+        plan = [(self._backend_for(b), b) for b in buckets.values()]
+        return plan, self._allocate(plan)
 
     def _allocate(self, buckets):
-        """Attach the EMA and saved-copy buffers; returns the EMA created this step, which
-        enter ``self.state`` only once the step has succeeded."""
+        """Attach the saved-copy and EMA buffers to each bucket."""
         new_emas = {}
+        saved, state = self._saved, self.state
         for _, b in buckets:
             for p in b.params:
-                s = self._saved.get(p)
+                s = saved.get(p)
                 if s is None or s.dtype != p.dtype or s.device != p.device or \
                         s.shape != p.shape or s.stride() != p.stride():
                     # empty_like keeps the parameter's strides: the kernels walk all the
                     # buffers of one parameter in the same storage order.
-                    s = self._saved[p] = torch.empty_like(p)
+                    s = saved[p] = torch.empty_like(p)
                 b.saved.append(s)
                 if b.emas is None:
                     b.first.append(False)
                     continue
-                m = self.state[p].get("ema") if p in self.state else None
+                m = state[p].get("ema") if p in state else None
                 b.first.append(m is None)
-                if m is not None and m.stride() != p.stride():
-                    # The parameter changed memory format (or a checkpoint came from another
-                    # layout): same values, the parameter's element order.
-                    m = self.state[p]["ema"] = torch.empty_like(p, dtype=m.dtype).copy_(m)
                 if m is None:
                     # Zeros: the paper order starts from m = 0, and the kernels' official
                     # first step reads m with weight 0 (0 * garbage could be NaN).
                     m = new_emas[p] = torch.zeros_like(p, dtype=self._ema_dtype(p.dtype))
+                elif m.stride() != p.stride():
+                    # The parameter changed memory format (or a checkpoint came from another
+                    # layout): same values, the parameter's element order.
+                    m = state[p]["ema"] = torch.empty_like(p, dtype=m.dtype).copy_(m)
                 b.emas.append(m)
         return new_emas
 
@@ -324,8 +333,7 @@ class FSAM(Optimizer):
             raise RuntimeError("first_step() called twice without second_step(): the weights "
                                "are already perturbed")
         self._check_hyperparameters()
-        buckets = self._buckets()
-        new_emas = self._allocate(buckets)
+        buckets, new_emas = self._buckets()
         parts = [be.norm_partials(b) for be, b in buckets]
         sq = self._combine(parts, buckets)
         done = []
