@@ -209,3 +209,11 @@ def test_no_host_synchronisation_in_a_step(backend, device):
             opt.second_step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_counted_bytes_match_the_docstring():
+    k = _kernels()
+    assert k.bytes_per_step(1, 4, 4, has_ema=True, adaptive=False) == 40
+    assert k.bytes_per_step(1, 2, 4, has_ema=True, adaptive=False) == 26
+    assert k.bytes_per_step(1, 4, 4, has_ema=True, adaptive=True) == 44
+    assert k.bytes_per_step(10, 4, 4, has_ema=False, adaptive=False) == 10 * 28
