@@ -4,7 +4,7 @@ One F-SAM step over a *bucket* (all parameters of one device and dtype) is three
 whatever the number of tensors:
 
 1. ``_norm_kernel``: recompute the direction ``d`` (EMA read, not written) and write one
-   float32 partial sum of ``(a * d)**2`` per program.
+   float32 partial sum of ``(a * d)**2`` per program (a grid of one wave, at most 8 per SM).
 2. ``_perturb_kernel``: every program first sums *all* partials (of every bucket on the
    device) in the same fixed order, so the global norm needs no extra launch, no atomics and
    no host synchronisation, and every program sees the same bits. It then recomputes ``d``,
@@ -57,10 +57,15 @@ NUM_WARPS = 4
 # copy loop; with 64 allowed it uses 44 and nothing spills. 64 registers still let 8 blocks
 # (32 warps, 4096 128-bit loads in flight) share an SM: plenty for a streaming kernel.
 MAXNREG = 64
-# Elements per program. Each program of pass 2 re-reads every partial sum (from L2): with
-# P programs that is 4 * P**2 bytes, so big buckets take bigger chunks to keep P <= MAX_PROGRAMS.
-CHUNK_SIZES = (16 * BLOCK, 64 * BLOCK, 256 * BLOCK)
-MAX_PROGRAMS = 4096
+# Elements per chunk, the unit of work a program takes from the chunk table: large enough
+# that the table and per-chunk set-up are noise, small enough to balance programs (+-1 chunk).
+CHUNK = 16 * BLOCK
+# Programs per SM: the register ceiling below lets 8 blocks of 4 warps be resident at once,
+# so this many fill the GPU in a single wave.
+PROGRAMS_PER_SM = 8
+# Grid for CPU tensors (Triton's interpreter, tests only): a few programs, so that the
+# chunk striding is exercised.
+CPU_PROGRAMS = 4
 # Partials summed per iteration of the norm prologue of pass 2.
 RBLOCK = 1024
 # Alignment (bytes) that allows 128-bit accesses.
@@ -174,41 +179,52 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
 
 
 # ----------------------------------------------------------------------------- kernels
+# Each kernel runs a fixed grid of programs that stride over the chunk table (chunk c goes to
+# program c % grid): a bucket of any size fills the GPU in one balanced wave, and pass 2's
+# re-read of the partial sums costs grid**2 floats from L2, whatever the model size.
 
 
 @triton.jit
-def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, sigma,
+def _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK: tl.constexpr):
+    """(tensor index, element offset, elements in this chunk) of chunk ``c``."""
+    t = tl.load(chunk_tab + 2 * c)
+    start = tl.load(chunk_tab + 2 * c + 1).to(tl.int64) * CHUNK
+    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
+    return t, start, n
+
+
+@triton.jit
+def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, sigma,
                  W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                  PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0)
-    t = tl.load(chunk_tab + 2 * pid)
-    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
-    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
-    decay = tl.load(scal_tab + 4 * t + 2)
-    gain = tl.load(scal_tab + 4 * t + 3)
-    adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
-    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
-    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-    m_p = g_p
-    if HAS_EMA:
-        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
-                         HAS_EMA, PAPER, ADAPTIVE, False)
-    if n_full < n:
-        offs = n_full + tl.arange(0, BLOCK)
-        acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
-                         HAS_EMA, PAPER, ADAPTIVE, True)
+    for c in range(pid, n_chunks, tl.num_programs(0)):
+        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
+        decay = tl.load(scal_tab + 4 * t + 2)
+        gain = tl.load(scal_tab + 4 * t + 3)
+        adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
+        g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
+        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+        m_p = g_p
+        if HAS_EMA:
+            m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+        n_full = (n // BLOCK) * BLOCK
+        for i in range(0, n_full, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+                             HAS_EMA, PAPER, ADAPTIVE, False)
+        if n_full < n:
+            offs = n_full + tl.arange(0, BLOCK)
+            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+                             HAS_EMA, PAPER, ADAPTIVE, True)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, sigma, eps,
-                    W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chunks, sigma,
+                    eps, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                     PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr):
     # Global norm: the same loads and the same reduction tree in every program.
@@ -218,49 +234,45 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, sigma
         tot += tl.load(sq_ptr + o, mask=o < n_sq, other=0.0)
     norm = tl.sqrt_rn(tl.sum(tot, axis=0))
 
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tab + 2 * pid)
-    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
-    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
-    scale = tl.div_rn(tl.load(scal_tab + 4 * t), norm + eps)
-    adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
-    decay = tl.load(scal_tab + 4 * t + 2)
-    gain = tl.load(scal_tab + 4 * t + 3)
-    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
-    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
-    m_p = g_p
-    if HAS_EMA:
-        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
-    n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                       W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False)
-    if n_full < n:
-        offs = n_full + tl.arange(0, BLOCK)
-        _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                       W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
+        scale = tl.div_rn(tl.load(scal_tab + 4 * t), norm + eps)
+        adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
+        decay = tl.load(scal_tab + 4 * t + 2)
+        gain = tl.load(scal_tab + 4 * t + 3)
+        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+        g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
+        s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+        m_p = g_p
+        if HAS_EMA:
+            m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+        n_full = (n // BLOCK) * BLOCK
+        for i in range(0, n_full, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+                           W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False)
+        if n_full < n:
+            offs = n_full + tl.arange(0, BLOCK)
+            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+                           W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True)
 
 
 @triton.jit
-def _restore_kernel(ptr_tab, numel_tab, chunk_tab,
+def _restore_kernel(ptr_tab, numel_tab, chunk_tab, n_chunks,
                     W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunk_tab + 2 * pid)
-    start = tl.load(chunk_tab + 2 * pid + 1).to(tl.int64) * CHUNK
-    n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
-    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
-    n_full = (n // BLOCK) * BLOCK
-    for i in range(0, n_full, BLOCK):
-        offs = i + tl.arange(0, BLOCK)
-        tl.store(w_p + offs, tl.load(s_p + offs))
-    if n_full < n:
-        offs = n_full + tl.arange(0, BLOCK)
-        mask = offs < n
-        tl.store(w_p + offs, tl.load(s_p + offs, mask=mask), mask=mask)
+    for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
+        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
+        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+        s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+        n_full = (n // BLOCK) * BLOCK
+        for i in range(0, n_full, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            tl.store(w_p + offs, tl.load(s_p + offs))
+        if n_full < n:
+            offs = n_full + tl.arange(0, BLOCK)
+            mask = offs < n
+            tl.store(w_p + offs, tl.load(s_p + offs, mask=mask), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -283,11 +295,11 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _chunk_size(numels: list[int]) -> int:
-    for chunk in CHUNK_SIZES:
-        if sum(-(-n // chunk) for n in numels) <= MAX_PROGRAMS:
-            return chunk
-    return CHUNK_SIZES[-1]
+def max_programs(device: torch.device) -> int:
+    """Grid size for a device: one wave of resident programs."""
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_PROGRAMS
 
 
 class MultiTensorFSAM:
@@ -307,7 +319,8 @@ class MultiTensorFSAM:
         self.w_dtype, self.m_dtype = w_dtype, m_dtype
         self._ptr_key = None
         self._scal_key = None
-        self.n_programs = 0
+        self.max_programs = max_programs(self.device)
+        self.n_chunks = self.n_programs = 0
 
     def prepare(self, weights, grads, emas, saved, scalars) -> None:
         has_ema = emas is not None
@@ -317,14 +330,14 @@ class MultiTensorFSAM:
         numels = [w.numel() for w in weights]
         key = (tuple(map(tuple, ptrs)), tuple(numels))
         if key != self._ptr_key:
-            self.chunk = _chunk_size(numels)
             chunks = []
             for t, n in enumerate(numels):
-                chunks.extend((t, c) for c in range(-(-n // self.chunk)))
+                chunks.extend((t, c) for c in range(-(-n // CHUNK)))
             self.ptr_tab = _upload(ptrs, torch.int64, self.device)
             self.numel_tab = _upload(numels, torch.int64, self.device)
             self.chunk_tab = _upload(chunks, torch.int32, self.device)
-            self.n_programs = len(chunks)
+            self.n_chunks = len(chunks)
+            self.n_programs = min(self.n_chunks, self.max_programs)
             self.aligned = all(p % ALIGN == 0 for row in ptrs for p in row)
             self._ptr_key = key
         self.has_ema = has_ema
@@ -349,7 +362,7 @@ class MultiTensorFSAM:
     def _flags(self):
         return dict(W_DTYPE=_TL_DTYPES[self.w_dtype], M_DTYPE=_TL_DTYPES[self.m_dtype],
                     HAS_EMA=self.has_ema, ADAPTIVE=self.any_adaptive, ALIGNED=self.aligned,
-                    BLOCK=BLOCK, CHUNK=self.chunk)
+                    BLOCK=BLOCK, CHUNK=CHUNK)
 
     def norm_partials(self, out: torch.Tensor, sigma: float, paper: bool) -> None:
         """Write ``self.n_programs`` float32 partial sums of squares into ``out``."""
@@ -357,8 +370,8 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _norm_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, sigma,
-                PAPER=paper, **self._launch_opts(), **self._flags())
+                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, self.n_chunks,
+                sigma, PAPER=paper, **self._launch_opts(), **self._flags())
 
     def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool) -> None:
         """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
@@ -368,7 +381,7 @@ class MultiTensorFSAM:
         with self._on_device():
             _perturb_kernel[(self.n_programs,)](
                 self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq, sq.numel(),
-                sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
+                self.n_chunks, sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
 
     def restore(self) -> None:
         """Copy the saved values back into the weights (the tables of the last prepare)."""
@@ -376,5 +389,6 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, W_DTYPE=_TL_DTYPES[self.w_dtype],
-                ALIGNED=self.aligned, BLOCK=BLOCK, CHUNK=self.chunk, **self._launch_opts())
+                self.ptr_tab, self.numel_tab, self.chunk_tab, self.n_chunks,
+                W_DTYPE=_TL_DTYPES[self.w_dtype], ALIGNED=self.aligned, BLOCK=BLOCK,
+                CHUNK=CHUNK, **self._launch_opts())

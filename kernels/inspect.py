@@ -42,17 +42,18 @@ _TABLES = {"ptr_tab": "*i64", "numel_tab": "*i64", "chunk_tab": "*i32"}
 # (kernel function, runtime signature, stores parameter-sized data)
 KERNELS = {
     "norm": (K._norm_kernel, {**_TABLES, "scal_tab": "*fp32", "part_ptr": "*fp32",
-                              "sigma": "fp32"}, False),
+                              "n_chunks": "i32", "sigma": "fp32"}, False),
     "perturb": (K._perturb_kernel, {**_TABLES, "scal_tab": "*fp32", "sq_ptr": "*fp32",
-                                    "n_sq": "i32", "sigma": "fp32", "eps": "fp32"}, True),
-    "restore": (K._restore_kernel, dict(_TABLES), True),
+                                    "n_sq": "i32", "n_chunks": "i32", "sigma": "fp32",
+                                    "eps": "fp32"}, True),
+    "restore": (K._restore_kernel, {**_TABLES, "n_chunks": "i32"}, True),
 }
 
 
 def _constexprs(kernel: str, dtype) -> dict:
     """The configuration a default FSAM step launches: official order, EMA in float32,
-    non-adaptive, 16-byte-aligned tensors, the smallest chunk size."""
-    c = dict(W_DTYPE=dtype, ALIGNED=True, BLOCK=K.BLOCK, CHUNK=K.CHUNK_SIZES[0])
+    non-adaptive, 16-byte-aligned tensors."""
+    c = dict(W_DTYPE=dtype, ALIGNED=True, BLOCK=K.BLOCK, CHUNK=K.CHUNK)
     if kernel != "restore":
         c.update(M_DTYPE=tl.float32, HAS_EMA=True, PAPER=False, ADAPTIVE=False)
     if kernel == "perturb":

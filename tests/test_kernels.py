@@ -72,7 +72,7 @@ IDS = ["fp32", "bf16", "fp16"]
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_awkward_sizes(dtype, device):
     k = _kernels()
-    prime = 2 * k.CHUNK_SIZES[0] + 3  # 32771 is prime: spans three chunks, odd tail
+    prime = 2 * k.CHUNK + 3  # 32771 is prime: spans three chunks, odd tail
     sizes = [1, 3, k.BLOCK - 1, k.BLOCK + 1, prime]
 
     def make():
@@ -106,18 +106,20 @@ def test_misaligned_views_take_the_unhinted_kernels(device):
     assert not launcher.aligned
 
 
-def test_every_chunk_size(device, monkeypatch):
-    """Big buckets take bigger chunks so pass 2's re-read of the partials stays small."""
+@pytest.mark.parametrize("grid", [1, 3, 1000])
+def test_any_grid_covers_every_chunk(grid, device, monkeypatch):
+    """Programs stride over the chunk table: one program doing everything, programs with
+    unequal shares, and more programs than chunks all give the same result."""
     k = _kernels()
-    assert k._chunk_size([10] * 10) == k.CHUNK_SIZES[0]
-    assert k._chunk_size([k.CHUNK_SIZES[0] * k.MAX_PROGRAMS + 1]) == k.CHUNK_SIZES[1]
-    for max_programs in (9, 2):  # force the 64K and 256K chunks on a modest bucket
-        monkeypatch.setattr(k, "MAX_PROGRAMS", max_programs)
+    if device.type == "cuda":
+        monkeypatch.setattr(k, "PROGRAMS_PER_SM", max(1, grid // 100))
+    else:
+        monkeypatch.setattr(k, "CPU_PROGRAMS", grid)
 
-        def make():
-            torch.manual_seed(4)
-            return [torch.nn.Parameter(torch.randn(n, device=device)) for n in (300_001, 5)]
-        _check_against_reference(make, torch.float32, device, steps=2)
+    def make():
+        torch.manual_seed(4)
+        return [torch.nn.Parameter(torch.randn(n, device=device)) for n in (70_001, 5, 16_384)]
+    _check_against_reference(make, torch.float32, device, steps=2)
 
 
 def test_gradients_at_new_addresses_each_step(device):
