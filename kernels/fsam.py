@@ -55,12 +55,12 @@ NUM_WARPS = 4
 # Register ceiling handed to ptxas. Left to itself (Triton 3.9, sm_80/sm_90) ptxas held the
 # fp32 restore at 40 registers and spilled 16 bytes of table pointers around the unrolled
 # copy loop; with 64 allowed it uses 44 and nothing spills. 64 registers still let 8 blocks
-# (32 warps, 4096 128-bit loads in flight) share an SM: plenty for a streaming kernel.
+# of 4 warps (half the SM's warp slots) be resident: plenty for a streaming kernel.
 MAXNREG = 64
 # Elements per chunk, the unit of work a program takes from the chunk table: large enough
 # that the table and per-chunk set-up are noise, small enough to balance programs (+-1 chunk).
 CHUNK = 16 * BLOCK
-# Programs per SM: the register ceiling below lets 8 blocks of 4 warps be resident at once,
+# Programs per SM: the register ceiling above lets 8 blocks of 4 warps be resident at once,
 # so this many fill the GPU in a single wave.
 PROGRAMS_PER_SM = 8
 # Grid for CPU tensors (Triton's interpreter, tests only): a few programs, so that the
@@ -71,9 +71,8 @@ RBLOCK = 1024
 # Alignment (bytes) that allows 128-bit accesses.
 ALIGN = 16
 
-# Columns of the pointer table and of the per-tensor scalar table.
-_W, _G, _M, _SAVED = 0, 1, 2, 3
-_RHO, _ADAPT, _DECAY, _GAIN = 0, 1, 2, 3
+# Tables, one row per tensor: pointers (int64) w, g, m, saved; scalars (float32) rho,
+# adaptive (0/1), EMA decay, EMA gain. The kernels index their columns by these positions.
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -344,7 +343,7 @@ class MultiTensorFSAM:
         skey = tuple(scalars)
         if skey != self._scal_key:
             self.scal_tab = _upload([list(r) for r in scalars], torch.float32, self.device)
-            self.any_adaptive = any(r[_ADAPT] for r in scalars)
+            self.any_adaptive = any(r[1] for r in scalars)
             self._scal_key = skey
 
     def _on_device(self):
