@@ -184,12 +184,26 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
 
 
 @triton.jit
-def _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK: tl.constexpr):
-    """(tensor index, element offset, elements in this chunk) of chunk ``c``."""
+def _chunk(ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
+           M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr, ALIGNED: tl.constexpr,
+           CHUNK: tl.constexpr):
+    """Everything a pass needs of chunk ``c``: its length, the pointers to its first element
+    in w, g, m and saved, and its tensor's scalars. (A pass that ignores some of them costs
+    nothing: unused loads are dead code.)"""
     t = tl.load(chunk_tab + 2 * c)
     start = tl.load(chunk_tab + 2 * c + 1).to(tl.int64) * CHUNK
     n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
-    return t, start, n
+    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
+    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
+    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+    m_p = g_p  # never dereferenced without an EMA
+    if HAS_EMA:
+        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+    rho = tl.load(scal_tab + 4 * t)
+    adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
+    decay = tl.load(scal_tab + 4 * t + 2)
+    gain = tl.load(scal_tab + 4 * t + 3)
+    return n, w_p, g_p, m_p, s_p, rho, adapt, decay, gain
 
 
 @triton.jit
@@ -200,15 +214,8 @@ def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, si
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, tl.num_programs(0)):
-        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
-        decay = tl.load(scal_tab + 4 * t + 2)
-        gain = tl.load(scal_tab + 4 * t + 3)
-        adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
-        g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
-        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-        m_p = g_p
-        if HAS_EMA:
-            m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+        n, w_p, g_p, m_p, _, _, adapt, decay, gain = _chunk(
+            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA, ALIGNED, CHUNK)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -234,17 +241,9 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chu
     norm = tl.sqrt_rn(tl.sum(tot, axis=0))
 
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
-        scale = tl.div_rn(tl.load(scal_tab + 4 * t), norm + eps)
-        adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
-        decay = tl.load(scal_tab + 4 * t + 2)
-        gain = tl.load(scal_tab + 4 * t + 3)
-        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-        g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
-        s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
-        m_p = g_p
-        if HAS_EMA:
-            m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+        n, w_p, g_p, m_p, s_p, rho, adapt, decay, gain = _chunk(
+            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA, ALIGNED, CHUNK)
+        scale = tl.div_rn(rho, norm + eps)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -257,13 +256,12 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chu
 
 
 @triton.jit
-def _restore_kernel(ptr_tab, numel_tab, chunk_tab, n_chunks,
+def _restore_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, n_chunks,
                     W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
-        t, start, n = _chunk(ptr_tab, numel_tab, chunk_tab, c, CHUNK)
-        w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-        s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+        n, w_p, _, _, s_p, _, _, _, _ = _chunk(
+            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, W_DTYPE, False, ALIGNED, CHUNK)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -388,6 +386,6 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, self.n_chunks,
+                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, self.n_chunks,
                 W_DTYPE=_TL_DTYPES[self.w_dtype], ALIGNED=self.aligned, BLOCK=BLOCK,
                 CHUNK=CHUNK, **self._launch_opts())

@@ -46,7 +46,7 @@ KERNELS = {
     "perturb": (K._perturb_kernel, {**_TABLES, "scal_tab": "*fp32", "sq_ptr": "*fp32",
                                     "n_sq": "i32", "n_chunks": "i32", "sigma": "fp32",
                                     "eps": "fp32"}, True),
-    "restore": (K._restore_kernel, {**_TABLES, "n_chunks": "i32"}, True),
+    "restore": (K._restore_kernel, {**_TABLES, "scal_tab": "*fp32", "n_chunks": "i32"}, True),
 }
 
 
