@@ -219,3 +219,54 @@ def test_counted_bytes_match_the_docstring():
     assert k.bytes_per_step(1, 2, 4, has_ema=True, adaptive=False) == 26
     assert k.bytes_per_step(1, 4, 4, has_ema=True, adaptive=True) == 44
     assert k.bytes_per_step(10, 4, 4, has_ema=False, adaptive=False) == 10 * 28
+
+
+def test_three_launches_per_step_whatever_the_tensor_count(device, monkeypatch):
+    """norm + perturb + restore, once per bucket, for 1 tensor or 300."""
+    k = _kernels()
+    launches = []
+    for name in ("_norm_kernel", "_perturb_kernel", "_restore_kernel"):
+        kernel = getattr(k, name)
+
+        class Counting:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launches.append(self.name)
+                return self.kernel[grid]
+        monkeypatch.setattr(k, name, Counting(kernel, name))
+    for count in (1, 300):
+        torch.manual_seed(count)
+        ps = [torch.nn.Parameter(torch.randn(17, device=device)) for _ in range(count)]
+        opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            launches.clear()
+            opt.first_step()
+            opt.second_step()
+            assert launches == ["_norm_kernel", "_perturb_kernel", "_restore_kernel"], count
+
+
+def test_cuda_step_is_three_kernels(device):
+    """CUDA only: the profiler sees exactly the three F-SAM kernels in a step (table uploads
+    are copies, and happen only when something changed)."""
+    if device.type != "cuda":
+        pytest.skip("needs the CUDA profiler")
+    from fsam_fused.bench import _NoOp
+    torch.manual_seed(8)
+    ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (3, 1000, 70_000)]
+    opt = FSAM(ps, _NoOp, backend="triton")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.first_step()
+    opt.second_step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.first_step()
+        opt.second_step()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    assert sorted(kernels) == ["_norm_kernel", "_perturb_kernel", "_restore_kernel"], kernels
