@@ -77,6 +77,16 @@ def _check_group(group, where):
         raise TypeError(f"adaptive{where} must be a bool, got {group['adaptive']!r}")
 
 
+class _Plan:
+    """What ``first_step`` reuses while only the gradients change (see ``_step_plan``)."""
+
+    __slots__ = ("sig", "flat", "have", "wptrs", "buckets", "new_emas")
+
+    def __init__(self, sig, flat, have, wptrs, buckets):
+        self.sig, self.flat, self.have, self.wptrs, self.buckets = sig, flat, have, wptrs, buckets
+        self.new_emas = {}
+
+
 class FSAM(Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
 
@@ -155,6 +165,7 @@ class FSAM(Optimizer):
         self._saved = {}  # param -> buffer with the exact copy of the weights
         self._perturbed = None  # buckets perturbed by first_step, until second_step
         self._backends = {}
+        self._plan = None  # see _step_plan
 
     # ------------------------------------------------------------------ groups and state
 
@@ -166,6 +177,7 @@ class FSAM(Optimizer):
         if getattr(self, "base_optimizer", None) is None:
             super().add_param_group(param_group)  # during __init__: base is built after
             return
+        self._plan = None
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
@@ -175,6 +187,7 @@ class FSAM(Optimizer):
         self.__dict__.setdefault("_saved", {})
         self.__dict__.setdefault("_perturbed", None)
         self.__dict__.setdefault("_backends", {})
+        self.__dict__["_plan"] = None
 
     def state_dict(self):
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
@@ -229,6 +242,7 @@ class FSAM(Optimizer):
             g["params"] = params
         self.base_optimizer.param_groups = self.param_groups
         self.state = state
+        self._plan = None
         self.sigma, self.lmbda, self.ema_order = sigma, lmbda, fs["ema_order"]
 
     # ------------------------------------------------------------------ dispatch
@@ -263,20 +277,60 @@ class FSAM(Optimizer):
         for i, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {i}")
 
-    def _buckets(self):
-        """Validate every gradient, then group parameters with a gradient into buckets, and
-        attach their buffers. Returns ``(buckets, new_emas)``: the EMA created this step
-        enter ``self.state`` only once the step has succeeded.
+    def _step_plan(self):
+        """The buckets for this step, with this step's gradients, validated.
 
-        Nothing is modified before every check has passed. This runs on every step, so the
-        common case is one lean loop; the detailed diagnosis runs only when a check fails.
+        A plan (buckets, buffers, per-tensor settings) is kept while the param groups, the
+        hyper-parameters, the state, the set of parameters with a gradient and every
+        parameter's address stay the same; then a step only collects the gradients and
+        checks each one's layout. Anything else rebuilds the plan with the full checks.
+        Nothing is modified before every check has passed.
         """
+        groups = self.param_groups
+        sig = (self.sigma, self.lmbda, self.ema_order, self.backend, self.ema_dtype,
+               id(self.state), len(self.state),
+               tuple((id(g["params"]), len(g["params"]), g["rho"], g["adaptive"])
+                     for g in groups))
+        plan = self._plan
+        if plan is not None and plan.sig == sig:
+            flat = plan.flat
+            grads = [p.grad for p in flat]
+            have = [i for i, g in enumerate(grads) if g is not None]
+            if have == plan.have and [flat[i].data_ptr() for i in have] == plan.wptrs \
+                    and self._refresh(plan, grads):
+                return plan
+        flat = [p for g in groups for p in g["params"]]
+        self._plan = None
+        plan = self._build_plan(sig, flat)
+        self._plan = plan
+        return plan
+
+    @staticmethod
+    def _refresh(plan, grads):
+        """Hand each bucket this step's gradients; False if one needs the full checks."""
+        strided = torch.strided
+        for be, b in plan.buckets:
+            b.grads = [grads[i] for i in b.index]
+            b.scratch = {}
+            if not all(g.layout is strided for g in b.grads):
+                return False
+            if be.name == "triton" and not all(map(_same_dense_layout, b.params, b.grads)):
+                return False
+        return True
+
+    def _build_plan(self, sig, flat):
+        """Validate every gradient, group the parameters that have one into buckets and
+        attach their buffers (the EMA created here enters ``self.state`` only once the step
+        has succeeded)."""
         strided = torch.strided
         buckets = {}
+        have = []
+        pos = 0
         for gi, group in enumerate(self.param_groups):
             rho, adaptive = float(group["rho"]), bool(group["adaptive"])
             for pi, p in enumerate(group["params"]):
                 g = p.grad
+                pos += 1
                 if g is None:
                     continue
                 dtype = p.dtype
@@ -288,12 +342,16 @@ class FSAM(Optimizer):
                     b = buckets[(p.device, dtype)] = Bucket(
                         device=p.device, dtype=dtype, sigma=self.sigma, lmbda=self.lmbda,
                         paper=self.ema_order == "paper", emas=[] if self.sigma > 0 else None)
+                have.append(pos - 1)
+                b.index.append(pos - 1)
                 b.params.append(p)
                 b.grads.append(g)
                 b.rhos.append(rho)
                 b.adaptive.append(adaptive)
-        plan = [(self._backend_for(b), b) for b in buckets.values()]
-        return plan, self._allocate(plan)
+        plan = _Plan(sig, flat, have, [flat[i].data_ptr() for i in have],
+                     [(self._backend_for(b), b) for b in buckets.values()])
+        plan.new_emas = self._allocate(plan.buckets)
+        return plan
 
     def _allocate(self, buckets):
         """Attach the saved-copy and EMA buffers to each bucket."""
@@ -333,20 +391,25 @@ class FSAM(Optimizer):
             raise RuntimeError("first_step() called twice without second_step(): the weights "
                                "are already perturbed")
         self._check_hyperparameters()
-        buckets, new_emas = self._buckets()
-        parts = [be.norm_partials(b) for be, b in buckets]
-        sq = self._combine(parts, buckets)
+        plan = self._step_plan()
+        buckets = plan.buckets
         done = []
         try:
+            parts = [be.norm_partials(b) for be, b in buckets]
+            sq = self._combine(parts, buckets)
             for (be, b), s in zip(buckets, sq):
                 be.perturb(b, s)
                 done.append((be, b))
         except BaseException:
+            self._plan = None  # re-check everything next time
             for be, b in done:
                 be.restore(b)
             raise
-        for p, m in new_emas.items():
-            self.state[p]["ema"] = m
+        if plan.new_emas or any(any(b.first) for _, b in buckets):
+            # The EMA now exists: the next plan has no first sights (and holds them in state).
+            for p, m in plan.new_emas.items():
+                self.state[p]["ema"] = m
+            self._plan = None
         self._perturbed = buckets
         if zero_grad:
             self.zero_grad()

@@ -28,7 +28,12 @@ EPS = 1e-12
 
 @dataclass
 class Bucket:
-    """Parameters of one device and dtype that have a gradient this step, in group order."""
+    """Parameters of one device and dtype that have a gradient this step, in group order.
+
+    The optimizer keeps a bucket across steps while nothing but the gradients changes: it
+    refreshes ``grads`` and clears ``scratch`` every step. ``scratch_static`` lives as long as
+    the bucket, for what a backend derives from the other fields once.
+    """
 
     device: torch.device
     dtype: torch.dtype
@@ -43,6 +48,8 @@ class Bucket:
     lmbda: float = 0.0
     paper: bool = False  # EMA order: "paper" (Algorithm 1) instead of "official"
     scratch: dict = field(default_factory=dict)  # per-step data a backend keeps between passes
+    scratch_static: dict = field(default_factory=dict)
+    index: list = field(default_factory=list)  # positions in the optimizer's flat param list
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:

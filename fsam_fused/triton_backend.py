@@ -59,17 +59,20 @@ class TritonBackend:
 
     def norm_partials(self, b: Bucket) -> torch.Tensor:
         ln = self._launcher(b)
-        paper = b.paper
-        rows = []
-        for rho, ad, first in zip(b.rhos, b.adaptive, b.first):
-            # Official order on first sight: m is zero, decay 0 and gain 1 make m_new = g.
-            if first and not paper:
-                rows.append((rho, float(ad), 0.0, 1.0))
-            else:
-                rows.append((rho, float(ad), b.lmbda, 1.0 - b.lmbda))
-        ln.prepare(b.params, b.grads, b.emas, b.saved, rows)
+        if b.scratch_static.get("triton") is not ln:
+            # The optimizer built a new plan: rows and static tables change only then.
+            rows = []
+            for rho, ad, first in zip(b.rhos, b.adaptive, b.first):
+                # Official order on first sight: m is zero, decay 0 and gain 1 make m_new = g.
+                if first and not b.paper:
+                    rows.append((rho, float(ad), 0.0, 1.0))
+                else:
+                    rows.append((rho, float(ad), b.lmbda, 1.0 - b.lmbda))
+            ln.set_static(b.params, b.emas, b.saved, rows)
+            b.scratch_static["triton"] = ln
+        ln.set_grads(b.grads)
         out = torch.empty(ln.n_programs, dtype=torch.float32, device=b.device)
-        ln.norm_partials(out, b.sigma, paper)
+        ln.norm_partials(out, b.sigma, b.paper)
         b.scratch["launcher"] = ln
         return out
 

@@ -32,8 +32,10 @@ For float32 weights with the float32 EMA, non-adaptive: 8 + 24 + 8 = 40 bytes pe
 per step; bfloat16 weights: 6 + 16 + 4 = 26. :func:`bytes_per_step` counts this for the
 benchmarks.
 
-Tensors are reached through device-resident pointer tables (one int64 row per tensor),
-rebuilt only when some address changes. Every table entry is checked to be 16-byte aligned on
+Tensors are reached through device-resident pointer tables: one int64 row per tensor for the
+weights, EMA and saved copy (uploaded when the optimizer's plan changes) and a separate
+column of gradient addresses (uploaded only when some gradient has moved, which
+``zero_grad(set_to_none=True)`` often makes happen). Every table entry is checked to be 16-byte aligned on
 the host (addresses are host metadata, so this costs no synchronisation); then the kernels
 promise that alignment with ``tl.multiple_of`` and the compiler emits 128-bit loads and stores
 on the unmasked path. A bucket with any misaligned tensor uses the same kernels without the
@@ -71,8 +73,9 @@ RBLOCK = 1024
 # Alignment (bytes) that allows 128-bit accesses.
 ALIGN = 16
 
-# Tables, one row per tensor: pointers (int64) w, g, m, saved; scalars (float32) rho,
-# adaptive (0/1), EMA decay, EMA gain. The kernels index their columns by these positions.
+# Tables, one row per tensor: pointers (int64) w, m, saved; gradient pointers (int64);
+# scalars (float32) rho, adaptive (0/1), EMA decay, EMA gain. The kernels index their
+# columns by these positions.
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -82,8 +85,9 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
-def _ptr(ptr_tab, t, COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(ptr_tab + t * 4 + COL).to(tl.pointer_type(DT))
+def _ptr(tab, t, NCOL: tl.constexpr, COL: tl.constexpr, DT: tl.constexpr,
+         ALIGNED: tl.constexpr):
+    p = tl.load(tab + t * NCOL + COL).to(tl.pointer_type(DT))
     if ALIGNED:
         # The hint must sit on the pointer itself: a hint on the integer is lost in the cast.
         p = tl.multiple_of(p, 16)
@@ -184,7 +188,7 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
 
 
 @triton.jit
-def _chunk(ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
+def _chunk(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
            M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr, ALIGNED: tl.constexpr,
            CHUNK: tl.constexpr):
     """Everything a pass needs of chunk ``c``: its length, the pointers to its first element
@@ -193,12 +197,12 @@ def _chunk(ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
     t = tl.load(chunk_tab + 2 * c)
     start = tl.load(chunk_tab + 2 * c + 1).to(tl.int64) * CHUNK
     n = tl.minimum(tl.load(numel_tab + t) - start, CHUNK).to(tl.int32)
-    w_p = _ptr(ptr_tab, t, 0, W_DTYPE, ALIGNED) + start
-    g_p = _ptr(ptr_tab, t, 1, W_DTYPE, ALIGNED) + start
-    s_p = _ptr(ptr_tab, t, 3, W_DTYPE, ALIGNED) + start
+    w_p = _ptr(ptr_tab, t, 3, 0, W_DTYPE, ALIGNED) + start
+    s_p = _ptr(ptr_tab, t, 3, 2, W_DTYPE, ALIGNED) + start
+    g_p = _ptr(grad_tab, t, 1, 0, W_DTYPE, ALIGNED) + start
     m_p = g_p  # never dereferenced without an EMA
     if HAS_EMA:
-        m_p = _ptr(ptr_tab, t, 2, M_DTYPE, ALIGNED) + start
+        m_p = _ptr(ptr_tab, t, 3, 1, M_DTYPE, ALIGNED) + start
     rho = tl.load(scal_tab + 4 * t)
     adapt = tl.load(scal_tab + 4 * t + 1) != 0.0
     decay = tl.load(scal_tab + 4 * t + 2)
@@ -207,7 +211,7 @@ def _chunk(ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
 
 
 @triton.jit
-def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, sigma,
+def _norm_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, sigma,
                  W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                  PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):
@@ -215,7 +219,8 @@ def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, si
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, _, _, adapt, decay, gain = _chunk(
-            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA, ALIGNED, CHUNK)
+            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA,
+            ALIGNED, CHUNK)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -229,8 +234,8 @@ def _norm_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, si
 
 
 @triton.jit
-def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chunks, sigma,
-                    eps, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+def _perturb_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chunks,
+                    sigma, eps, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                     PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr):
     # Global norm: the same loads and the same reduction tree in every program.
@@ -242,7 +247,8 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chu
 
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, s_p, rho, adapt, decay, gain = _chunk(
-            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA, ALIGNED, CHUNK)
+            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA,
+            ALIGNED, CHUNK)
         scale = tl.div_rn(rho, norm + eps)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
@@ -256,12 +262,13 @@ def _perturb_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chu
 
 
 @triton.jit
-def _restore_kernel(ptr_tab, numel_tab, chunk_tab, scal_tab, n_chunks,
+def _restore_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, n_chunks,
                     W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         n, w_p, _, _, s_p, _, _, _, _ = _chunk(
-            ptr_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, W_DTYPE, False, ALIGNED, CHUNK)
+            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, W_DTYPE, False,
+            ALIGNED, CHUNK)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -302,9 +309,9 @@ def max_programs(device: torch.device) -> int:
 class MultiTensorFSAM:
     """Tables and launches for one bucket: tensors of one device and one weight dtype.
 
-    The caller passes, each step, the lists ``weights, grads, emas, saved`` (``emas`` is None
-    when sigma is 0) and one ``(rho, adaptive, decay, gain)`` row per tensor. Tables are
-    uploaded only when an address, a size or a scalar changes.
+    ``set_static`` takes the lists that change only with the optimizer's plan (weights, EMA
+    or None when sigma is 0, saved buffers, one ``(rho, adaptive, decay, gain)`` row per
+    tensor); ``set_grads`` takes the gradients each step. Each uploads only what changed.
     """
 
     def __init__(self, device: torch.device, w_dtype: torch.dtype, m_dtype: torch.dtype):
@@ -314,35 +321,43 @@ class MultiTensorFSAM:
             raise TypeError(f"Triton F-SAM kernels keep the EMA in {SUPPORTED_DTYPES}, got {m_dtype}")
         self.device = torch.device(device)
         self.w_dtype, self.m_dtype = w_dtype, m_dtype
-        self._ptr_key = None
-        self._scal_key = None
         self.max_programs = max_programs(self.device)
         self.n_chunks = self.n_programs = 0
+        self._static_key = None
+        self._grad_ptrs = None
 
-    def prepare(self, weights, grads, emas, saved, scalars) -> None:
+    def set_static(self, weights, emas, saved, scalars) -> None:
         has_ema = emas is not None
-        zeros = [None] * len(weights)
-        cols = list(zip(weights, grads, emas if has_ema else zeros, saved))
-        ptrs = [[0 if x is None else x.data_ptr() for x in row] for row in cols]
+        ptrs = [[w.data_ptr(), m.data_ptr() if has_ema else 0, s.data_ptr()]
+                for w, m, s in zip(weights, emas if has_ema else weights, saved)]
         numels = [w.numel() for w in weights]
-        key = (tuple(map(tuple, ptrs)), tuple(numels))
-        if key != self._ptr_key:
-            chunks = []
-            for t, n in enumerate(numels):
-                chunks.extend((t, c) for c in range(-(-n // CHUNK)))
-            self.ptr_tab = _upload(ptrs, torch.int64, self.device)
-            self.numel_tab = _upload(numels, torch.int64, self.device)
-            self.chunk_tab = _upload(chunks, torch.int32, self.device)
-            self.n_chunks = len(chunks)
-            self.n_programs = min(self.n_chunks, self.max_programs)
-            self.aligned = all(p % ALIGN == 0 for row in ptrs for p in row)
-            self._ptr_key = key
+        key = (ptrs, numels, scalars)
+        if key == self._static_key:
+            return
+        chunks = []
+        for t, n in enumerate(numels):
+            chunks.extend((t, c) for c in range(-(-n // CHUNK)))
+        self.ptr_tab = _upload(ptrs, torch.int64, self.device)
+        self.numel_tab = _upload(numels, torch.int64, self.device)
+        self.chunk_tab = _upload(chunks, torch.int32, self.device)
+        self.scal_tab = _upload([list(r) for r in scalars], torch.float32, self.device)
+        self.n_chunks = len(chunks)
+        self.n_programs = min(self.n_chunks, self.max_programs)
+        self.static_aligned = all(p % ALIGN == 0 for row in ptrs for p in row)
         self.has_ema = has_ema
-        skey = tuple(scalars)
-        if skey != self._scal_key:
-            self.scal_tab = _upload([list(r) for r in scalars], torch.float32, self.device)
-            self.any_adaptive = any(r[1] for r in scalars)
-            self._scal_key = skey
+        self.any_adaptive = any(r[1] for r in scalars)
+        self._static_key = key
+
+    def set_grads(self, grads) -> None:
+        ptrs = [g.data_ptr() for g in grads]
+        if ptrs != self._grad_ptrs:
+            self.grad_tab = _upload(ptrs, torch.int64, self.device)
+            self.grads_aligned = all(p % ALIGN == 0 for p in ptrs)
+            self._grad_ptrs = ptrs
+
+    @property
+    def aligned(self) -> bool:
+        return self.static_aligned and self.grads_aligned
 
     def _on_device(self):
         # Triton launches on the current CUDA device: make it the bucket's (multi-GPU hosts).
@@ -367,8 +382,8 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _norm_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out, self.n_chunks,
-                sigma, PAPER=paper, **self._launch_opts(), **self._flags())
+                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out,
+                self.n_chunks, sigma, PAPER=paper, **self._launch_opts(), **self._flags())
 
     def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool) -> None:
         """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
@@ -377,15 +392,15 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _perturb_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq, sq.numel(),
-                self.n_chunks, sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
+                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq,
+                sq.numel(), self.n_chunks, sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
 
     def restore(self) -> None:
-        """Copy the saved values back into the weights (the tables of the last prepare)."""
+        """Copy the saved values back into the weights (the tables of the last step)."""
         if self.n_programs == 0:
             return
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
-                self.ptr_tab, self.numel_tab, self.chunk_tab, self.scal_tab, self.n_chunks,
-                W_DTYPE=_TL_DTYPES[self.w_dtype], ALIGNED=self.aligned, BLOCK=BLOCK,
+                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab,
+                self.n_chunks, W_DTYPE=_TL_DTYPES[self.w_dtype], ALIGNED=self.aligned, BLOCK=BLOCK,
                 CHUNK=CHUNK, **self._launch_opts())

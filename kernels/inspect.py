@@ -38,7 +38,7 @@ TARGETS = {"sm_80": 80, "sm_90": 90}
 DTYPES = {"float32": tl.float32, "bfloat16": tl.bfloat16, "float16": tl.float16}
 _ELEM_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 
-_TABLES = {"ptr_tab": "*i64", "numel_tab": "*i64", "chunk_tab": "*i32"}
+_TABLES = {"ptr_tab": "*i64", "grad_tab": "*i64", "numel_tab": "*i64", "chunk_tab": "*i32"}
 # (kernel function, runtime signature, stores parameter-sized data)
 KERNELS = {
     "norm": (K._norm_kernel, {**_TABLES, "scal_tab": "*fp32", "part_ptr": "*fp32",

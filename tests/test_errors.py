@@ -187,3 +187,44 @@ def test_load_state_dict_rejects_mismatches():
                                  sd["param_groups"][1]])
     with pytest.raises(ValueError, match="param group 0 has"):
         opt.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_gradient_after_steps_is_still_caught(backend, device):
+    """Steps reuse their plan while only gradients change: a gradient that turns bad later
+    must still be rejected before anything is modified."""
+    backend_available(backend, device)
+    p = torch.nn.Parameter(torch.randn(6, 5, device=device))
+    q = torch.nn.Parameter(torch.randn(4, device=device))
+    opt = FSAM([q, p], torch.optim.SGD, lr=0.1, backend=backend)
+    for _ in range(2):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.first_step()
+        opt.second_step(zero_grad=True)
+    snap = [p.detach().clone(), q.detach().clone()]
+    q.grad = torch.randn_like(q)
+    p.grad = torch.randn(5, 6, device=device).t()  # same shape, not contiguous
+    if backend == "triton":
+        with pytest.raises(ValueError, match="dense"):
+            opt.first_step()
+        assert torch.equal(p, snap[0]) and torch.equal(q, snap[1])
+    else:  # the unfused backends take any strides
+        opt.first_step()
+        opt.second_step(zero_grad=True)
+    q.grad = torch.randn_like(q)
+    p.grad = torch.randn_like(p).to_sparse()
+    snap = [p.detach().clone(), q.detach().clone()]
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.first_step()
+    assert torch.equal(p, snap[0]) and torch.equal(q, snap[1])
+
+
+def test_auto_falls_back_when_gradients_are_not_dense(device):
+    """(On CUDA "auto" would pick Triton, which needs dense gradients.)"""
+    p = torch.nn.Parameter(torch.randn(6, 5, device=device))
+    opt = FSAM([p], torch.optim.SGD, lr=0.1, backend="auto")
+    for _ in range(2):  # the second step keeps its plan: no new EMA
+        p.grad = torch.randn(5, 6, device=device).t()
+        opt.first_step()
+        opt.second_step()
+    assert [be.name for be, _ in opt._plan.buckets] == ["foreach"]

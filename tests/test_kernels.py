@@ -270,3 +270,28 @@ def test_cuda_step_is_three_kernels(device):
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     assert sorted(kernels) == ["_norm_kernel", "_perturb_kernel", "_restore_kernel"], kernels
+
+
+def test_parameter_storage_swapped_between_steps(device):
+    """``p.data = ...`` gives a parameter new storage: the cached plan and tables must follow."""
+    torch.manual_seed(9)
+    ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (10, 3000)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
+    opt_r = FSAM(ref, torch.optim.SGD, backend="reference", lr=0.1)
+    for step in range(3):
+        if step == 2:
+            for p, r in zip(ps, ref):
+                new = torch.randn_like(p)
+                p.data, r.data = new.clone(), new.clone()
+        for p, r in zip(ps, ref):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.first_step()
+        opt_r.first_step()
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        opt.second_step(zero_grad=True)
+        opt_r.second_step(zero_grad=True)
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
