@@ -405,7 +405,7 @@ class FSAM(Optimizer):
             for be, b in done:
                 be.restore(b)
             raise
-        if plan.new_emas or any(any(b.first) for _, b in buckets):
+        if plan.new_emas:
             # The EMA now exists: the next plan has no first sights (and holds them in state).
             for p, m in plan.new_emas.items():
                 self.state[p]["ema"] = m
