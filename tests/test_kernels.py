@@ -65,6 +65,18 @@ def _check_against_reference(make_params, dtype, device, steps=3, adaptive=False
                     _close(pt.detach(), pr.detach(), dtype, f"step {step} weights[{i}]")
 
 
+def _step_pair(opt, opt_r, ps, ps_r):
+    """One step of a Triton optimizer and its reference twin, compared after each half."""
+    opt.first_step()
+    opt_r.first_step()
+    for p, r in zip(ps, ps_r):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    opt.second_step(zero_grad=True)
+    opt_r.second_step(zero_grad=True)
+    for p, r in zip(ps, ps_r):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
 
@@ -138,12 +150,7 @@ def test_gradients_at_new_addresses_each_step(device):
         for t in old:
             t.fill_(float("nan"))  # still alive, so their addresses are not reused
         old = [p.grad for p in ps]
-        opt.first_step()
-        opt_r.first_step()
-        for p, r in zip(ps, ref):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
-        opt.second_step(zero_grad=True)
-        opt_r.second_step(zero_grad=True)
+        _step_pair(opt, opt_r, ps, ref)
 
 
 def test_empty_parameter_and_no_gradients(device):
@@ -177,12 +184,7 @@ def test_channels_last_weights(device):
             g = torch.randn(p.shape, generator=gen).to(device)
             p.grad = g.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else g
             r.grad = g.clone()
-        opt.first_step()
-        opt_r.first_step()
-        for p, r in zip(ps, ps_r):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
-        opt.second_step(zero_grad=True)
-        opt_r.second_step(zero_grad=True)
+        _step_pair(opt, opt_r, ps, ps_r)
     assert opt.state[ps[0]]["ema"].stride() == ps[0].stride()
 
 
@@ -287,11 +289,4 @@ def test_parameter_storage_swapped_between_steps(device):
         for p, r in zip(ps, ref):
             g = torch.randn_like(p)
             p.grad, r.grad = g.clone(), g.clone()
-        opt.first_step()
-        opt_r.first_step()
-        for p, r in zip(ps, ref):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
-        opt.second_step(zero_grad=True)
-        opt_r.second_step(zero_grad=True)
-        for p, r in zip(ps, ref):
-            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        _step_pair(opt, opt_r, ps, ref)
