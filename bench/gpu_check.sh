@@ -19,7 +19,7 @@ unset TRITON_INTERPRET
 cat "$OUT/device.txt"
 
 status=0
-timeout 330 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
+timeout 300 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" || status=1
 timeout 150 python3 -m fsam_fused.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

@@ -30,19 +30,23 @@ def test_backend_follows_reference(backend, base, order, adaptive, sigma, device
     assert_snapshots_close(got, want, **FP32, what=backend)
 
 
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
 @pytest.mark.parametrize("base", ["sgd", "sgd_plain_momentum", "adamw"])
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_reference_follows_published_code(base, adaptive):
-    """The authors' code combines norms of norms and computes e as (a^2 * d) * s; ours sums
-    squares: equal up to float32 rounding."""
+@pytest.mark.parametrize("sigma", [0.0, 1.0], ids=["sam", "fsam"])
+def test_every_backend_follows_published_code(backend, base, adaptive, sigma, device):
+    """Third-party code: the authors' FriendlySAM (with sigma = 0 it is SAM/ASAM as in
+    davda54/sam). It combines norms of norms and computes e as (a^2 * d) * s; we sum squares:
+    equal up to float32 rounding."""
+    backend_available(backend, device)
     seed, steps = 3, 6
-    want, _, _ = trajectory("reference", seed=seed, steps=steps, base=base, rho=0.1,
-                            sigma=1.0, lmbda=0.6, adaptive=adaptive)
-    net = make_net(seed)
+    want, _, _ = trajectory(backend, seed=seed, steps=steps, base=base, rho=0.1, sigma=sigma,
+                            lmbda=0.6, adaptive=adaptive, device=device)
+    net = make_net(seed, device=device)
     cls, kw = BASES[base]
-    opt = FriendlySAM(net.groups(0.1, adaptive), cls, rho=0.1, sigma=1.0, lmbda=0.6,
+    opt = FriendlySAM(net.groups(0.1, adaptive), cls, rho=0.1, sigma=sigma, lmbda=0.6,
                       adaptive=adaptive, **kw)
-    for step, (x, y) in enumerate(batches(seed + 1, steps)):
+    for step, (x, y) in enumerate(batches(seed + 1, steps, device=device)):
         loss_of(net, x, y).backward()
         opt.first_step(zero_grad=True)
         for i, p in enumerate(net.parameters()):
