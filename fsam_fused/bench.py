@@ -180,7 +180,8 @@ def main(argv=None) -> int:
             for r in group:
                 r["speedup_vs_reference"] = ref / r["ms"] if ref else None
             records += group
-            torch.cuda.empty_cache() if cuda else None
+            if cuda:
+                torch.cuda.empty_cache()  # the next preset's buffers may need the room
 
     print()
     head = f"{'preset':<10}{'dtype':<10}{'backend':<11}{'ms':>10}{'GB/s':>9}{'% copy':>8}{'x ref':>7}"

@@ -125,13 +125,19 @@ class ForeachBackend:
         self._d = {}  # param -> buffer for d (then e), in the arithmetic dtype
 
     def _buffers(self, b: Bucket, ct):
-        out = []
-        for p in b.params:
-            d = self._d.get(p)
-            if d is None or d.shape != p.shape or d.dtype != ct or d.device != p.device:
-                d = self._d[p] = torch.empty_like(p, dtype=ct)
-            out.append(d)
-        return out
+        # Looked up once per plan (the bucket lives while only gradients change); the dict
+        # keeps the buffers across plans, so a rho schedule does not reallocate them.
+        d = b.scratch_static.get("foreach_d")
+        if d is None:
+            d = []
+            for p in b.params:
+                buf = self._d.get(p)
+                if buf is None or buf.shape != p.shape or buf.dtype != ct or \
+                        buf.device != p.device:
+                    buf = self._d[p] = torch.empty_like(p, dtype=ct)
+                d.append(buf)
+            b.scratch_static["foreach_d"] = d
+        return d
 
     def norm_partials(self, b: Bucket) -> torch.Tensor:
         ct = opmath(b.dtype)
@@ -139,11 +145,10 @@ class ForeachBackend:
         torch._foreach_copy_(d, b.grads)  # d <- g (up-cast)
         if b.emas is not None:
             if b.paper:
-                # d <- g - sigma * (lmbda * m + (1 - lmbda) * g), the updated EMA
-                m_new = torch._foreach_mul(b.emas, b.lmbda) if b.emas[0].dtype == ct else \
-                    torch._foreach_mul([m.to(ct) for m in b.emas], b.lmbda)
-                torch._foreach_add_(m_new, d, alpha=1 - b.lmbda)
-                torch._foreach_add_(d, m_new, alpha=-b.sigma)
+                # d <- g - sigma * (lmbda * m + (1 - lmbda) * g), the updated EMA, expanded
+                # so that it needs no temporary: (1 - sigma (1 - lmbda)) g - sigma lmbda m.
+                torch._foreach_mul_(d, 1 - b.sigma * (1 - b.lmbda))
+                torch._foreach_add_(d, b.emas, alpha=-b.sigma * b.lmbda)
             else:
                 # d <- g - sigma * m_old (m is zero on first sight, so d == g there)
                 torch._foreach_add_(d, b.emas, alpha=-b.sigma)
@@ -159,7 +164,7 @@ class ForeachBackend:
         if b.emas is not None:
             # The EMA is fed the raw g; in place, and only now that nothing can fail early.
             first = [i for i, f in enumerate(b.first) if f and not b.paper]
-            rest = [i for i in range(len(b.params)) if i not in set(first)]
+            rest = [i for i, f in enumerate(b.first) if not f or b.paper]
             if first:
                 torch._foreach_copy_([b.emas[i] for i in first], [b.grads[i] for i in first])
             if rest:
