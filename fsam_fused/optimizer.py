@@ -8,8 +8,11 @@ Dispatch (``backend=``):
 * ``"foreach"``: the same math with ``torch._foreach_*`` ops, on any device;
 * ``"triton"``: the fused kernels; CUDA tensors (CPU tensors only under ``TRITON_INTERPRET=1``,
   which tests use); float32, bfloat16 and float16 weights;
+* ``"cpp"``: the fused C++ passes of ``csrc/`` (built on first use, see ``cpp_backend.py``);
+  CPU tensors; float32, bfloat16 and float16 weights;
 * ``"auto"``: per bucket, ``"triton"`` for CUDA tensors of a dtype it supports when Triton is
-  installed, else ``"foreach"`` (the fastest CPU path until the C++ backend lands).
+  installed, ``"cpp"`` for CPU tensors it supports when the extension builds (else a one-time
+  warning), otherwise ``"foreach"``.
 
 Decisions where SEMANTICS.md is silent:
 
@@ -33,7 +36,7 @@ from torch.optim import Optimizer
 
 from .reference import Bucket, ForeachBackend, ReferenceBackend
 
-BACKENDS = ("auto", "reference", "foreach", "triton")
+BACKENDS = ("auto", "reference", "foreach", "triton", "cpp")
 EMA_ORDERS = ("official", "paper")
 _STATE_VERSION = 1
 
@@ -104,8 +107,16 @@ class FSAM(Optimizer):
         lmbda: EMA decay, in [0, 1).
         adaptive: scale the perturbation by ``|w|`` (ASAM-style; per group).
         ema_order: ``"official"`` (the authors' code, default) or ``"paper"`` (Algorithm 1).
-        backend: ``"auto"``, ``"reference"``, ``"foreach"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"`` (CUDA) or ``"cpp"``
+            (CPU); ``"auto"`` picks the fused one for each device and dtype.
         ema_dtype: dtype of the EMA state; by default float32 (float64 for float64 weights).
+        fixed_addresses: keep every parameter at its address during the step. By default the
+            C++ backend double-buffers parameters that own their whole storage: it writes
+            ``w + e`` into a spare buffer and swaps storages (``p.data``, as the authors'
+            code does on restore), which moves a third fewer bytes than saving a copy and
+            copying it back. Set True when something holds a parameter's address (a flat
+            buffer the parameters view, hooks keyed on ``data_ptr``). The other backends
+            always keep addresses fixed.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``.grad`` keeps the user's gradient (the published code overwrote it with ``d``), so
@@ -132,7 +143,8 @@ class FSAM(Optimizer):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, sigma=1.0, lmbda=0.9, adaptive=False,
-                 *, ema_order="official", backend="auto", ema_dtype=None, **base_kwargs):
+                 *, ema_order="official", backend="auto", ema_dtype=None, fixed_addresses=False,
+                 **base_kwargs):
         if not callable(base_optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class such as "
                             f"torch.optim.SGD, got {base_optimizer!r}")
@@ -150,8 +162,11 @@ class FSAM(Optimizer):
                                                         torch.float16, torch.float64):
             raise ValueError(f"Invalid ema_dtype: {ema_dtype!r} (None for float32, or "
                              "torch.float32, torch.bfloat16, torch.float16, torch.float64)")
+        if not isinstance(fixed_addresses, bool):
+            raise TypeError(f"fixed_addresses must be a bool, got {fixed_addresses!r}")
         self.ema_order = ema_order
         self.backend = backend
+        self.fixed_addresses = fixed_addresses
         self.ema_dtype = ema_dtype
         super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
@@ -187,6 +202,7 @@ class FSAM(Optimizer):
         self.__dict__.setdefault("_saved", {})
         self.__dict__.setdefault("_perturbed", None)
         self.__dict__.setdefault("_backends", {})
+        self.__dict__.setdefault("fixed_addresses", False)
         self.__dict__["_plan"] = None
 
     def state_dict(self):
@@ -251,22 +267,40 @@ class FSAM(Optimizer):
         return self.ema_dtype or torch.promote_types(dtype, torch.float32)
 
     def _backend_for(self, b):
-        from . import triton_backend
+        from . import cpp_backend, triton_backend
 
         name = self.backend
-        if name in ("auto", "triton"):
-            reason = triton_backend.supports(b.device, b.dtype, self._ema_dtype(b.dtype))
-            if reason is None and not all(map(_same_dense_layout, b.params, b.grads)):
-                reason = ("the Triton kernels need each parameter dense (contiguous or "
+        dense = None
+        if name in ("auto", "triton", "cpp"):
+            dense = all(map(_same_dense_layout, b.params, b.grads))
+        if name == "auto":
+            name = "foreach"
+            if b.device.type == "cuda":
+                if dense and triton_backend.supports(b.device, b.dtype,
+                                                     self._ema_dtype(b.dtype)) is None:
+                    name = "triton"
+            elif dense and cpp_backend.supports(b.device, b.dtype,
+                                                self._ema_dtype(b.dtype)) is None:
+                reason = cpp_backend.load()  # builds on first use, cached on disk
+                if reason is None:
+                    name = "cpp"
+                else:
+                    cpp_backend.fallback_warning(reason)
+        elif name in ("triton", "cpp"):
+            mod = triton_backend if name == "triton" else cpp_backend
+            reason = mod.supports(b.device, b.dtype, self._ema_dtype(b.dtype))
+            if reason is None and not dense:
+                reason = (f"the {name} kernels need each parameter dense (contiguous or "
                           "channels_last) with a gradient of the same strides")
-            if name == "auto":
-                name = "triton" if b.device.type == "cuda" and reason is None else "foreach"
-            elif reason is not None:
-                raise ValueError(f"backend='triton' cannot run these parameters: {reason}; "
+            if reason is None and name == "cpp":
+                reason = cpp_backend.load()
+            if reason is not None:
+                raise ValueError(f"backend={name!r} cannot run these parameters: {reason}; "
                                  "use backend='auto', 'foreach' or 'reference'")
         if name not in self._backends:
             self._backends[name] = {"reference": ReferenceBackend, "foreach": ForeachBackend,
-                                    "triton": triton_backend.TritonBackend}[name]()
+                                    "triton": triton_backend.TritonBackend,
+                                    "cpp": cpp_backend.CppBackend}[name]()
         return self._backends[name]
 
     def _check_hyperparameters(self):
@@ -288,6 +322,7 @@ class FSAM(Optimizer):
         """
         groups = self.param_groups
         sig = (self.sigma, self.lmbda, self.ema_order, self.backend, self.ema_dtype,
+               self.fixed_addresses,
                id(self.state), len(self.state),
                tuple((id(g["params"]), len(g["params"]), g["rho"], g["adaptive"])
                      for g in groups))
@@ -314,7 +349,8 @@ class FSAM(Optimizer):
             b.scratch = {}
             if not all(g.layout is strided for g in b.grads):
                 return False
-            if be.name == "triton" and not all(map(_same_dense_layout, b.params, b.grads)):
+            if be.name in ("triton", "cpp") and \
+                    not all(map(_same_dense_layout, b.params, b.grads)):
                 return False
         return True
 
@@ -341,7 +377,8 @@ class FSAM(Optimizer):
                 if b is None:
                     b = buckets[(p.device, dtype)] = Bucket(
                         device=p.device, dtype=dtype, sigma=self.sigma, lmbda=self.lmbda,
-                        paper=self.ema_order == "paper", emas=[] if self.sigma > 0 else None)
+                        paper=self.ema_order == "paper", emas=[] if self.sigma > 0 else None,
+                        fixed_addresses=self.fixed_addresses)
                 have.append(pos - 1)
                 b.index.append(pos - 1)
                 b.params.append(p)

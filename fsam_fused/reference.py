@@ -50,6 +50,9 @@ class Bucket:
     scratch: dict = field(default_factory=dict)  # per-step data a backend keeps between passes
     scratch_static: dict = field(default_factory=dict)
     index: list = field(default_factory=list)  # positions in the optimizer's flat param list
+    # False lets a backend double-buffer: write w + e into `saved` and swap storages instead of
+    # copying w there (only the C++ backend does; see FSAM's ``fixed_addresses``).
+    fixed_addresses: bool = True
 
 
 def opmath(dtype: torch.dtype) -> torch.dtype:

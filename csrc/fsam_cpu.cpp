@@ -1,0 +1,513 @@
+// Fused F-SAM passes for CPU tensors: the C++ twin of kernels/fsam.py.
+//
+// Three passes per step over a whole list of parameter tensors (see SEMANTICS.md):
+//   norm_sq   direction d and the sum of (a * d)^2, writing nothing
+//   perturb_  EMA update, exact copy of w into `saved`, w <- w + e        (addresses stay)
+//   restore_  w <- saved
+// plus perturb_to, the double-buffered variant that writes w + e into a spare buffer and
+// leaves w alone (the caller swaps storages); it exists so the two designs can be measured
+// side by side (bench/cpu_backend.py).
+//
+// Arithmetic is float32 whatever the storage (float32, bfloat16, float16), rounded once on
+// store, in the same operation order as the reference backend, so float32 results match it
+// bit for bit except for the norm's summation order. The norm is deterministic and
+// independent of the thread count: the element range is cut into fixed-size chunks whatever
+// the number of threads, each chunk is summed by one thread in a fixed lane order, and the
+// per-chunk partials are added in chunk order in double precision.
+//
+// Nothing here imports or knows about the Python front-end.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define FSAM_STREAM 1
+#else
+#define FSAM_STREAM 0
+#endif
+
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace fsam_cpu {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = fVec::size();
+// One iteration handles two float vectors: a whole Vectorized<BFloat16 / Half>.
+constexpr int64_t kStep = 2 * kLanes;
+// Elements per work unit. Fixed (not derived from the thread count) so the norm's partial
+// sums, and hence its rounding, are the same on any machine; large enough that the per-chunk
+// overhead is noise, small enough that 2,000 tiny tensors and one huge one both balance.
+constexpr int64_t kChunk = 1 << 15;
+
+template <typename T>
+inline void load2(const T* p, fVec& a, fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kLanes);
+  } else {
+    at::vec::load_to_float<T>(p, a, b);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    a.store(p);
+    b.store(p + kLanes);
+  } else {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+}
+
+// Stores of data that is not read again in this pass: the saved copy (read only at restore,
+// after the second forward and backward), the spare buffer and the restored weights. A
+// non-temporal store skips the read-for-ownership a normal store of an uncached line costs
+// (write-allocate), which is a sixth to a third of a pass's traffic. Measured on the 2-core
+// Xeon, interleaved in one process: perturb_to 7.9 -> 4.6 ms, the exact-copy step 12.1 ->
+// 9.9 ms on the ResNet-18 list. Call fence() before the parallel region ends.
+template <typename T>
+inline void stream2(T* p, const fVec& a, const fVec& b) {
+#if FSAM_STREAM
+  if (reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, a);
+      _mm256_stream_ps(p + kLanes, b);
+    } else {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+    }
+    return;
+  }
+#endif
+  store2(p, a, b);
+}
+
+// An exact copy of kStep elements (their bits, not a round trip through float).
+template <typename T>
+inline void stream_copy(T* dst, const T* src) {
+  constexpr int64_t kBytes = kStep * sizeof(T);
+#if FSAM_STREAM
+  if (reinterpret_cast<uintptr_t>(dst) % 32 == 0) {
+    for (int64_t b = 0; b < kBytes; b += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          reinterpret_cast<const char*>(src) + b));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(dst) + b), v);
+    }
+    return;
+  }
+#endif
+  std::memcpy(dst, src, kBytes);
+}
+
+// Non-temporal stores are weakly ordered: make them visible before another thread (or the
+// caller, after the parallel region) reads the memory.
+inline void fence() {
+#if FSAM_STREAM
+  _mm_sfence();
+#endif
+}
+
+// Per-tensor settings, gathered once per call.
+struct Spec {
+  int64_t numel;
+  void* w;
+  const void* g;
+  void* m;      // nullptr when sigma == 0 (no EMA)
+  void* out;    // saved copy (perturb_) or spare buffer (perturb_to)
+  float rho;
+  bool adaptive;
+  float decay;  // m_new = m * decay + g * gain; (0, 1) on the official first sight
+  float gain;
+};
+
+struct Chunk {
+  int64_t spec;
+  int64_t begin;
+  int64_t end;
+};
+
+std::vector<Chunk> chunk_table(const std::vector<Spec>& specs) {
+  std::vector<Chunk> chunks;
+  for (const auto i : c10::irange(static_cast<int64_t>(specs.size()))) {
+    for (int64_t b = 0; b < specs[i].numel; b += kChunk) {
+      chunks.push_back({i, b, std::min(b + kChunk, specs[i].numel)});
+    }
+  }
+  return chunks;
+}
+
+// ------------------------------------------------------------------ argument checks
+
+void check_list(const char* what, at::TensorList ts, at::TensorList weights) {
+  TORCH_CHECK(ts.size() == weights.size(), "fsam_fused: ", what, " has ", ts.size(),
+              " tensors, weights has ", weights.size());
+  for (const auto i : c10::irange(ts.size())) {
+    const auto& t = ts[i];
+    const auto& w = weights[i];
+    TORCH_CHECK(t.device().is_cpu(), "fsam_fused: ", what, "[", i, "] is on ", t.device(),
+                "; these kernels take CPU tensors");
+    TORCH_CHECK(t.sizes() == w.sizes() && t.strides() == w.strides(), "fsam_fused: ", what,
+                "[", i, "] has sizes ", t.sizes(), " and strides ", t.strides(),
+                "; weights[", i, "] has ", w.sizes(), " and ", w.strides());
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), "fsam_fused: ", what, "[", i,
+                "] must be dense (contiguous or channels_last)");
+  }
+}
+
+void check_same_dtype(const char* what, at::TensorList ts) {
+  for (const auto i : c10::irange(ts.size())) {
+    TORCH_CHECK(ts[i].scalar_type() == ts[0].scalar_type(), "fsam_fused: ", what, "[", i,
+                "] is ", ts[i].scalar_type(), ", ", what, "[0] is ", ts[0].scalar_type(),
+                "; one call takes one dtype");
+  }
+}
+
+void check_float_type(const char* what, at::ScalarType t) {
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "fsam_fused: ", what,
+              " must be float32, bfloat16 or float16, got ", t);
+}
+
+template <typename V>
+void check_len(const char* what, const V& v, size_t n) {
+  TORCH_CHECK(v.size() == n, "fsam_fused: ", what, " has ", v.size(), " entries for ", n,
+              " tensors");
+}
+
+// Checks the lists, then gathers one Spec per tensor. `outs` may be empty (norm_sq).
+std::vector<Spec> gather(at::TensorList weights, at::TensorList grads, at::TensorList emas,
+                         at::TensorList outs, const char* out_name, at::IntArrayRef adaptive,
+                         at::ArrayRef<double> decay, at::ArrayRef<double> gain,
+                         at::ArrayRef<double> rho) {
+  const size_t n = weights.size();
+  check_list("weights", weights, weights);
+  check_list("grads", grads, weights);
+  check_same_dtype("weights", weights);
+  check_same_dtype("grads", grads);
+  if (n > 0) {
+    check_float_type("weights", weights[0].scalar_type());
+    TORCH_CHECK(grads[0].scalar_type() == weights[0].scalar_type(),
+                "fsam_fused: grads must have the weights' dtype ", weights[0].scalar_type(),
+                ", got ", grads[0].scalar_type());
+  }
+  if (!emas.empty()) {
+    check_list("emas", emas, weights);
+    check_same_dtype("emas", emas);
+    check_float_type("emas", emas[0].scalar_type());
+  }
+  if (out_name != nullptr) {
+    check_list(out_name, outs, weights);
+    check_same_dtype(out_name, outs);
+    if (n > 0) {
+      TORCH_CHECK(outs[0].scalar_type() == weights[0].scalar_type(), "fsam_fused: ", out_name,
+                  " must have the weights' dtype ", weights[0].scalar_type(), ", got ",
+                  outs[0].scalar_type());
+    }
+  }
+  check_len("adaptive", adaptive, n);
+  check_len("decay", decay, n);
+  check_len("gain", gain, n);
+  if (!rho.empty() || out_name != nullptr) check_len("rho", rho, n);
+
+  std::vector<Spec> specs(n);
+  for (const auto i : c10::irange(n)) {
+    specs[i] = Spec{weights[i].numel(),
+                    weights[i].data_ptr(),
+                    grads[i].data_ptr(),
+                    emas.empty() ? nullptr : emas[i].data_ptr(),
+                    out_name != nullptr ? outs[i].data_ptr() : nullptr,
+                    rho.empty() ? 0.0f : static_cast<float>(rho[i]),
+                    adaptive[i] != 0,
+                    static_cast<float>(decay[i]),
+                    static_cast<float>(gain[i])};
+  }
+  return specs;
+}
+
+// ------------------------------------------------------------------ the element math
+
+// Direction and updated EMA of one element, in the reference's operation order.
+struct Direction {
+  float sigma;
+  bool paper;
+  bool has_ema;
+
+  template <typename V>
+  static inline V ema(const V& g, const V& m, const V& decay, const V& gain) {
+    return m * decay + g * gain;
+  }
+
+  // d, given this element's EMA before (m) and after (m_new) the update.
+  template <typename V>
+  inline V operator()(const V& g, const V& m, const V& m_new, const V& sig) const {
+    if (!has_ema) return g;
+    // paper (Algorithm 1): the updated EMA; official: the EMA from before this step.
+    return g - (paper ? m_new : m) * sig;
+  }
+
+  // d alone (the norm pass): the official order needs no EMA update at all.
+  template <typename V>
+  inline V operator()(const V& g, const V& m, const V& decay, const V& gain,
+                      const V& sig) const {
+    if (!has_ema) return g;
+    return (*this)(g, m, paper ? ema(g, m, decay, gain) : m, sig);
+  }
+};
+
+template <typename W, typename M>
+double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
+  const auto chunks = chunk_table(specs);
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const Spec& s = specs[ch.spec];
+      const W* w = static_cast<const W*>(s.w);
+      const W* g = static_cast<const W*>(s.g);
+      const M* m = static_cast<const M*>(s.m);
+      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma);
+      fVec acc0(0.0f), acc1(0.0f);
+      int64_t i = ch.begin;
+      for (; i + kStep <= ch.end; i += kStep) {
+        fVec g0, g1, m0(0.0f), m1(0.0f);
+        load2(g + i, g0, g1);
+        if (dir.has_ema) load2(m + i, m0, m1);
+        fVec d0 = dir(g0, m0, vdecay, vgain, vsig);
+        fVec d1 = dir(g1, m1, vdecay, vgain, vsig);
+        if (s.adaptive) {
+          fVec w0, w1;
+          load2(w + i, w0, w1);
+          d0 = w0.abs() * d0;
+          d1 = w1.abs() * d1;
+        }
+        acc0 = acc0 + d0 * d0;
+        acc1 = acc1 + d1 * d1;
+      }
+      float lanes[2 * kLanes];
+      acc0.store(lanes);
+      acc1.store(lanes + kLanes);
+      float tail = 0.0f;
+      for (; i < ch.end; ++i) {
+        const float gi = static_cast<float>(g[i]);
+        const float mi = dir.has_ema ? static_cast<float>(m[i]) : 0.0f;
+        float d = dir(gi, mi, s.decay, s.gain, dir.sigma);
+        if (s.adaptive) d = std::abs(static_cast<float>(w[i])) * d;
+        tail += d * d;
+      }
+      double sum = 0.0;
+      for (const auto l : c10::irange(2 * kLanes)) sum += lanes[l];
+      partial[c] = sum + tail;
+    }
+  });
+  double total = 0.0;
+  for (const double p : partial) total += p;  // chunk order: thread-count independent
+  return total;
+}
+
+// kSwap: write w + e into s.out and leave w (perturb_to); else copy w into s.out and write
+// w + e into w (perturb_).
+template <typename W, typename M, bool kSwap>
+void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps) {
+  const auto chunks = chunk_table(specs);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const Spec& s = specs[ch.spec];
+      W* w = static_cast<W*>(s.w);
+      const W* g = static_cast<const W*>(s.g);
+      M* m = static_cast<M*>(s.m);
+      W* out = static_cast<W*>(s.out);
+      // The reference's scale: rho / (N + eps), in float32.
+      const float scale = s.rho / norm_eps;
+      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma), vscale(scale);
+      int64_t i = ch.begin;
+      for (; i + kStep <= ch.end; i += kStep) {
+        fVec g0, g1, m0(0.0f), m1(0.0f), w0, w1;
+        load2(g + i, g0, g1);
+        if (dir.has_ema) load2(m + i, m0, m1);
+        load2(w + i, w0, w1);
+        const fVec n0 = Direction::ema(g0, m0, vdecay, vgain);
+        const fVec n1 = Direction::ema(g1, m1, vdecay, vgain);
+        const fVec d0 = dir(g0, m0, n0, vsig);
+        const fVec d1 = dir(g1, m1, n1, vsig);
+        if (dir.has_ema) store2(m + i, n0, n1);
+        // e = (scale * a^2) * d, as the reference computes it (a^2 = 1 when not adaptive).
+        const fVec e0 = (s.adaptive ? vscale * (w0 * w0) : vscale) * d0;
+        const fVec e1 = (s.adaptive ? vscale * (w1 * w1) : vscale) * d1;
+        if constexpr (kSwap) {
+          stream2(out + i, w0 + e0, w1 + e1);
+        } else {
+          stream_copy(out + i, w + i);
+          store2(w + i, w0 + e0, w1 + e1);
+        }
+      }
+      for (; i < ch.end; ++i) {
+        const float gi = static_cast<float>(g[i]);
+        const float mi = dir.has_ema ? static_cast<float>(m[i]) : 0.0f;
+        const float wi = static_cast<float>(w[i]);
+        const float ni = Direction::ema(gi, mi, s.decay, s.gain);
+        const float d = dir(gi, mi, ni, dir.sigma);
+        if (dir.has_ema) m[i] = static_cast<M>(ni);
+        const float e = (s.adaptive ? scale * (wi * wi) : scale) * d;
+        if constexpr (kSwap) {
+          out[i] = static_cast<W>(wi + e);
+        } else {
+          out[i] = w[i];
+          w[i] = static_cast<W>(wi + e);
+        }
+      }
+    }
+    fence();
+  });
+}
+
+// Dispatch on (weight dtype, EMA dtype); the EMA dtype is the weights' when there is none.
+template <typename F>
+void dispatch(at::ScalarType wt, at::ScalarType mt, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wt, "fsam_fused_w", [&] {
+    using W = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mt, "fsam_fused_m", [&] {
+      using M = scalar_t;
+      if constexpr (!std::is_same_v<W, double> && !std::is_same_v<M, double>) {
+        f(W{}, M{});
+      } else {
+        TORCH_CHECK(false, "fsam_fused: float64 is not supported by the CPU kernels");
+      }
+    });
+  });
+}
+
+at::ScalarType ema_type(at::TensorList weights, at::TensorList emas) {
+  if (!emas.empty()) return emas[0].scalar_type();
+  return weights.empty() ? at::kFloat : weights[0].scalar_type();
+}
+
+float global_norm(const at::Tensor& sq) {
+  TORCH_CHECK(sq.device().is_cpu() && sq.scalar_type() == at::kFloat && sq.dim() == 1,
+              "fsam_fused: sq must be a 1-D float32 CPU tensor, got ", sq.scalar_type(), " ",
+              sq.sizes(), " on ", sq.device());
+  const at::Tensor c = sq.contiguous();
+  const float* p = c.data_ptr<float>();
+  double total = 0.0;
+  for (const auto i : c10::irange(c.numel())) total += p[i];
+  // The reference takes sqrt of the float32 sum.
+  return std::sqrt(static_cast<float>(total));
+}
+
+// ------------------------------------------------------------------ the ops
+
+at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList emas,
+                   at::IntArrayRef adaptive, at::ArrayRef<double> decay,
+                   at::ArrayRef<double> gain, double sigma, bool paper) {
+  const auto specs = gather(weights, grads, emas, {}, nullptr, adaptive, decay, gain, {});
+  const Direction dir{static_cast<float>(sigma), paper, !emas.empty()};
+  double total = 0.0;
+  if (!specs.empty()) {
+    dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
+      total = norm_sq_impl<decltype(w), decltype(m)>(specs, dir);
+    });
+  }
+  return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
+}
+
+template <bool kSwap>
+void perturb_common(at::TensorList weights, at::TensorList grads, at::TensorList emas,
+                    at::TensorList outs, const char* out_name, const at::Tensor& sq,
+                    at::ArrayRef<double> rho, at::IntArrayRef adaptive,
+                    at::ArrayRef<double> decay, at::ArrayRef<double> gain, double sigma,
+                    double eps, bool paper) {
+  const auto specs = gather(weights, grads, emas, outs, out_name, adaptive, decay, gain, rho);
+  const float norm_eps = global_norm(sq) + static_cast<float>(eps);
+  const Direction dir{static_cast<float>(sigma), paper, !emas.empty()};
+  if (specs.empty()) return;
+  dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
+    perturb_impl<decltype(w), decltype(m), kSwap>(specs, dir, norm_eps);
+  });
+}
+
+void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
+              at::TensorList saved, const at::Tensor& sq, at::ArrayRef<double> rho,
+              at::IntArrayRef adaptive, at::ArrayRef<double> decay, at::ArrayRef<double> gain,
+              double sigma, double eps, bool paper) {
+  perturb_common<false>(weights, grads, emas, saved, "saved", sq, rho, adaptive, decay, gain,
+                        sigma, eps, paper);
+}
+
+void perturb_to(at::TensorList out, at::TensorList weights, at::TensorList grads,
+                at::TensorList emas, const at::Tensor& sq, at::ArrayRef<double> rho,
+                at::IntArrayRef adaptive, at::ArrayRef<double> decay,
+                at::ArrayRef<double> gain, double sigma, double eps, bool paper) {
+  perturb_common<true>(weights, grads, emas, out, "out", sq, rho, adaptive, decay, gain,
+                       sigma, eps, paper);
+}
+
+void restore_(at::TensorList weights, at::TensorList saved) {
+  check_list("weights", weights, weights);
+  check_list("saved", saved, weights);
+  for (const auto i : c10::irange(weights.size())) {
+    TORCH_CHECK(saved[i].scalar_type() == weights[i].scalar_type(), "fsam_fused: saved[", i,
+                "] is ", saved[i].scalar_type(), ", weights[", i, "] is ",
+                weights[i].scalar_type());
+  }
+  struct Span {
+    char* dst;
+    const char* src;
+    int64_t bytes;
+  };
+  std::vector<Span> spans;
+  constexpr int64_t kBytes = kChunk * 4;
+  for (const auto i : c10::irange(weights.size())) {
+    char* dst = static_cast<char*>(weights[i].data_ptr());
+    const char* src = static_cast<const char*>(saved[i].data_ptr());
+    const int64_t n = weights[i].numel() * weights[i].element_size();
+    for (int64_t b = 0; b < n; b += kBytes) {
+      spans.push_back({dst + b, src + b, std::min(kBytes, n - b)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      char* dst = spans[i].dst;
+      const char* src = spans[i].src;
+      int64_t n = spans[i].bytes;
+      // Whole runs as streaming copies (tensors start 64-byte aligned, so this is all but
+      // a tail), the rest with memcpy.
+      constexpr int64_t kRun = kStep * sizeof(float);
+      const int64_t body = (reinterpret_cast<uintptr_t>(dst) % 32 == 0) ? n / kRun * kRun : 0;
+      for (int64_t b = 0; b < body; b += kRun) {
+        stream_copy(reinterpret_cast<float*>(dst + b), reinterpret_cast<const float*>(src + b));
+      }
+      std::memcpy(dst + body, src + body, n - body);
+    }
+    fence();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fsam_fused, m) {
+  m.def("norm_sq(Tensor[] weights, Tensor[] grads, Tensor[] emas, int[] adaptive, "
+        "float[] decay, float[] gain, float sigma, bool paper) -> Tensor");
+  m.def("perturb_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] emas, "
+        "Tensor(c!)[] saved, Tensor sq, float[] rho, int[] adaptive, float[] decay, "
+        "float[] gain, float sigma, float eps, bool paper) -> ()");
+  m.def("perturb_to(Tensor(a!)[] out, Tensor[] weights, Tensor[] grads, Tensor(b!)[] emas, "
+        "Tensor sq, float[] rho, int[] adaptive, float[] decay, float[] gain, float sigma, "
+        "float eps, bool paper) -> ()");
+  m.def("restore_(Tensor(a!)[] weights, Tensor[] saved) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
+  m.impl("norm_sq", &norm_sq);
+  m.impl("perturb_", &perturb_);
+  m.impl("perturb_to", &perturb_to);
+  m.impl("restore_", &restore_);
+}
+
+}  // namespace fsam_cpu
