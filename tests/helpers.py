@@ -15,9 +15,24 @@ BASES = {
 }
 
 
+def opt_args(backend: str) -> dict:
+    """FSAM keyword arguments for a backend name of the test matrix: "cpp" double-buffers
+    (the default), "cpp-fixed" is the same backend with the exact-copy path."""
+    if backend == "cpp-fixed":
+        return {"backend": "cpp", "fixed_addresses": True}
+    return {"backend": backend}
+
+
 def backend_available(backend: str, device) -> None:
     """Skip when this backend cannot run on this device in this process."""
     device = torch.device(device)
+    if backend.startswith("cpp"):
+        if device.type != "cpu":
+            pytest.skip("the C++ backend takes CPU tensors")
+        from fsam_fused import cpp_backend
+        # A compiler and ninja are part of the test set-up: a failed build is a failure.
+        reason = cpp_backend.load()
+        assert reason is None, f"the C++ backend did not build: {reason}"
     if backend == "triton":
         require_triton()
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -82,7 +97,7 @@ def trajectory(backend, *, seed=0, steps=5, dtype=torch.float32, device="cpu", b
     net = net if net is not None else make_net(seed, dtype, device)
     cls, kw = BASES[base]
     opt = FSAM(net.groups(rho, adaptive), cls, rho=rho, sigma=sigma, lmbda=lmbda,
-               adaptive=adaptive, ema_order=ema_order, backend=backend,
+               adaptive=adaptive, ema_order=ema_order, **opt_args(backend),
                **(opt_kwargs or {}), **kw)
     snaps = []
     for x, y in batches(seed + 1, steps, dtype, device):

@@ -9,14 +9,14 @@ import torch
 
 from fsam_fused import FSAM, SAM
 
-from helpers import (BASES, assert_snapshots_close, backend_available, batches, loss_of,
+from helpers import (BASES, assert_snapshots_close, backend_available, batches, loss_of, opt_args,
                      make_net, trajectory)
 from published import FriendlySAM
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["foreach", "triton"])
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("order", ["official", "paper"])
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -30,7 +30,7 @@ def test_backend_follows_reference(backend, base, order, adaptive, sigma, device
     assert_snapshots_close(got, want, **FP32, what=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("base", ["sgd", "sgd_plain_momentum", "adamw"])
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("sigma", [0.0, 1.0], ids=["sam", "fsam"])
@@ -57,13 +57,13 @@ def test_every_backend_follows_published_code(backend, base, adaptive, sigma, de
             torch.testing.assert_close(p.detach(), want[step]["weights"][i], **FP32)
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 def test_sam_is_fsam_with_sigma_zero_and_no_state(backend, device):
     backend_available(backend, device)
     want, _, _ = trajectory(backend, seed=5, device=device, sigma=0.0)
     net = make_net(5, device=device)
     cls, kw = BASES["sgd"]
-    opt = SAM(net.groups(0.1, False), cls, rho=0.1, backend=backend, **kw)
+    opt = SAM(net.groups(0.1, False), cls, rho=0.1, **opt_args(backend), **kw)
     for step, (x, y) in enumerate(batches(6, 5, device=device)):
         loss_of(net, x, y).backward()
         opt.step(lambda: loss_of(net, x, y).backward())
@@ -73,7 +73,7 @@ def test_sam_is_fsam_with_sigma_zero_and_no_state(backend, device):
     assert not any(opt.state.get(p) for p in net.parameters()), "SAM stored state"
 
 
-@pytest.mark.parametrize("backend", ["foreach", "triton"])
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cpp", "cpp-fixed"])
 def test_mixed_dtypes_share_one_global_norm(backend, device):
     """float32 and bfloat16 parameters form two buckets; the norm spans both."""
     backend_available(backend, device)
@@ -81,7 +81,7 @@ def test_mixed_dtypes_share_one_global_norm(backend, device):
     def run(b):
         net = make_net(11, device=device)
         net.fc2.to(torch.bfloat16)
-        opt = FSAM(net.parameters(), torch.optim.SGD, rho=0.2, backend=b, lr=0.05,
+        opt = FSAM(net.parameters(), torch.optim.SGD, rho=0.2, **opt_args(b), lr=0.05,
                    momentum=0.9)
         snaps = []
         for x, y in batches(12, 4, device=device):

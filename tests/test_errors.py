@@ -7,9 +7,9 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available, batches, loss_of, make_net, require_triton
+from helpers import backend_available, batches, loss_of, make_net, opt_args, require_triton
 
-BACKENDS = ["reference", "foreach", "triton"]
+BACKENDS = ["reference", "foreach", "triton", "cpp", "cpp-fixed"]
 
 
 def _snapshot(net):
@@ -69,7 +69,7 @@ def test_invalid_value_set_between_steps_is_caught_before_any_change(backend, br
                                                                     device):
     backend_available(backend, device)
     net = make_net(0, device=device)
-    opt = FSAM(net.groups(0.1, False), torch.optim.SGD, lr=0.1, backend=backend)
+    opt = FSAM(net.groups(0.1, False), torch.optim.SGD, lr=0.1, **opt_args(backend))
     (x, y), = batches(1, 1, device=device)
     loss_of(net, x, y).backward()
     opt.step(lambda: loss_of(net, x, y).backward())
@@ -113,7 +113,7 @@ def test_call_order_misuse():
 def test_closure_error_restores_the_weights(backend, device):
     backend_available(backend, device)
     net = make_net(0, device=device)
-    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, backend=backend)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, **opt_args(backend))
     (x, y), = batches(1, 1, device=device)
     loss_of(net, x, y).backward()
     snap = _snapshot(net)
@@ -134,7 +134,7 @@ def test_sparse_gradient_rejected_before_any_change(backend):
     emb = torch.nn.Embedding(10, 4, sparse=True)
     lin = torch.nn.Linear(4, 1)
     opt = FSAM([*lin.parameters(), *emb.parameters()], torch.optim.SGD, lr=0.1,
-               backend=backend)
+               **opt_args(backend))
     lin(emb(torch.tensor([1, 2]))).sum().backward()
     snap = [p.detach().clone() for p in (*lin.parameters(), *emb.parameters())]
     with pytest.raises(RuntimeError, match="sparse"):
@@ -196,7 +196,7 @@ def test_bad_gradient_after_steps_is_still_caught(backend, device):
     backend_available(backend, device)
     p = torch.nn.Parameter(torch.randn(6, 5, device=device))
     q = torch.nn.Parameter(torch.randn(4, device=device))
-    opt = FSAM([q, p], torch.optim.SGD, lr=0.1, backend=backend)
+    opt = FSAM([q, p], torch.optim.SGD, lr=0.1, **opt_args(backend))
     for _ in range(2):
         p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
         opt.first_step()
@@ -204,7 +204,7 @@ def test_bad_gradient_after_steps_is_still_caught(backend, device):
     snap = [p.detach().clone(), q.detach().clone()]
     q.grad = torch.randn_like(q)
     p.grad = torch.randn(5, 6, device=device).t()  # same shape, not contiguous
-    if backend == "triton":
+    if backend in ("triton", "cpp", "cpp-fixed"):  # the fused kernels walk dense storage
         with pytest.raises(ValueError, match="dense"):
             opt.first_step()
         assert torch.equal(p, snap[0]) and torch.equal(q, snap[1])

@@ -12,7 +12,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available
+from helpers import backend_available, opt_args
 
 SIZES = [1, 3, 1023, 1025, 257, 40]  # group 0: the first three; group 1: the rest
 RHOS = (0.1, 0.3)
@@ -69,7 +69,7 @@ def independent(w0, steps, seed, sigma, lmbda, adaptive, order):
     return out
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("order", ["official", "paper"])
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("adaptive", [(False, False), (True, True), (True, False)],
@@ -84,7 +84,7 @@ def test_against_float64_statement(backend, order, sigma, adaptive, device):
     params = [torch.nn.Parameter(x.to(device, torch.float32)) for x in w0]
     opt = FSAM([{"params": params[:3], "rho": RHOS[0], "adaptive": adaptive[0]},
                 {"params": params[3:], "rho": RHOS[1], "adaptive": adaptive[1]}],
-               torch.optim.SGD, sigma=sigma, lmbda=lmbda, ema_order=order, backend=backend,
+               torch.optim.SGD, sigma=sigma, lmbda=lmbda, ema_order=order, **opt_args(backend),
                lr=LR, momentum=MOMENTUM)
     gen = torch.Generator().manual_seed(seed)
     for k in range(STEPS):

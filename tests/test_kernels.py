@@ -8,7 +8,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available
+from helpers import backend_available, opt_args
 
 pytestmark = pytest.mark.usefixtures("_triton_ok")
 
@@ -196,7 +196,7 @@ def test_no_host_synchronisation_in_a_step(backend, device):
     torch.manual_seed(7)
     ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (3, 1000, 70_000)]
     from fsam_fused.bench import _NoOp  # the base optimizer's own syncs are not ours
-    opt = FSAM(ps, _NoOp, backend=backend)
+    opt = FSAM(ps, _NoOp, **opt_args(backend))
     grads = [[torch.randn_like(p) for p in ps] for _ in range(3)]
     for p, g in zip(ps, grads[0]):
         p.grad = g

@@ -7,7 +7,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available, lowp_yardstick
+from helpers import backend_available, lowp_yardstick, opt_args
 from published import FriendlySAM
 
 SIZES = [1, 3, 1023, 1025, 300]
@@ -29,7 +29,7 @@ def _run(params, make_opt, grads):
     return out
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("config", [dict(sigma=1.0), dict(sigma=0.5, adaptive=True),
                                     dict(sigma=0.0)], ids=["fsam", "adaptive", "sam"])
@@ -47,7 +47,7 @@ def test_16bit_error_within_twice_torch_own(backend, dtype, config, device):
     def fresh(dt):
         return [torch.nn.Parameter(w.to(device, dt, copy=True)) for w in w0]
 
-    got = _run(fresh(dtype), lambda ps: FSAM(ps, torch.optim.SGD, backend=backend, **hp, **sgd),
+    got = _run(fresh(dtype), lambda ps: FSAM(ps, torch.optim.SGD, **opt_args(backend), **hp, **sgd),
                grads)
     ref32 = _run(fresh(torch.float32),
                  lambda ps: FSAM(ps, torch.optim.SGD, backend="reference", **hp, **sgd), grads)
@@ -69,7 +69,7 @@ def test_16bit_error_within_twice_torch_own(backend, dtype, config, device):
                                    rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", ["foreach", "triton"])
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cpp", "cpp-fixed"])
 def test_ema_in_weight_dtype_when_asked(backend, device):
     """ema_dtype=torch.bfloat16: the EMA is the float32 update rounded once, as in the
     reference."""
@@ -81,7 +81,7 @@ def test_ema_in_weight_dtype_when_asked(backend, device):
     runs = {}
     for b in ("reference", backend):
         ps = [torch.nn.Parameter(w.to(device, copy=True)) for w in w0]
-        runs[b] = _run(ps, lambda ps: FSAM(ps, torch.optim.SGD, backend=b, lr=0.01, rho=1.0,
+        runs[b] = _run(ps, lambda ps: FSAM(ps, torch.optim.SGD, **opt_args(b), lr=0.01, rho=1.0,
                                            ema_dtype=torch.bfloat16), grads)
     opt_ref, opt = runs["reference"][-1][2], runs[backend][-1][2]
     for p, q in zip(opt_ref.param_groups[0]["params"], opt.param_groups[0]["params"]):

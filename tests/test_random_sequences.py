@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fsam_fused import FSAM
 
-from helpers import backend_available
+from helpers import backend_available, opt_args
 
 SIZES = [1, 5, 1024, 1500]
 
@@ -32,7 +32,7 @@ step_st = st.fixed_dictionaries({
 })
 
 
-@pytest.mark.parametrize("backend", ["foreach", "triton"])
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cpp", "cpp-fixed"])
 @settings(max_examples=30, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(step_st, min_size=2, max_size=6), order=st.sampled_from(["official", "paper"]),
@@ -45,7 +45,7 @@ def test_random_step_sequences_track_the_reference(backend, device, steps, order
     for b in ("reference", backend):
         ps = [torch.nn.Parameter(w.to(device, copy=True)) for w in w0]
         opt = FSAM([{"params": ps[:2]}, {"params": ps[2:], "rho": 0.2}], torch.optim.SGD,
-                   backend=b, ema_order=order, lr=0.05, momentum=0.9)
+                   **opt_args(b), ema_order=order, lr=0.05, momentum=0.9)
         runs[b] = (ps, opt, {})
     present = [True] * len(SIZES)
     for k, s in enumerate(steps):

@@ -9,7 +9,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import BASES, backend_available, batches, loss_of, make_net, trajectory
+from helpers import BASES, backend_available, batches, loss_of, make_net, opt_args, trajectory
 
 
 def _steps(net, opt, data):
@@ -19,7 +19,7 @@ def _steps(net, opt, data):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
@@ -29,7 +29,7 @@ def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
 
     def new(net):
         return FSAM(net.groups(0.1, True), cls, rho=0.1, sigma=0.7, lmbda=0.9,
-                    backend=backend, **kw)
+                    **opt_args(backend), **kw)
 
     net_a = make_net(20, dtype, device)
     opt_a = new(net_a)
@@ -43,7 +43,7 @@ def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
     net_b = make_net(999, dtype, device)  # different init, overwritten by the checkpoint
     net_b.load_state_dict(ckpt["model"])
     opt_b = FSAM(net_b.groups(0.5, False), cls, rho=0.5, sigma=0.1, lmbda=0.1,
-                 backend=backend, **kw)  # hyper-parameters restored from the checkpoint
+                 **opt_args(backend), **kw)  # hyper-parameters restored from the checkpoint
     groups_before = [id(g) for g in opt_b.param_groups]
     opt_b.load_state_dict(ckpt["opt"])
     assert [id(g) for g in opt_b.param_groups] == groups_before
@@ -64,7 +64,7 @@ def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
             assert torch.equal(torch.as_tensor(ba[k]), torch.as_tensor(bb[k])), k
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 def test_rerun_is_bit_identical(backend, device):
     backend_available(backend, device)
     a, _, _ = trajectory(backend, seed=4, device=device, adaptive=True)
@@ -90,12 +90,12 @@ def test_lr_scheduler_on_either_object_drives_the_base():
     del sched2
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 def test_add_param_group_reaches_base_and_steps(backend, device):
     backend_available(backend, device)
     net = make_net(2, device=device)
     opt = FSAM(net.fc1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
-               backend=backend)
+               **opt_args(backend))
     opt.add_param_group({"params": list(net.fc2.parameters()), "rho": 0.3})
     g = opt.param_groups[1]
     assert opt.base_optimizer.param_groups[1] is g
@@ -108,7 +108,7 @@ def test_add_param_group_reaches_base_and_steps(backend, device):
     assert "ema" in opt.state[net.fc2.weight]
 
 
-@pytest.mark.parametrize("backend", ["foreach", "triton"])
+@pytest.mark.parametrize("backend", ["foreach", "triton", "cpp", "cpp-fixed"])
 def test_hyperparameters_changed_between_steps_take_effect(backend, device):
     """rho and adaptive per group, sigma and lmbda on the optimizer: a scheduler may change
     any of them; cached device tables must follow."""
@@ -123,7 +123,7 @@ def test_hyperparameters_changed_between_steps_take_effect(backend, device):
 
     def run(b):
         net = make_net(8, device=device)
-        opt = FSAM(net.groups(0.1, False), torch.optim.SGD, lr=0.05, backend=b)
+        opt = FSAM(net.groups(0.1, False), torch.optim.SGD, lr=0.05, **opt_args(b))
         out = []
         for change, (x, y) in zip(changes, batches(9, len(changes), device=device)):
             change(opt)

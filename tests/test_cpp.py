@@ -1,0 +1,396 @@
+"""The C++ CPU backend: its ops (opcheck, errors, determinism), the shapes that break
+multi-tensor kernels, the double-buffered perturbation, and the build on first use.
+
+The whole equivalence matrix of the other test files also runs against "cpp" (double-buffered,
+the default) and "cpp-fixed" (the exact-copy path). Output buffers are poisoned with NaN
+before the ops run, so an element they fail to write shows up."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fsam_fused import FSAM, cpp_backend
+
+from helpers import backend_available, opt_args
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IDS = ["fp32", "bf16", "fp16"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def ops():
+    backend_available("cpp", "cpu")
+    return torch.ops.fsam_fused
+
+
+def _close(got, want, dtype, what):
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    else:  # one rounding of nearly the same float32 value: at most one ulp apart
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
+                                   msg=lambda m: f"{what}: {m}")
+
+
+def _check_against_reference(make_params, dtype, backend, steps=3, adaptive=False, seed=0):
+    """Step a C++ optimizer and a reference twin on the same fresh gradients."""
+    backend_available(backend, "cpu")
+    gen = torch.Generator().manual_seed(seed)
+    ps_c, ps_r = make_params(), make_params()
+    kw = dict(rho=0.5, sigma=1.0, lmbda=0.8, adaptive=adaptive, lr=0.01, momentum=0.9)
+    opt_c = FSAM(ps_c, torch.optim.SGD, **opt_args(backend), **kw)
+    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", **kw)
+    for step in range(steps):
+        for pc, pr in zip(ps_c, ps_r):
+            g = torch.randn(pc.shape, generator=gen).to(dtype)
+            pc.grad, pr.grad = g.clone(), g.clone()
+        before = [p.detach().clone() for p in ps_c]
+        for buf in opt_c._saved.values():
+            buf.fill_(float("nan"))
+        opt_c.first_step()
+        opt_r.first_step()
+        for i, (pc, pr) in enumerate(zip(ps_c, ps_r)):
+            _close(pc.detach(), pr.detach(), dtype, f"step {step} perturbed[{i}]")
+            _close(opt_c.state[pc]["ema"], opt_r.state[pr]["ema"], torch.float32,
+                   f"step {step} ema[{i}]")
+        for pc, pr in zip(ps_c, ps_r):
+            g = torch.randn(pc.shape, generator=gen).to(dtype)
+            pc.grad, pr.grad = g.clone(), g.clone()
+        opt_c.second_step()
+        opt_r.second_step()
+        for i, (pc, pr) in enumerate(zip(ps_c, ps_r)):
+            _close(pc.detach(), pr.detach(), dtype, f"step {step} weights[{i}]")
+    return opt_c
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cpp-fixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_awkward_sizes_across_chunks(dtype, backend):
+    # 65,539 is prime: three work chunks of 32,768 and an odd tail; the small ones are shorter
+    # than one vector step (16) or end mid-step.
+    sizes = [1, 3, 15, 17, 1025, 65_539]
+
+    def make():
+        torch.manual_seed(1)
+        return [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
+    _check_against_reference(make, dtype, backend, adaptive=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "cpp-fixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_many_tiny_tensors_beside_a_large_one(dtype, backend):
+    def make():
+        torch.manual_seed(2)
+        shapes = [(int(n),) for n in torch.randint(1, 20, (500,))] + [(300, 1001)]
+        return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    _check_against_reference(make, dtype, backend, steps=2)
+
+
+def _flat_views():
+    """Parameters that view one flat buffer at odd offsets (unaligned, not owning storage)."""
+    torch.manual_seed(3)
+    storage = torch.randn(5000)
+    return storage, [torch.nn.Parameter(storage[1:1 + 777]),
+                     torch.nn.Parameter(storage[901:4000])]
+
+
+def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
+    """Double-buffering would desynchronise the flat buffer: such buckets copy instead, and
+    unaligned addresses take the plain stores."""
+    _check_against_reference(lambda: _flat_views()[1], torch.float32, "cpp")
+    flat, ps = _flat_views()
+    opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.first_step()  # creates the EMA, so the next step builds the plan it keeps
+    opt.second_step()
+    for p in ps:  # fresh gradients: with the same ones, d = g - m would be zero
+        p.grad = torch.randn_like(p)
+    before = flat.clone()
+    opt.first_step()
+    assert not opt._plan.buckets[0][1].scratch_static["cpp"].swap
+    assert not torch.equal(flat, before), "the flat buffer must see the perturbation"
+    assert ps[0].data_ptr() == flat.data_ptr() + 4
+    opt.second_step()
+    outside = torch.ones(5000, dtype=torch.bool)
+    outside[1:778] = outside[901:4000] = False  # the kernels write only inside the views
+    assert torch.equal(flat[outside], before[outside])
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_double_buffer_swaps_storage_only_during_the_step(fixed):
+    backend_available("cpp", "cpu")
+    torch.manual_seed(4)
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (10, 3000)]
+    opt = FSAM(ps, torch.optim.SGD, backend="cpp", fixed_addresses=fixed, lr=0.1)
+    home = [p.data_ptr() for p in ps]
+    for step in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        w = [p.detach().clone() for p in ps]
+        opt.first_step()
+        during = [p.data_ptr() for p in ps]
+        assert (during == home) == fixed, (during, home)
+        assert all(not torch.equal(p, x) for p, x in zip(ps, w)), "not perturbed"
+        opt.second_step()  # base SGD steps on the restored, home storage
+        assert [p.data_ptr() for p in ps] == home
+        for p, x in zip(ps, w):
+            assert torch.equal(p.detach(), torch.add(x, p.grad, alpha=-0.1))
+
+
+def test_closure_error_restores_the_home_storage():
+    backend_available("cpp", "cpu")
+    ps = [torch.nn.Parameter(torch.randn(100))]
+    ps[0].grad = torch.randn(100)
+    opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
+    home, w = ps[0].data_ptr(), ps[0].detach().clone()
+
+    def closure():
+        raise KeyError("boom")
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    assert ps[0].data_ptr() == home and torch.equal(ps[0].detach(), w)
+
+
+def test_channels_last_weights():
+    def make():
+        torch.manual_seed(5)
+        return [torch.nn.Parameter(torch.randn(4, 3, 5, 7).contiguous(
+            memory_format=torch.channels_last)), torch.nn.Parameter(torch.randn(9))]
+    backend_available("cpp", "cpu")
+    ps, ref = make(), make()
+    opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
+    opt_r = FSAM(ref, torch.optim.SGD, backend="reference", lr=0.1)
+    for _ in range(3):
+        for p, r in zip(ps, ref):
+            g = torch.randn(p.shape).contiguous(memory_format=torch.channels_last) \
+                if p.dim() == 4 else torch.randn(p.shape)
+            p.grad, r.grad = g, g.clone()
+        for o in (opt, opt_r):
+            o.first_step()
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        for o in (opt, opt_r):
+            o.second_step(zero_grad=True)
+    assert [be.name for be, _ in opt._plan.buckets] == ["cpp"]
+    assert ps[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, "cpp"), (torch.bfloat16, "cpp"),
+                                        (torch.float16, "cpp"), (torch.float64, "foreach")])
+def test_auto_picks_cpp_for_what_it_supports(dtype, want):
+    backend_available("cpp", "cpu")
+    p = torch.nn.Parameter(torch.randn(50, dtype=dtype))
+    p.grad = torch.randn_like(p)
+    opt = FSAM([p], torch.optim.SGD, lr=0.1)
+    for _ in range(2):  # the first step creates the EMA; the second keeps its plan
+        opt.first_step()
+        opt.second_step()
+    assert [be.name for be, _ in opt._plan.buckets] == [want]
+
+
+def test_explicit_cpp_rejects_what_it_cannot_run():
+    backend_available("cpp", "cpu")
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    p.grad = torch.randn_like(p)
+    w = p.detach().clone()
+    with pytest.raises(ValueError, match="float64"):
+        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp").first_step()
+    assert torch.equal(p.detach(), w)
+    with pytest.raises(TypeError, match="fixed_addresses"):
+        FSAM([p], torch.optim.SGD, lr=0.1, fixed_addresses=1)
+
+
+# ------------------------------------------------------------------ the ops themselves
+
+def _op_args(dtype=torch.float32, sizes=(5, 40_000, 33), adaptive=(0, 1, 0), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    gs = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    ms = [torch.randn(n, generator=gen) for n in sizes]
+    n = len(sizes)
+    return ws, gs, ms, list(adaptive), [0.9] * n, [0.1] * n, [0.05, 0.1, 0.2][:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(ops, dtype):
+    """Schemas (mutations declared), fake implementations and autograd registration are
+    consistent, so torch.compile can trace the ops."""
+    ws, gs, ms, ad, dec, gain, rho = _op_args(dtype)
+    sq = ops.norm_sq(ws, gs, ms, ad, dec, gain, 1.0, False)
+    saved = [torch.empty_like(w) for w in ws]
+    cases = [
+        (ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True)),
+        (ops.perturb_.default, (ws, gs, ms, saved, sq, rho, ad, dec, gain, 1.0, 1e-12, False)),
+        (ops.perturb_to.default, (saved, ws, gs, ms, sq, rho, ad, dec, gain, 0.5, 1e-12, True)),
+        (ops.restore_.default, (ws, saved)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_norm_is_deterministic_and_independent_of_thread_count(ops):
+    ws, gs, ms, ad, dec, gain, _ = _op_args(sizes=(3, 200_001, 70_000, 1), adaptive=(0, 1, 0, 1))
+    threads = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got[n] = [ops.norm_sq(ws, gs, ms, ad, dec, gain, 0.7, paper).item()
+                      for paper in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    assert got[1] == got[2] == got[3]
+    # ... and it is the right number: float64 from the statement.
+    d = [g.double() - 0.7 * m.double() for g, m in zip(gs, ms)]
+    want = sum(((w.double().abs() if a else 1.0) * x).pow(2).sum().item()
+               for w, x, a in zip(ws, d, ad))
+    assert abs(got[1][0] - want) <= 1e-6 * want
+
+
+def test_restore_and_double_buffer_are_bit_exact(ops):
+    """perturb_ saves the stored bits and restore_ gives them back; perturb_to leaves the
+    weights untouched and writes the same w + e that perturb_ writes in place."""
+    for dtype in DTYPES:
+        ws, gs, ms, ad, dec, gain, rho = _op_args(dtype)
+        ws[1][7] = float("nan")  # bits that a round trip through arithmetic would not keep
+        w0 = [w.clone() for w in ws]
+        m_copy = [m.clone() for m in ms]
+        sq = torch.tensor([4.0])
+        spare = [torch.full_like(w, float("nan")) for w in ws]
+        ops.perturb_to(spare, ws, gs, m_copy, sq, rho, ad, dec, gain, 1.0, 1e-12, False)
+        assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
+        saved = [torch.full_like(w, float("nan")) for w in ws]
+        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, 1.0, 1e-12, False)
+        for w, s, x, a, b in zip(ws, saved, w0, ms, m_copy):
+            assert torch.equal(s.view(torch.int8), x.view(torch.int8))
+            assert torch.equal(a, b)
+        for w, s in zip(ws, spare):
+            mask = ~w.isnan()
+            assert torch.equal(w[mask], s[mask])
+        ops.restore_(ws, saved)
+        assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: a.update(gs=a["gs"][:2]), "grads has 2 tensors"),
+    (lambda a: a.update(gs=[g.double() for g in a["gs"]]), "grads must have the weights' dtype"),
+    (lambda a: a.update(ms=[m[:-1] for m in a["ms"]]), r"emas\[0\] has sizes"),
+    (lambda a: a.update(ws=[w.double() for w in a["ws"]],
+                        gs=[g.double() for g in a["gs"]]), "weights must be float32"),
+    (lambda a: a.update(ad=a["ad"][:1]), "adaptive has 1 entries"),
+    (lambda a: a.update(ws=[w[::2] for w in a["ws"]], gs=[g[::2] for g in a["gs"]],
+                        ms=[m[::2] for m in a["ms"]]), "must be dense"),
+])
+def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
+    ws, gs, ms, ad, dec, gain, rho = _op_args()
+    a = dict(ws=ws, gs=gs, ms=ms, ad=ad)
+    bad(a)
+    w0 = [w.clone() for w in a["ws"]]
+    m0 = [m.clone() for m in a["ms"]]
+    saved = [torch.empty_like(w) for w in a["ws"]]
+    with pytest.raises(RuntimeError, match=match):
+        ops.norm_sq(a["ws"], a["gs"], a["ms"], a["ad"], dec, gain, 1.0, False)
+    with pytest.raises(RuntimeError, match=match):
+        ops.perturb_(a["ws"], a["gs"], a["ms"], saved, torch.ones(1), rho, a["ad"], dec, gain,
+                     1.0, 1e-12, False)
+    assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
+    assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))
+
+
+# ------------------------------------------------------------------ the build on first use
+
+def _python(code, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _env(**kw):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(kw)
+    return env
+
+
+def test_nothing_is_built_at_import_or_construction(tmp_path):
+    build = tmp_path / "build"
+    r = _python("""
+        import torch, fsam_fused
+        from fsam_fused import FSAM, cpp_backend
+        p = torch.nn.Parameter(torch.randn(3))
+        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
+        assert cpp_backend._status is None
+        print("ok")
+    """, _env(FSAM_FUSED_BUILD_DIR=str(build)))
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    assert not build.exists()
+
+
+def test_without_a_compiler_auto_warns_once_and_uses_foreach(tmp_path):
+    r = _python("""
+        import warnings, torch
+        from fsam_fused import FSAM
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            for _ in range(2):
+                p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)
+                opt = FSAM([p], torch.optim.SGD, lr=0.1)
+                for _ in range(2):
+                    opt.first_step(); opt.second_step()
+                assert [be.name for be, _ in opt._plan.buckets] == ["foreach"]
+        msgs = [str(w.message) for w in caught if "C++" in str(w.message)]
+        assert len(msgs) == 1, msgs
+        print(msgs[0])
+        p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)
+        try:
+            FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp").first_step()
+        except ValueError as e:
+            print("explicit:", e)
+    """, _env(CXX="/nonexistent/c++", FSAM_FUSED_BUILD_DIR=str(tmp_path / "b")))
+    assert r.returncode == 0, r.stderr
+    assert "no C++ compiler" in r.stdout and "foreach" in r.stdout
+    assert "explicit: backend='cpp' cannot run these parameters: RuntimeError: no C++ " \
+           "compiler" in r.stdout
+
+
+def test_build_bounds_jobs_and_clears_a_stale_lock(tmp_path, monkeypatch):
+    """An interrupted build leaves torch's lock file behind; the next build would wait on it
+    forever. The build takes its own OS lock and removes the leftover; MAX_JOBS is bounded
+    while it runs and the caller's environment is left as it was."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "lock").write_text("")
+    seen = {}
+
+    def fake_load(name, sources, build_directory, extra_cflags, extra_ldflags, **kw):
+        seen.update(jobs=os.environ.get("MAX_JOBS"), dir=build_directory, cflags=extra_cflags,
+                    lock=os.path.exists(os.path.join(build_directory, "lock")), src=sources)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("FSAM_FUSED_BUILD_DIR", str(tmp_path))
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    cpp_backend._build()
+    assert seen["dir"] == str(tmp_path) and not seen["lock"]
+    assert 1 <= int(seen["jobs"]) <= 4 and "MAX_JOBS" not in os.environ
+    assert "-fopenmp" in seen["cflags"] and seen["src"][0].endswith("fsam_cpu.cpp")
+    monkeypatch.setenv("MAX_JOBS", "1")
+    cpp_backend._build()
+    assert seen["jobs"] == "1"
+
+
+def test_real_build_survives_a_stale_lock(tmp_path):
+    """The same with torch's real loader, in a fresh process and cache directory."""
+    backend_available("cpp", "cpu")
+    (tmp_path / "lock").write_text("")
+    r = _python("""
+        import torch
+        from fsam_fused import cpp_backend
+        assert cpp_backend.load() is None, cpp_backend.load()
+        print(torch.ops.fsam_fused.norm_sq([torch.ones(4)], [torch.ones(4)], [], [0], [0.0],
+                                           [1.0], 0.0, False).item())
+    """, _env(FSAM_FUSED_BUILD_DIR=str(tmp_path)), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "4.0" and not (tmp_path / "lock").exists()
