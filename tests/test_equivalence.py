@@ -11,7 +11,7 @@ from fsam_fused import FSAM, SAM
 
 from helpers import (BASES, assert_snapshots_close, backend_available, batches, loss_of, opt_args,
                      make_net, trajectory)
-from published import FriendlySAM
+from fsam_fused.published import FriendlySAM
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 

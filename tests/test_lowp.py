@@ -8,7 +8,7 @@ import torch
 from fsam_fused import FSAM
 
 from helpers import backend_available, lowp_yardstick, opt_args
-from published import FriendlySAM
+from fsam_fused.published import FriendlySAM
 
 SIZES = [1, 3, 1023, 1025, 300]
 STEPS = 5

@@ -1,0 +1,252 @@
+"""What the benchmarks measure: FSAM's backends and the peers users would otherwise run.
+
+Every candidate is built on the *same* parameter and gradient tensors (its own EMA and
+buffers aside) with a base optimizer that does nothing: a step restores the weights bit for
+bit, so the candidates can take turns on one parameter list, interleaved, and the memory of
+the big presets is paid once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..optimizer import FSAM
+from ..reference import EPS, opmath
+
+RHO, SIGMA, LMBDA = 0.05, 1.0, 0.9
+
+
+class NoOp(torch.optim.Optimizer):
+    """Base optimizer that does nothing: the benchmark times F-SAM's own work."""
+
+    def __init__(self, params, **_):
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        return None
+
+
+def counted_bytes(numel: int, w_bytes: int, m_bytes: int = 4, has_ema: bool = True,
+                  adaptive: bool = False, double_buffered: bool = False) -> int:
+    """Bytes one F-SAM step must move, counting each tensor read or written once per pass.
+
+    Exact copy (every backend but the double-buffered C++ path), per parameter:
+    norm reads g, m (and w if adaptive); perturb reads g, w, m and writes m, the saved copy
+    and w; restore reads the copy and writes w: 40 bytes in float32, 26 in bfloat16 with a
+    float32 EMA. Double-buffered: perturb writes w + e into a spare buffer instead of saving
+    w and writing it, and restoring moves nothing: 28 and 20 bytes.
+    """
+    ema = m_bytes if has_ema else 0
+    norm = w_bytes + ema + (w_bytes if adaptive else 0)
+    if double_buffered:
+        return numel * (norm + (2 * w_bytes + ema) + (ema + w_bytes))
+    perturb = (2 * w_bytes + ema) + (ema + 2 * w_bytes)
+    return numel * (norm + perturb + 2 * w_bytes)
+
+
+class Candidate:
+    """One implementation under test. ``build(params)`` returns a :class:`Built`."""
+
+    peer = False
+
+    def __init__(self, name: str, label: str):
+        self.name, self.label = name, label
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """None if it can run here, else why not."""
+        return None
+
+    def bytes(self, numel: int, dtype: torch.dtype) -> int:
+        return counted_bytes(numel, torch.empty((), dtype=dtype).element_size())
+
+
+class Built:
+    """A candidate built on one parameter list: ``step()`` is first_step + second_step;
+    ``prepare()``, if any, runs untimed before each step; ``passes`` (FSAM backends only)
+    maps a pass name to ``(setup, run)`` for pass timings."""
+
+    def __init__(self, step, passes=None, prepare=None):
+        self.step, self.passes, self.prepare = step, passes or {}, prepare
+
+
+class FSAMBackend(Candidate):
+    def __init__(self, name, label, backend, **kwargs):
+        super().__init__(name, label)
+        self.backend, self.kwargs = backend, kwargs
+
+    def unavailable(self, device, dtype):
+        if self.backend == "triton":
+            from .. import triton_backend
+            if device.type != "cuda":
+                return "Triton needs CUDA"
+            return triton_backend.supports(device, dtype, opmath(dtype))
+        if self.backend == "cpp":
+            from .. import cpp_backend
+            return cpp_backend.supports(device, dtype, opmath(dtype)) or cpp_backend.load()
+        return None
+
+    def bytes(self, numel, dtype):
+        w = torch.empty((), dtype=dtype).element_size()
+        double = self.backend == "cpp" and not self.kwargs.get("fixed_addresses", False)
+        return counted_bytes(numel, w, double_buffered=double)
+
+    def build(self, params):
+        opt = FSAM(params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend,
+                   **self.kwargs)
+
+        def step():
+            opt.first_step()
+            opt.second_step()
+
+        step()  # creates the EMA; the next step builds the plan later steps reuse
+        step()
+        return Built(step, self._passes(opt))
+
+    @staticmethod
+    def _passes(opt):
+        """Each pass alone on the optimizer's own plan (one bucket: one device and dtype)."""
+        (be, b), = opt._plan.buckets
+        state = {"perturbed": False}
+
+        @torch.no_grad()
+        def settle():  # back to unperturbed weights, so every timed pass starts alike
+            if state["perturbed"]:
+                be.restore(b)
+                state["perturbed"] = False
+
+        @torch.no_grad()
+        def norm():
+            b.scratch = {}
+            return be.norm_partials(b)
+
+        @torch.no_grad()
+        def perturb(sq):
+            be.perturb(b, sq)
+            state["perturbed"] = True
+
+        @torch.no_grad()
+        def restore():
+            be.restore(b)
+            state["perturbed"] = False
+
+        def setup_norm():
+            settle()
+            return (), {}
+
+        def setup_perturb():
+            settle()
+            return (norm(),), {}
+
+        def setup_restore():
+            settle()
+            perturb(norm())
+            return (), {}
+
+        return {"norm": (setup_norm, norm), "perturb": (setup_perturb, perturb),
+                "restore": (setup_restore, restore), "settle": settle}
+
+
+class PytorchOptimizer(Candidate):
+    """pytorch_optimizer's ``FriendlySAM`` (PyPI ``pytorch-optimizer``), foreach or loop."""
+
+    peer = True
+
+    def __init__(self, name, label, foreach):
+        super().__init__(name, label)
+        self.foreach = foreach
+
+    def unavailable(self, device, dtype):
+        try:
+            import pytorch_optimizer  # noqa: F401
+        except ImportError:
+            return "pytorch-optimizer is not installed (pip install 'fsam-fused[bench]')"
+        if self.foreach and dtype not in (torch.float32, torch.float64):
+            return "its foreach path takes float32/float64 only (it would run its loop)"
+        return None
+
+    def build(self, params):
+        from pytorch_optimizer import FriendlySAM
+
+        # It subtracts the EMA from .grad in place, so it gets parameters of its own, and its
+        # gradients are reset (untimed) before every step, as a real step's would be fresh.
+        own = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        pristine = [p.grad.clone() for p in params]
+        for p, g in zip(own, pristine):
+            p.grad = g.clone()
+        opt = FriendlySAM(own, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, foreach=self.foreach)
+
+        def prepare():
+            torch._foreach_copy_([p.grad for p in own], pristine)
+
+        def step():
+            opt.first_step()
+            opt.second_step()
+
+        prepare()
+        step()
+        return Built(step, prepare=prepare)
+
+
+def foreach_first_step(params, grads, emas, saved, d, rho: float, sigma: float, lmbda: float):
+    """The foreach F-SAM first step (official order, EMA already seeded) as one function of
+    tensor lists, so ``torch.compile`` can fuse it. The math of ``ForeachBackend``."""
+    torch._foreach_copy_(d, grads)
+    torch._foreach_add_(d, emas, alpha=-sigma)  # d = g - sigma * m_old
+    torch._foreach_mul_(emas, lmbda)
+    torch._foreach_add_(emas, [g.to(d[0].dtype) for g in grads], alpha=1.0 - lmbda)
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(d)))
+    torch._foreach_copy_(saved, params)
+    torch._foreach_mul_(d, rho / (norm + EPS))
+    if d[0].dtype == params[0].dtype:
+        torch._foreach_add_(params, d)
+    else:
+        torch._foreach_add_(d, saved)  # w + e in float32, rounded once
+        torch._foreach_copy_(params, d)
+
+
+def foreach_restore(params, saved):
+    torch._foreach_copy_(params, saved)
+
+
+class CompiledForeach(Candidate):
+    """:func:`foreach_first_step` under ``torch.compile`` (CUDA: Inductor's Triton kernels)."""
+
+    peer = True
+
+    def unavailable(self, device, dtype):
+        if device.type != "cuda":
+            return "torch.compile peer runs on CUDA only"
+        return None
+
+    def build(self, params, compile=True):
+        ct = opmath(params[0].dtype)
+        grads = [p.grad for p in params]
+        emas = [g.to(ct, copy=True) for g in grads]
+        saved = [torch.empty_like(p) for p in params]
+        d = [torch.empty_like(p, dtype=ct) for p in params]
+        first = torch.compile(foreach_first_step) if compile else foreach_first_step
+        restore = torch.compile(foreach_restore) if compile else foreach_restore
+
+        @torch.no_grad()
+        def step():
+            first(params, grads, emas, saved, d, RHO, SIGMA, LMBDA)
+            restore(params, saved)
+
+        step()  # compiles
+        return Built(step)
+
+
+def candidates(device: torch.device):
+    """Every candidate for a device, FSAM's backends first."""
+    out = [FSAMBackend("reference", "FSAM reference loop", "reference"),
+           FSAMBackend("foreach", "FSAM foreach", "foreach")]
+    if device.type == "cuda":
+        out += [FSAMBackend("triton", "FSAM Triton (auto)", "triton"),
+                CompiledForeach("compiled-foreach", "foreach under torch.compile")]
+    else:
+        out += [FSAMBackend("cpp", "FSAM C++ (auto: double-buffered)", "cpp"),
+                FSAMBackend("cpp-fixed", "FSAM C++, fixed_addresses=True", "cpp",
+                            fixed_addresses=True)]
+    out += [PytorchOptimizer("po-foreach", "pytorch_optimizer FriendlySAM foreach", True),
+            PytorchOptimizer("po-loop", "pytorch_optimizer FriendlySAM loop", False)]
+    return out

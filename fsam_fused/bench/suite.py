@@ -1,0 +1,134 @@
+"""The optimizer-only suite: every candidate on one parameter list, timed interleaved."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import time
+
+import torch
+
+from .candidates import candidates
+from .presets import PRESETS, numel
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn, device) -> float:
+    """Milliseconds of one call; CUDA events on CUDA (no host sync inside ``fn``)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(steps: dict, device, reps: int, warmup: int) -> dict:
+    """Median ms per entry of ``steps`` (name -> (prepare or None, step)), taking turns every
+    round, so a slow spell of a shared machine hits every candidate alike."""
+    times = {name: [] for name in steps}
+    for r in range(warmup + reps):
+        for name, (prepare, step) in steps.items():
+            if prepare is not None:
+                prepare()
+                sync(device)
+            t = _time_once(step, device)
+            if r >= warmup:
+                times[name].append(t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def make_params(shapes, dtype, device, seed=0):
+    """Parameters with gradients, from a fixed seed (generated on the CPU, then moved)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+    return params
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"torch": torch.__version__, "triton": tv, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
+    """Records, one per (preset, dtype, candidate) that can run here. Skipped candidates are
+    logged with the reason."""
+    meta = {"device": device.type, "device_name": device_name(device), **versions()}
+    records = []
+    for preset in presets:
+        shapes = PRESETS[preset]()
+        n = sum(numel(s) for s in shapes)
+        for dtype in dtypes:
+            dname = str(dtype).replace("torch.", "")
+            t0 = time.perf_counter()
+            log(f"{preset} ({len(shapes)} tensors, {n / 1e6:.1f} M) {dname}: building", end="")
+            params = make_params(shapes, dtype, device)
+            built, cands = {}, {}
+            for c in candidates(device):
+                if names is not None and c.name not in names:
+                    continue
+                if c.name.startswith("cpp"):
+                    from .. import cpp_backend
+                    if cpp_backend._status is None:
+                        log(" [compiling the C++ backend, first use only]", end="")
+                reason = c.unavailable(device, dtype)
+                if reason is not None:
+                    log(f" [{c.name} skipped: {reason.splitlines()[0]}]", end="")
+                    continue
+                log(f" {c.name}", end="")
+                built[c.name], cands[c.name] = c.build(params), c
+            src = torch.randn(n, device=device).to(dtype)
+            dst = torch.empty_like(src)
+            steps = {name: (b.prepare, b.step) for name, b in built.items()}
+            steps["copy"] = (None, lambda: dst.copy_(src))
+            log(f"; timing {reps} rounds", end="")
+            ms = time_interleaved(steps, device, reps, warmup)
+            log(f"; {time.perf_counter() - t0:.0f} s")
+            copy_gbps = 2 * src.numel() * src.element_size() / ms.pop("copy") / 1e6
+            group = []
+            for name, t in ms.items():
+                c = cands[name]
+                nbytes = c.bytes(n, dtype)
+                group.append({"kind": "optimizer", "backend": name, "label": c.label, "peer": c.peer,
+                              "preset": preset, "dtype": dname, **meta, "ms": t,
+                              "bytes": nbytes, "gbps": nbytes / t / 1e6, "copy_gbps": copy_gbps,
+                              "pct_copy": 100 * nbytes / t / 1e6 / copy_gbps,
+                              "tensors": len(shapes), "params": n, "reps": reps})
+            ref = ms.get("reference")
+            peers = {name: t for name, t in ms.items() if cands[name].peer}
+            for r in group:
+                r["speedup_vs_reference"] = ref / r["ms"] if ref else None
+                r["speedup_vs"] = {p: t / r["ms"] for p, t in peers.items() if p != r["backend"]}
+            records += group
+            del built, params, src, dst, steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return records
