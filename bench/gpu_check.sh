@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The one script a lent GPU runs, well under eight minutes: the CUDA tests (every backend on
-# CUDA tensors, the compiled Triton kernels against the reference), then the benchmark on the
-# ResNet-18 list and a 302 M-parameter list. Everything it finds lands in $OUT.
+# The one script a lent GPU runs, well under ten minutes: the CUDA tests (every backend on
+# CUDA tensors, the compiled Triton kernels against the reference), the benchmark's quick
+# suite on CUDA (ResNet-18, GPT-2 and 2,000 tiny tensors in float32 and bfloat16, with the
+# peers present: pytorch_optimizer if installed, the foreach step under torch.compile) with
+# its JSON and plot, then the end-to-end ResNet-18 training step. Everything lands in $OUT.
 #
 #   run from the repository root, with the project on PYTHONPATH (the GPU machine has no
 #   network, so nothing is installed):  OUT=/some/dir bash bench/gpu_check.sh
@@ -19,7 +21,10 @@ unset TRITON_INTERPRET
 cat "$OUT/device.txt"
 
 status=0
-timeout 300 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
+timeout 200 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 150 python3 -m fsam_fused.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+timeout 240 python3 -m fsam_fused.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+  2>&1 | tee "$OUT/bench.log" || status=1
+timeout 90 python3 -m fsam_fused.bench --e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" \
+  || status=1
 exit $status

@@ -149,7 +149,7 @@ def fallback_warning(reason: str) -> None:
         _warned = True
         warnings.warn(f"fsam_fused: the C++ CPU backend is unavailable ({reason.splitlines()[0]}); "
                       "CPU parameters use backend='foreach' instead", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=6)  # the caller of first_step
 
 
 _warned = False

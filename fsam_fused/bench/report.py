@@ -40,16 +40,33 @@ def terminal_table(records) -> str:
 def markdown_table(records) -> str:
     """The README's table for one result file's optimizer records."""
     peers = _peers(records)
-    out = ["| preset | dtype | candidate | ms | GB/s | % of copy | x reference | "
+    out = ["| preset | dtype | candidate | ms | GB/s | copy GB/s | % of copy | x reference | "
            + " | ".join(f"x {p}" for p in peers) + " |",
-           "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(peers)]
+           "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(peers)]
     for r in records:
         if r.get("kind", "optimizer") != "optimizer":
             continue
         out.append(f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
-                   f"| {r['gbps']:.1f} | {r['pct_copy']:.0f}% | {_x(r['speedup_vs_reference'])} | "
+                   f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}% "
+                   f"| {_x(r['speedup_vs_reference'])} | "
                    + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers) + " |")
     return "\n".join(out)
+
+
+def auto_summary(records, preset="resnet18", dtype="float32") -> str:
+    """One sentence: what backend="auto" picks on this device against the best peer."""
+    rows = {r["backend"]: r for r in records if r.get("kind", "optimizer") == "optimizer"
+            and r["preset"] == preset and r["dtype"] == dtype}
+    auto = rows.get("triton" if records[0]["device"] == "cuda" else "cpp")
+    peers = [r for r in rows.values() if r.get("peer")]
+    if auto is None or not peers:
+        return ""
+    best = min(peers, key=lambda r: r["ms"])
+    return (f"{preset} {dtype}: `backend=\"auto\"` ({auto['backend']}) takes "
+            f"{auto['ms']:.2f} ms, {best['ms'] / auto['ms']:.2f}x faster than the best peer "
+            f"({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} GB/s of counted "
+            f"traffic is {auto['pct_copy']:.0f}% of the {auto['copy_gbps']:.1f} GB/s copy "
+            "measured beside it.")
 
 
 def markdown_e2e(records) -> str:

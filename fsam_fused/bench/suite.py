@@ -98,7 +98,8 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                 if c.name.startswith("cpp"):
                     from .. import cpp_backend
                     if cpp_backend._status is None:
-                        log(" [compiling the C++ backend, first use only]", end="")
+                        log(" [loading the C++ backend: compiled on first use, then cached]",
+                            end="")
                 reason = c.unavailable(device, dtype)
                 if reason is not None:
                     log(f" [{c.name} skipped: {reason.splitlines()[0]}]", end="")
