@@ -4,9 +4,10 @@ The extension is compiled by ``torch.utils.cpp_extension.load`` with ninja the f
 CPU bucket needs it (never at import or test collection), into a cache directory that
 survives between runs:
 
-* ``$FSAM_FUSED_BUILD_DIR`` if set, else ``$TORCH_EXTENSIONS_DIR/fsam_fused/<tag>`` (torch's
-  default ``~/.cache/torch_extensions``), where the tag names the torch version, the Python
-  version and the CPU capability, so builds for different setups never collide;
+* ``build_directory()``: ``$FSAM_FUSED_BUILD_DIR/<tag>`` if that is set, else
+  ``$TORCH_EXTENSIONS_DIR/fsam_fused/<tag>`` (torch's default root ``~/.cache/torch_extensions``),
+  where the tag names the torch version, the Python version and the CPU capability, so builds
+  for different setups never collide;
 * ``MAX_JOBS`` defaults to at most 4 parallel compile jobs;
 * ninja's own lock (``torch.utils.file_baton``) is left behind by an interrupted build and
   makes every later build wait forever. The build here first takes an ``fcntl`` lock, which
@@ -45,16 +46,18 @@ def _sources():
 
 
 def build_directory() -> str:
-    """Where the extension is built and cached."""
-    explicit = os.environ.get("FSAM_FUSED_BUILD_DIR")
-    if explicit:
-        return explicit
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_extensions")
+    """Where the extension is built and cached: ``<root>/<tag>``, the root being
+    ``$FSAM_FUSED_BUILD_DIR`` or ``$TORCH_EXTENSIONS_DIR/fsam_fused`` (torch's default
+    ``~/.cache/torch_extensions``). The tag names the torch version, the Python version and
+    the CPU capability: torch's loader rebuilds when the sources or flags change, not when
+    torch does, and a build for a newer CPU must not be reused on an older one."""
+    root = os.environ.get("FSAM_FUSED_BUILD_DIR") or os.path.join(
+        os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+            os.path.expanduser("~"), ".cache", "torch_extensions"), "fsam_fused")
     cap = torch.backends.cpu.get_cpu_capability()
     tag = f"torch{torch.__version__}-py{platform.python_version()}-{cap}"
     tag = "".join(c if c.isalnum() or c in ".-_" else "_" for c in tag)
-    return os.path.join(root, "fsam_fused", tag)
+    return os.path.join(root, tag)
 
 
 def _build():

@@ -527,6 +527,7 @@ class SAM(FSAM):
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *, backend="auto",
-                 **base_kwargs):
+                 fixed_addresses=False, **base_kwargs):
         super().__init__(params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0,
-                         adaptive=adaptive, backend=backend, **base_kwargs)
+                         adaptive=adaptive, backend=backend, fixed_addresses=fixed_addresses,
+                         **base_kwargs)

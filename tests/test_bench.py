@@ -149,3 +149,13 @@ def test_readme_figures_come_from_a_committed_result_file():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--check", os.path.join(ROOT, "README.md")]) == 0
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    """.ci/run must set up as the README tells a new user: the same two commands."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert blocks[0] in ci and blocks[1] in ci, (blocks, ci)

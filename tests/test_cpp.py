@@ -363,17 +363,20 @@ def test_build_bounds_jobs_and_clears_a_stale_lock(tmp_path, monkeypatch):
     while it runs and the caller's environment is left as it was."""
     from torch.utils import cpp_extension
 
-    (tmp_path / "lock").write_text("")
+    monkeypatch.setenv("FSAM_FUSED_BUILD_DIR", str(tmp_path))
+    build = cpp_backend.build_directory()
+    assert os.path.dirname(build) == str(tmp_path) and "torch" in os.path.basename(build)
+    os.makedirs(build)
+    open(os.path.join(build, "lock"), "w").close()
     seen = {}
 
     def fake_load(name, sources, build_directory, extra_cflags, extra_ldflags, **kw):
         seen.update(jobs=os.environ.get("MAX_JOBS"), dir=build_directory, cflags=extra_cflags,
                     lock=os.path.exists(os.path.join(build_directory, "lock")), src=sources)
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.setenv("FSAM_FUSED_BUILD_DIR", str(tmp_path))
     monkeypatch.delenv("MAX_JOBS", raising=False)
     cpp_backend._build()
-    assert seen["dir"] == str(tmp_path) and not seen["lock"]
+    assert seen["dir"] == build and not seen["lock"]
     assert 1 <= int(seen["jobs"]) <= 4 and "MAX_JOBS" not in os.environ
     assert "-fopenmp" in seen["cflags"] and seen["src"][0].endswith("fsam_cpu.cpp")
     monkeypatch.setenv("MAX_JOBS", "1")
@@ -384,7 +387,9 @@ def test_build_bounds_jobs_and_clears_a_stale_lock(tmp_path, monkeypatch):
 def test_real_build_survives_a_stale_lock(tmp_path):
     """The same with torch's real loader, in a fresh process and cache directory."""
     backend_available("cpp", "cpu")
-    (tmp_path / "lock").write_text("")
+    build = os.path.join(tmp_path, os.path.basename(cpp_backend.build_directory()))
+    os.makedirs(build)
+    open(os.path.join(build, "lock"), "w").close()
     r = _python("""
         import torch
         from fsam_fused import cpp_backend
@@ -393,4 +398,5 @@ def test_real_build_survives_a_stale_lock(tmp_path):
                                            [1.0], 0.0, False).item())
     """, _env(FSAM_FUSED_BUILD_DIR=str(tmp_path)), timeout=600)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "4.0" and not (tmp_path / "lock").exists()
+    assert r.stdout.strip() == "4.0" and not os.path.exists(os.path.join(build, "lock"))
+    assert os.path.exists(os.path.join(build, "fsam_fused_cpu.so"))
