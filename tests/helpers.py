@@ -129,6 +129,17 @@ def assert_snapshots_close(got, want, rtol, atol, what=""):
                     msg=lambda m: f"{what} step {step} {key}[{i}]: {m}")
 
 
+def close_to_reference(got, want, dtype, what):
+    """A fused kernel's output against the reference's on the same input: float32 to within
+    rounding, 16-bit at most one ulp apart (one rounding of nearly the same float32 value)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+    else:
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
+                                   msg=lambda m: f"{what}: {m}")
+
+
 def lowp_yardstick(got, ref32, lowp, dtype, scale):
     """flash-attention's rule: the error of `got` against the float32 reference is at most
     twice the error of plain torch in the same low precision, plus a floor of one ulp at the

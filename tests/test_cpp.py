@@ -15,7 +15,7 @@ import torch
 
 from fsam_fused import FSAM, cpp_backend
 
-from helpers import backend_available, opt_args
+from helpers import backend_available, close_to_reference, opt_args
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
@@ -28,13 +28,7 @@ def ops():
     return torch.ops.fsam_fused
 
 
-def _close(got, want, dtype, what):
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
-    else:  # one rounding of nearly the same float32 value: at most one ulp apart
-        eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
-                                   msg=lambda m: f"{what}: {m}")
+_close = close_to_reference
 
 
 def _check_against_reference(make_params, dtype, backend, steps=3, adaptive=False, seed=0):

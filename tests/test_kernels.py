@@ -8,7 +8,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available, opt_args
+from helpers import backend_available, close_to_reference, opt_args
 
 pytestmark = pytest.mark.usefixtures("_triton_ok")
 
@@ -23,13 +23,7 @@ def _kernels():
     return fsam
 
 
-def _close(got, want, dtype, what):
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
-    else:  # one rounding of nearly the same float32 value: at most one ulp apart
-        eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
-                                   msg=lambda m: f"{what}: {m}")
+_close = close_to_reference
 
 
 def _poison(opt):
