@@ -7,10 +7,13 @@
 #
 #   run from the repository root, with the project on PYTHONPATH (the GPU machine has no
 #   network, so nothing is installed):  OUT=/some/dir bash bench/gpu_check.sh
+#   The pytorch_optimizer peer needs its package there: beforehand, on a machine with network,
+#   `pip install --no-deps --target .gpu_deps pytorch-optimizer` and carry `.gpu_deps`.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-local}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .gpu_deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"
 unset TRITON_INTERPRET
 
 {
@@ -21,9 +24,9 @@ unset TRITON_INTERPRET
 cat "$OUT/device.txt"
 
 status=0
-timeout 200 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
+timeout 180 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 240 python3 -m fsam_fused.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+timeout 270 python3 -m fsam_fused.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2>&1 | tee "$OUT/bench.log" || status=1
 timeout 90 python3 -m fsam_fused.bench --e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.log" \
   || status=1

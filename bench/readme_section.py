@@ -47,7 +47,9 @@ def section(paths=None) -> str:
         e2e = markdown_e2e(records)
         if e2e:
             parts.append("\nEnd-to-end F-SAM training step, CIFAR ResNet-18, synthetic batch "
-                         f"({records[-1]['preset']}), SGD base:\n")
+                         f"({records[-1]['preset']}), SGD base, the two optimizers taking turns "
+                         "step by step; optimizer ms is first_step + second_step, the SGD step "
+                         "included:\n")
             parts.append(e2e)
     parts.append(END)
     return "\n".join(parts)

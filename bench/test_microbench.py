@@ -35,7 +35,7 @@ def _get(preset, dtype, name):
         _built[key] = (make_params(PRESETS[preset](), dtype, DEVICE), {})
     params, built = _built[key]
     c = CANDIDATES[name]
-    reason = c.unavailable(DEVICE, dtype)
+    reason = c.unavailable(DEVICE, dtype, len(PRESETS[preset]()))
     if reason is not None:
         pytest.skip(reason)
     if name not in built:

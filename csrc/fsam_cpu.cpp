@@ -48,6 +48,18 @@ constexpr int64_t kStep = 2 * kLanes;
 // overhead is noise, small enough that 2,000 tiny tensors and one huge one both balance.
 constexpr int64_t kChunk = 1 << 15;
 
+// Software prefetch this many elements ahead on every input stream of a pass (2 KB of
+// float32). The hardware prefetcher alone leaves bandwidth unused with three or four streams
+// per core: measured interleaved in one process on the 2-core Xeon, the double-buffered
+// ResNet-18 step went 9.3 -> 8.3 ms (256, 1024 and 2048 elements gave the same 7-11%).
+// The address is clamped to the tensor's last element (a pointer past it is not valid C++).
+constexpr int64_t kPrefetch = 512;
+#if defined(__GNUC__) || defined(__clang__)
+#define FSAM_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define FSAM_PREFETCH(p) ((void)0)
+#endif
+
 template <typename T>
 inline void load2(const T* p, fVec& a, fVec& b) {
   if constexpr (std::is_same_v<T, float>) {
@@ -277,6 +289,10 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
       int64_t i = ch.begin;
       for (; i + kStep <= ch.end; i += kStep) {
         fVec g0, g1, m0(0.0f), m1(0.0f);
+        const int64_t pf = std::min(i + kPrefetch, s.numel - 1);
+        FSAM_PREFETCH(g + pf);
+        if (dir.has_ema) FSAM_PREFETCH(m + pf);
+        if (s.adaptive) FSAM_PREFETCH(w + pf);
         load2(g + i, g0, g1);
         if (dir.has_ema) load2(m + i, m0, m1);
         fVec d0 = dir(g0, m0, vdecay, vgain, vsig);
@@ -330,6 +346,10 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
       int64_t i = ch.begin;
       for (; i + kStep <= ch.end; i += kStep) {
         fVec g0, g1, m0(0.0f), m1(0.0f), w0, w1;
+        const int64_t pf = std::min(i + kPrefetch, s.numel - 1);
+        FSAM_PREFETCH(g + pf);
+        FSAM_PREFETCH(w + pf);
+        if (dir.has_ema) FSAM_PREFETCH(m + pf);
         load2(g + i, g0, g1);
         if (dir.has_ema) load2(m + i, m0, m1);
         load2(w + i, w0, w1);
@@ -481,6 +501,7 @@ void restore_(at::TensorList weights, at::TensorList saved) {
       constexpr int64_t kRun = kStep * sizeof(float);
       const int64_t body = (reinterpret_cast<uintptr_t>(dst) % 32 == 0) ? n / kRun * kRun : 0;
       for (int64_t b = 0; b < body; b += kRun) {
+        FSAM_PREFETCH(src + std::min<int64_t>(b + kPrefetch * sizeof(float), n - 1));
         stream_copy(reinterpret_cast<float*>(dst + b), reinterpret_cast<const float*>(src + b));
       }
       std::memcpy(dst + body, src + body, n - body);

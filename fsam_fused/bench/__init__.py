@@ -90,6 +90,12 @@ def main(argv=None) -> int:
          f"{meta['torch']}, triton {meta['triton']}: optimizer-only step (first_step + "
          f"second_step, base optimizer doing nothing), median of {reps} interleaved rounds")
     records = []
+
+    def save():  # after every group, so a run cut short still leaves what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+
     if not args.e2e:
         big = {"vit_b16", "gpt2", "single64m", "large"}
         for preset in presets:
@@ -97,6 +103,7 @@ def main(argv=None) -> int:
             r = reps if cuda or preset not in big else max(3, reps // 3)
             records += suite.run(device, [preset], dtypes, names, reps=r,
                                  warmup=5 if cuda else 1, log=_log)
+            save()
         _log()
         _log(report.terminal_table(records))
     if args.full or args.e2e:
@@ -104,9 +111,8 @@ def main(argv=None) -> int:
         e2e_records = e2e.run(device, batch=args.batch, log=_log)
         _log(report.markdown_e2e(e2e_records))
         records += e2e_records
+        save()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
         _log(f"\nwrote {len(records)} records to {args.json}")
     if args.plot and any(r.get("kind", "optimizer") == "optimizer" for r in records):
         report.plot(records, args.plot)

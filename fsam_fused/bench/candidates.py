@@ -52,8 +52,9 @@ class Candidate:
     def __init__(self, name: str, label: str):
         self.name, self.label = name, label
 
-    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        """None if it can run here, else why not."""
+    def unavailable(self, device: torch.device, dtype: torch.dtype,
+                    tensors: int = 1) -> str | None:
+        """None if it can run ``tensors`` tensors of ``dtype`` on ``device``, else why not."""
         return None
 
     def bytes(self, numel: int, dtype: torch.dtype) -> int:
@@ -74,7 +75,7 @@ class FSAMBackend(Candidate):
         super().__init__(name, label)
         self.backend, self.kwargs = backend, kwargs
 
-    def unavailable(self, device, dtype):
+    def unavailable(self, device, dtype, tensors=1):
         if self.backend == "triton":
             from .. import triton_backend
             if device.type != "cuda":
@@ -155,7 +156,7 @@ class PytorchOptimizer(Candidate):
         super().__init__(name, label)
         self.foreach = foreach
 
-    def unavailable(self, device, dtype):
+    def unavailable(self, device, dtype, tensors=1):
         try:
             import pytorch_optimizer  # noqa: F401
         except ImportError:
@@ -213,9 +214,14 @@ class CompiledForeach(Candidate):
 
     peer = True
 
-    def unavailable(self, device, dtype):
+    # Inductor compiles one graph per list; past a few hundred tensors that takes minutes.
+    MAX_TENSORS = 200
+
+    def unavailable(self, device, dtype, tensors=1):
         if device.type != "cuda":
             return "torch.compile peer runs on CUDA only"
+        if tensors > self.MAX_TENSORS:
+            return f"compiling a {tensors}-tensor foreach graph takes minutes"
         return None
 
     def build(self, params, compile=True):

@@ -100,7 +100,7 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                     if cpp_backend._status is None:
                         log(" [loading the C++ backend: compiled on first use, then cached]",
                             end="")
-                reason = c.unavailable(device, dtype)
+                reason = c.unavailable(device, dtype, len(shapes))
                 if reason is not None:
                     log(f" [{c.name} skipped: {reason.splitlines()[0]}]", end="")
                     continue
