@@ -40,12 +40,13 @@ def _get(preset, dtype, name):
         pytest.skip(reason)
     if name not in built:
         built[name] = c.build(params)
-    return c, built[name], sum(numel(s) for s in PRESETS[preset]())
+    return c, built[name], PRESETS[preset]()
 
 
-def _record(benchmark, c, n, dtype, what):
-    nbytes = c.bytes(n, dtype) if what == "step" else None
-    benchmark.extra_info.update(device=DEVICE.type, params=n, counted_bytes=nbytes)
+def _record(benchmark, c, shapes, dtype, what):
+    nbytes = c.bytes(shapes, dtype) if what == "step" else None
+    benchmark.extra_info.update(device=DEVICE.type, params=sum(map(numel, shapes)),
+                                counted_bytes=nbytes)
     if nbytes and benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
 
@@ -66,7 +67,7 @@ def _synced(fn):
 @pytest.mark.parametrize("name", list(CANDIDATES))
 def test_step(benchmark, name, preset, dtype):
     benchmark.group = f"step {preset} {dtype}"
-    c, b, n = _get(preset, DTYPES[dtype], name)
+    c, b, shapes = _get(preset, DTYPES[dtype], name)
     step = _synced(b.step)
     if b.prepare is None:
         benchmark(step)
@@ -75,7 +76,7 @@ def test_step(benchmark, name, preset, dtype):
             b.prepare()
             sync(DEVICE)
         benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=1)
-    _record(benchmark, c, n, DTYPES[dtype], "step")
+    _record(benchmark, c, shapes, DTYPES[dtype], "step")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -84,7 +85,7 @@ def test_step(benchmark, name, preset, dtype):
 @pytest.mark.parametrize("name", [n for n, c in CANDIDATES.items() if not c.peer])
 def test_pass(benchmark, name, what, preset, dtype):
     benchmark.group = f"{what} {preset} {dtype}"
-    c, b, n = _get(preset, DTYPES[dtype], name)
+    c, b, shapes = _get(preset, DTYPES[dtype], name)
     setup, run = b.passes[what]
 
     def synced_setup():
@@ -95,4 +96,4 @@ def test_pass(benchmark, name, what, preset, dtype):
         benchmark.pedantic(_synced(run), setup=synced_setup, rounds=10, warmup_rounds=1)
     finally:
         b.passes["settle"]()  # leave the weights unperturbed for the next benchmark
-    _record(benchmark, c, n, DTYPES[dtype], what)
+    _record(benchmark, c, shapes, DTYPES[dtype], what)

@@ -2,11 +2,11 @@
 //
 // Three passes per step over a whole list of parameter tensors (see SEMANTICS.md):
 //   norm_sq   direction d and the sum of (a * d)^2, writing nothing
-//   perturb_  EMA update, exact copy of w into `saved`, w <- w + e        (addresses stay)
-//   restore_  w <- saved
-// plus perturb_to, the double-buffered variant that writes w + e into a spare buffer and
-// leaves w alone (the caller swaps storages); it exists so the two designs can be measured
-// side by side (bench/cpu_backend.py).
+//   perturb_  EMA update, then per tensor either
+//               swap = 0: exact copy of w into `saved`, w <- w + e      (addresses stay), or
+//               swap = 1: saved <- w + e, w untouched (the caller swaps the two storages:
+//                         the double buffer, a third fewer bytes; bench/cpu_backend.py)
+//   restore_  w <- saved (the exact-copy tensors; swapped ones are swapped back by the caller)
 //
 // Arithmetic is float32 whatever the storage (float32, bfloat16, float16), rounded once on
 // store, in the same operation order as the reference backend, so float32 results match it
@@ -84,8 +84,8 @@ inline void store2(T* p, const fVec& a, const fVec& b) {
 // after the second forward and backward), the spare buffer and the restored weights. A
 // non-temporal store skips the read-for-ownership a normal store of an uncached line costs
 // (write-allocate), which is a sixth to a third of a pass's traffic. Measured on the 2-core
-// Xeon, interleaved in one process: perturb_to 7.9 -> 4.6 ms, the exact-copy step 12.1 ->
-// 9.9 ms on the ResNet-18 list. Call fence() before the parallel region ends.
+// Xeon, interleaved in one process: the double-buffered perturb 7.9 -> 4.6 ms, the exact-copy
+// step 12.1 -> 9.9 ms on the ResNet-18 list. Call fence() before the parallel region ends.
 template <typename T>
 inline void stream2(T* p, const fVec& a, const fVec& b) {
 #if FSAM_STREAM
@@ -133,9 +133,10 @@ struct Spec {
   void* w;
   const void* g;
   void* m;      // nullptr when sigma == 0 (no EMA)
-  void* out;    // saved copy (perturb_) or spare buffer (perturb_to)
+  void* out;    // the saved copy, or w + e when swap
   float rho;
   bool adaptive;
+  bool swap;
   float decay;  // m_new = m * decay + g * gain; (0, 1) on the official first sight
   float gain;
 };
@@ -197,7 +198,7 @@ void check_len(const char* what, const V& v, size_t n) {
 std::vector<Spec> gather(at::TensorList weights, at::TensorList grads, at::TensorList emas,
                          at::TensorList outs, const char* out_name, at::IntArrayRef adaptive,
                          at::ArrayRef<double> decay, at::ArrayRef<double> gain,
-                         at::ArrayRef<double> rho) {
+                         at::ArrayRef<double> rho, at::IntArrayRef swap) {
   const size_t n = weights.size();
   check_list("weights", weights, weights);
   check_list("grads", grads, weights);
@@ -227,6 +228,7 @@ std::vector<Spec> gather(at::TensorList weights, at::TensorList grads, at::Tenso
   check_len("decay", decay, n);
   check_len("gain", gain, n);
   if (!rho.empty() || out_name != nullptr) check_len("rho", rho, n);
+  if (!swap.empty() || out_name != nullptr) check_len("swap", swap, n);
 
   std::vector<Spec> specs(n);
   for (const auto i : c10::irange(n)) {
@@ -237,6 +239,7 @@ std::vector<Spec> gather(at::TensorList weights, at::TensorList grads, at::Tenso
                     out_name != nullptr ? outs[i].data_ptr() : nullptr,
                     rho.empty() ? 0.0f : static_cast<float>(rho[i]),
                     adaptive[i] != 0,
+                    !swap.empty() && swap[i] != 0,
                     static_cast<float>(decay[i]),
                     static_cast<float>(gain[i])};
   }
@@ -327,9 +330,10 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
   return total;
 }
 
-// kSwap: write w + e into s.out and leave w (perturb_to); else copy w into s.out and write
-// w + e into w (perturb_).
-template <typename W, typename M, bool kSwap>
+// Per tensor: swap writes w + e into s.out and leaves w; otherwise s.out gets the exact copy
+// and w gets w + e. The branch is per chunk and per element step, on a flag that is the same
+// for a whole chunk: it costs nothing measurable against the memory traffic.
+template <typename W, typename M>
 void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps) {
   const auto chunks = chunk_table(specs);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -361,7 +365,7 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
         // e = (scale * a^2) * d, as the reference computes it (a^2 = 1 when not adaptive).
         const fVec e0 = (s.adaptive ? vscale * (w0 * w0) : vscale) * d0;
         const fVec e1 = (s.adaptive ? vscale * (w1 * w1) : vscale) * d1;
-        if constexpr (kSwap) {
+        if (s.swap) {
           stream2(out + i, w0 + e0, w1 + e1);
         } else {
           stream_copy(out + i, w + i);
@@ -376,7 +380,7 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
         const float d = dir(gi, mi, ni, dir.sigma);
         if (dir.has_ema) m[i] = static_cast<M>(ni);
         const float e = (s.adaptive ? scale * (wi * wi) : scale) * d;
-        if constexpr (kSwap) {
+        if (s.swap) {
           out[i] = static_cast<W>(wi + e);
         } else {
           out[i] = w[i];
@@ -426,7 +430,7 @@ float global_norm(const at::Tensor& sq) {
 at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList emas,
                    at::IntArrayRef adaptive, at::ArrayRef<double> decay,
                    at::ArrayRef<double> gain, double sigma, bool paper) {
-  const auto specs = gather(weights, grads, emas, {}, nullptr, adaptive, decay, gain, {});
+  const auto specs = gather(weights, grads, emas, {}, nullptr, adaptive, decay, gain, {}, {});
   const Direction dir{static_cast<float>(sigma), paper, !emas.empty()};
   double total = 0.0;
   if (!specs.empty()) {
@@ -437,35 +441,19 @@ at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList 
   return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
 }
 
-template <bool kSwap>
-void perturb_common(at::TensorList weights, at::TensorList grads, at::TensorList emas,
-                    at::TensorList outs, const char* out_name, const at::Tensor& sq,
-                    at::ArrayRef<double> rho, at::IntArrayRef adaptive,
-                    at::ArrayRef<double> decay, at::ArrayRef<double> gain, double sigma,
-                    double eps, bool paper) {
-  const auto specs = gather(weights, grads, emas, outs, out_name, adaptive, decay, gain, rho);
+void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
+              at::TensorList saved, const at::Tensor& sq, at::ArrayRef<double> rho,
+              at::IntArrayRef adaptive, at::ArrayRef<double> decay, at::ArrayRef<double> gain,
+              at::IntArrayRef swap, double sigma, double eps, bool paper) {
+  // Every check runs before anything is written.
+  const auto specs = gather(weights, grads, emas, saved, "saved", adaptive, decay, gain, rho,
+                            swap);
   const float norm_eps = global_norm(sq) + static_cast<float>(eps);
   const Direction dir{static_cast<float>(sigma), paper, !emas.empty()};
   if (specs.empty()) return;
   dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
-    perturb_impl<decltype(w), decltype(m), kSwap>(specs, dir, norm_eps);
+    perturb_impl<decltype(w), decltype(m)>(specs, dir, norm_eps);
   });
-}
-
-void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
-              at::TensorList saved, const at::Tensor& sq, at::ArrayRef<double> rho,
-              at::IntArrayRef adaptive, at::ArrayRef<double> decay, at::ArrayRef<double> gain,
-              double sigma, double eps, bool paper) {
-  perturb_common<false>(weights, grads, emas, saved, "saved", sq, rho, adaptive, decay, gain,
-                        sigma, eps, paper);
-}
-
-void perturb_to(at::TensorList out, at::TensorList weights, at::TensorList grads,
-                at::TensorList emas, const at::Tensor& sq, at::ArrayRef<double> rho,
-                at::IntArrayRef adaptive, at::ArrayRef<double> decay,
-                at::ArrayRef<double> gain, double sigma, double eps, bool paper) {
-  perturb_common<true>(weights, grads, emas, out, "out", sq, rho, adaptive, decay, gain,
-                       sigma, eps, paper);
 }
 
 void restore_(at::TensorList weights, at::TensorList saved) {
@@ -517,17 +505,13 @@ TORCH_LIBRARY(fsam_fused, m) {
         "float[] decay, float[] gain, float sigma, bool paper) -> Tensor");
   m.def("perturb_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] emas, "
         "Tensor(c!)[] saved, Tensor sq, float[] rho, int[] adaptive, float[] decay, "
-        "float[] gain, float sigma, float eps, bool paper) -> ()");
-  m.def("perturb_to(Tensor(a!)[] out, Tensor[] weights, Tensor[] grads, Tensor(b!)[] emas, "
-        "Tensor sq, float[] rho, int[] adaptive, float[] decay, float[] gain, float sigma, "
-        "float eps, bool paper) -> ()");
+        "float[] gain, int[] swap, float sigma, float eps, bool paper) -> ()");
   m.def("restore_(Tensor(a!)[] weights, Tensor[] saved) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
   m.impl("norm_sq", &norm_sq);
   m.impl("perturb_", &perturb_);
-  m.impl("perturb_to", &perturb_to);
   m.impl("restore_", &restore_);
 }
 

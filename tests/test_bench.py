@@ -159,3 +159,14 @@ def test_ci_runs_exactly_the_readme_commands():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = [line.strip() for line in f if line.strip() and not line.startswith("#")]
     assert blocks[0] in ci and blocks[1] in ci, (blocks, ci)
+
+
+def test_cpp_counts_the_bytes_of_what_it_double_buffers(monkeypatch):
+    from fsam_fused import cpp_backend
+
+    monkeypatch.setattr(cpp_backend, "SWAP_MIN_NUMEL", 4096)
+    c = {c.name: c for c in candidates(torch.device("cpu"))}
+    shapes = [(10,), (64, 80)]  # 10 copied, 5,120 double-buffered
+    assert c["cpp"].bytes(shapes, torch.float32) == 10 * 40 + 5120 * 28
+    assert c["cpp-fixed"].bytes(shapes, torch.float32) == 5130 * 40
+    assert c["po-loop"].bytes(shapes, torch.bfloat16) == 5130 * 26

@@ -75,6 +75,21 @@ def test_awkward_sizes_across_chunks(dtype, backend):
     _check_against_reference(make, dtype, backend, adaptive=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_swapped_and_copied_tensors_in_one_bucket(dtype, monkeypatch):
+    """One op call, both kinds: tensors from 1,000 elements on double-buffered, the rest
+    copied."""
+    monkeypatch.setattr(cpp_backend, "SWAP_MIN_NUMEL", 1000)
+    sizes = [1, 3, 999, 1000, 17, 65_539]
+
+    def make():
+        torch.manual_seed(6)
+        return [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
+    opt = _check_against_reference(make, dtype, "cpp", adaptive=True)
+    (_, b), = opt._plan.buckets
+    assert b.scratch_static["cpp"].swap == [0, 0, 0, 1, 0, 1]
+
+
 @pytest.mark.parametrize("backend", ["cpp", "cpp-fixed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_many_tiny_tensors_beside_a_large_one(dtype, backend):
@@ -94,8 +109,8 @@ def _flat_views():
 
 
 def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
-    """Double-buffering would desynchronise the flat buffer: such buckets copy instead, and
-    unaligned addresses take the plain stores."""
+    """Double-buffering would desynchronise the flat buffer: such parameters are copied
+    instead, and unaligned addresses take the plain stores."""
     _check_against_reference(lambda: _flat_views()[1], torch.float32, "cpp")
     flat, ps = _flat_views()
     opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
@@ -107,7 +122,7 @@ def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
         p.grad = torch.randn_like(p)
     before = flat.clone()
     opt.first_step()
-    assert not opt._plan.buckets[0][1].scratch_static["cpp"].swap
+    assert not any(opt._plan.buckets[0][1].scratch_static["cpp"].swap)
     assert not torch.equal(flat, before), "the flat buffer must see the perturbation"
     assert ps[0].data_ptr() == flat.data_ptr() + 4
     opt.second_step()
@@ -117,19 +132,23 @@ def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
 
 
 @pytest.mark.parametrize("fixed", [False, True])
-def test_double_buffer_swaps_storage_only_during_the_step(fixed):
+def test_double_buffer_swaps_storage_only_during_the_step(fixed, monkeypatch):
+    """Only parameters from SWAP_MIN_NUMEL elements on are swapped (the default threshold
+    here, not the tests' 1); none with fixed_addresses."""
     backend_available("cpp", "cpu")
+    monkeypatch.setattr(cpp_backend, "SWAP_MIN_NUMEL", 4096)
     torch.manual_seed(4)
-    ps = [torch.nn.Parameter(torch.randn(n)) for n in (10, 3000)]
+    ps = [torch.nn.Parameter(torch.randn(n)) for n in (10, 4095, 4096, 30_000)]
     opt = FSAM(ps, torch.optim.SGD, backend="cpp", fixed_addresses=fixed, lr=0.1)
     home = [p.data_ptr() for p in ps]
+    want_moved = [False, False, not fixed, not fixed]
     for step in range(3):
         for p in ps:
             p.grad = torch.randn_like(p)
         w = [p.detach().clone() for p in ps]
         opt.first_step()
-        during = [p.data_ptr() for p in ps]
-        assert (during == home) == fixed, (during, home)
+        moved = [p.data_ptr() != h for p, h in zip(ps, home)]
+        assert moved == want_moved
         assert all(not torch.equal(p, x) for p, x in zip(ps, w)), "not perturbed"
         opt.second_step()  # base SGD steps on the restored, home storage
         assert [p.data_ptr() for p in ps] == home
@@ -139,7 +158,7 @@ def test_double_buffer_swaps_storage_only_during_the_step(fixed):
 
 def test_closure_error_restores_the_home_storage():
     backend_available("cpp", "cpu")
-    ps = [torch.nn.Parameter(torch.randn(100))]
+    ps = [torch.nn.Parameter(torch.randn(100))]  # double-buffered (the tests' threshold: 1)
     ps[0].grad = torch.randn(100)
     opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
     home, w = ps[0].data_ptr(), ps[0].detach().clone()
@@ -220,8 +239,10 @@ def test_opcheck(ops, dtype):
     saved = [torch.empty_like(w) for w in ws]
     cases = [
         (ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True)),
-        (ops.perturb_.default, (ws, gs, ms, saved, sq, rho, ad, dec, gain, 1.0, 1e-12, False)),
-        (ops.perturb_to.default, (saved, ws, gs, ms, sq, rho, ad, dec, gain, 0.5, 1e-12, True)),
+        (ops.perturb_.default,
+         (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False)),
+        (ops.perturb_.default,
+         (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True)),
         (ops.restore_.default, (ws, saved)),
     ]
     for op, args in cases:
@@ -248,8 +269,9 @@ def test_norm_is_deterministic_and_independent_of_thread_count(ops):
 
 
 def test_restore_and_double_buffer_are_bit_exact(ops):
-    """perturb_ saves the stored bits and restore_ gives them back; perturb_to leaves the
-    weights untouched and writes the same w + e that perturb_ writes in place."""
+    """perturb_ saves the stored bits and restore_ gives them back; a swapped tensor keeps
+    its weights untouched and gets the same w + e in its spare buffer that the copy path
+    writes in place, and the same EMA."""
     for dtype in DTYPES:
         ws, gs, ms, ad, dec, gain, rho = _op_args(dtype)
         ws[1][7] = float("nan")  # bits that a round trip through arithmetic would not keep
@@ -257,16 +279,16 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
         m_copy = [m.clone() for m in ms]
         sq = torch.tensor([4.0])
         spare = [torch.full_like(w, float("nan")) for w in ws]
-        ops.perturb_to(spare, ws, gs, m_copy, sq, rho, ad, dec, gain, 1.0, 1e-12, False)
+        ops.perturb_(ws, gs, m_copy, spare, sq, rho, ad, dec, gain, [1, 1, 1], 1.0, 1e-12, False)
         assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
         saved = [torch.full_like(w, float("nan")) for w in ws]
-        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, 1.0, 1e-12, False)
+        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False)
         for w, s, x, a, b in zip(ws, saved, w0, ms, m_copy):
             assert torch.equal(s.view(torch.int8), x.view(torch.int8))
             assert torch.equal(a, b)
         for w, s in zip(ws, spare):
             mask = ~w.isnan()
-            assert torch.equal(w[mask], s[mask])
+            assert torch.equal(w[mask], s[mask]) and not torch.equal(w[mask], s[mask] * 0)
         ops.restore_(ws, saved)
         assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
 
@@ -278,21 +300,23 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
     (lambda a: a.update(ws=[w.double() for w in a["ws"]],
                         gs=[g.double() for g in a["gs"]]), "weights must be float32"),
     (lambda a: a.update(ad=a["ad"][:1]), "adaptive has 1 entries"),
+    (lambda a: a.update(swap=[1]), "swap has 1 entries"),
     (lambda a: a.update(ws=[w[::2] for w in a["ws"]], gs=[g[::2] for g in a["gs"]],
                         ms=[m[::2] for m in a["ms"]]), "must be dense"),
 ])
 def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
     ws, gs, ms, ad, dec, gain, rho = _op_args()
-    a = dict(ws=ws, gs=gs, ms=ms, ad=ad)
+    a = dict(ws=ws, gs=gs, ms=ms, ad=ad, swap=[0, 1, 0])
     bad(a)
     w0 = [w.clone() for w in a["ws"]]
     m0 = [m.clone() for m in a["ms"]]
     saved = [torch.empty_like(w) for w in a["ws"]]
-    with pytest.raises(RuntimeError, match=match):
-        ops.norm_sq(a["ws"], a["gs"], a["ms"], a["ad"], dec, gain, 1.0, False)
+    if "swap" not in match:  # norm_sq has no swap flags
+        with pytest.raises(RuntimeError, match=match):
+            ops.norm_sq(a["ws"], a["gs"], a["ms"], a["ad"], dec, gain, 1.0, False)
     with pytest.raises(RuntimeError, match=match):
         ops.perturb_(a["ws"], a["gs"], a["ms"], saved, torch.ones(1), rho, a["ad"], dec, gain,
-                     1.0, 1e-12, False)
+                     a["swap"], 1.0, 1e-12, False)
     assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
     assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))
 

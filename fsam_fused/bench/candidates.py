@@ -12,6 +12,7 @@ import torch
 
 from ..optimizer import FSAM
 from ..reference import EPS, opmath
+from .presets import numel
 
 RHO, SIGMA, LMBDA = 0.05, 1.0, 0.9
 
@@ -57,8 +58,9 @@ class Candidate:
         """None if it can run ``tensors`` tensors of ``dtype`` on ``device``, else why not."""
         return None
 
-    def bytes(self, numel: int, dtype: torch.dtype) -> int:
-        return counted_bytes(numel, torch.empty((), dtype=dtype).element_size())
+    def bytes(self, shapes, dtype: torch.dtype) -> int:
+        """Counted bytes of one step over tensors of these shapes."""
+        return counted_bytes(sum(map(numel, shapes)), torch.empty((), dtype=dtype).element_size())
 
 
 class Built:
@@ -86,10 +88,14 @@ class FSAMBackend(Candidate):
             return cpp_backend.supports(device, dtype, opmath(dtype)) or cpp_backend.load()
         return None
 
-    def bytes(self, numel, dtype):
+    def bytes(self, shapes, dtype):
+        from ..cpp_backend import SWAP_MIN_NUMEL
+
         w = torch.empty((), dtype=dtype).element_size()
         double = self.backend == "cpp" and not self.kwargs.get("fixed_addresses", False)
-        return counted_bytes(numel, w, double_buffered=double)
+        # The C++ backend double-buffers only tensors from SWAP_MIN_NUMEL elements on.
+        return sum(counted_bytes(numel(s), w, double_buffered=double and
+                                 numel(s) >= SWAP_MIN_NUMEL) for s in shapes)
 
     def build(self, params):
         opt = FSAM(params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend,

@@ -117,7 +117,7 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             group = []
             for name, t in ms.items():
                 c = cands[name]
-                nbytes = c.bytes(n, dtype)
+                nbytes = c.bytes(shapes, dtype)
                 group.append({"kind": "optimizer", "backend": name, "label": c.label, "peer": c.peer,
                               "preset": preset, "dtype": dname, **meta, "ms": t,
                               "bytes": nbytes, "gbps": nbytes / t / 1e6, "copy_gbps": copy_gbps,
