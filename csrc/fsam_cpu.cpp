@@ -157,6 +157,40 @@ std::vector<Chunk> chunk_table(const std::vector<Spec>& specs) {
   return chunks;
 }
 
+// Runs f(lo, hi) on contiguous runs of items [lo, hi), one run per thread, cut where the
+// running total of `sizes` crosses an equal share. at::parallel_for would split by item
+// count, and the chunk tables mix full chunks with the short tails of small tensors: on the
+// ResNet-18 list one thread got 5.1 M elements and the other 6.1 M (balanced, the step's
+// median went 8.15 -> 7.66, 7.10 -> 6.85 and 8.76 -> 8.44 ms in three interleaved runs).
+// Which thread takes an item never changes what is computed for it, so results stay
+// thread-count independent.
+template <typename F>
+void balanced_for(const std::vector<int64_t>& sizes, const F& f) {
+  const int64_t n = static_cast<int64_t>(sizes.size());
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  int64_t total = 0;
+  for (const int64_t v : sizes) total += v;
+  std::vector<int64_t> cut(parts + 1, n);
+  cut[0] = 0;
+  int64_t run = 0, k = 1;
+  for (int64_t i = 0; i < n && k < parts; ++i) {
+    run += sizes[i];
+    while (k < parts && run * parts >= total * k) cut[k++] = i + 1;
+  }
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      if (cut[t] < cut[t + 1]) f(cut[t], cut[t + 1]);
+    }
+  });
+}
+
+std::vector<int64_t> chunk_sizes(const std::vector<Chunk>& chunks) {
+  std::vector<int64_t> sizes;
+  sizes.reserve(chunks.size());
+  for (const Chunk& c : chunks) sizes.push_back(c.end - c.begin);
+  return sizes;
+}
+
 // ------------------------------------------------------------------ argument checks
 
 void check_list(const char* what, at::TensorList ts, at::TensorList weights) {
@@ -280,7 +314,7 @@ template <typename W, typename M>
 double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
   const auto chunks = chunk_table(specs);
   std::vector<double> partial(chunks.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  balanced_for(chunk_sizes(chunks), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const Spec& s = specs[ch.spec];
@@ -336,7 +370,7 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
 template <typename W, typename M>
 void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps) {
   const auto chunks = chunk_table(specs);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  balanced_for(chunk_sizes(chunks), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const Spec& s = specs[ch.spec];
@@ -479,7 +513,10 @@ void restore_(at::TensorList weights, at::TensorList saved) {
       spans.push_back({dst + b, src + b, std::min(kBytes, n - b)});
     }
   }
-  at::parallel_for(0, static_cast<int64_t>(spans.size()), 1, [&](int64_t lo, int64_t hi) {
+  std::vector<int64_t> span_bytes;
+  span_bytes.reserve(spans.size());
+  for (const Span& sp : spans) span_bytes.push_back(sp.bytes);
+  balanced_for(span_bytes, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       char* dst = spans[i].dst;
       const char* src = spans[i].src;

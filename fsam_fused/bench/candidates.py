@@ -4,6 +4,11 @@ Every candidate is built on the *same* parameter and gradient tensors (its own E
 buffers aside) with a base optimizer that does nothing: a step restores the weights bit for
 bit, so the candidates can take turns on one parameter list, interleaved, and the memory of
 the big presets is paid once.
+
+Before each timed step, every candidate's gradients are rewritten, untimed, as the backward
+pass before a real optimizer step leaves them: pytorch_optimizer needs it (it subtracts the
+EMA from ``.grad`` in place), and all candidates get it so none starts with gradients its
+rival has just pulled into the cache. The others rewrite the same values (``g *= 1``).
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ class FSAMBackend(Candidate):
 
         step()  # creates the EMA; the next step builds the plan later steps reuse
         step()
-        return Built(step, self._passes(opt))
+        return Built(step, self._passes(opt), prepare=_touch_grads(params))
 
     @staticmethod
     def _passes(opt):
@@ -153,6 +158,16 @@ class FSAMBackend(Candidate):
                 "restore": (setup_restore, restore), "settle": settle}
 
 
+def _touch_grads(params):
+    """The untimed prepare of candidates that leave ``.grad`` alone: rewrite it unchanged."""
+    grads = [p.grad for p in params]
+
+    @torch.no_grad()
+    def prepare():
+        torch._foreach_mul_(grads, 1.0)
+    return prepare
+
+
 class PytorchOptimizer(Candidate):
     """pytorch_optimizer's ``FriendlySAM`` (PyPI ``pytorch-optimizer``), foreach or loop."""
 
@@ -175,7 +190,7 @@ class PytorchOptimizer(Candidate):
         from pytorch_optimizer import FriendlySAM
 
         # It subtracts the EMA from .grad in place, so it gets parameters of its own, and its
-        # gradients are reset (untimed) before every step, as a real step's would be fresh.
+        # gradients are reset before every step (see the module docstring).
         own = [torch.nn.Parameter(p.detach().clone()) for p in params]
         pristine = [p.grad.clone() for p in params]
         for p, g in zip(own, pristine):
@@ -245,7 +260,7 @@ class CompiledForeach(Candidate):
             restore(params, saved)
 
         step()  # compiles
-        return Built(step)
+        return Built(step, prepare=_touch_grads(params))
 
 
 def candidates(device: torch.device):
