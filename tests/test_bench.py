@@ -60,6 +60,9 @@ def test_command_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--backends", "triton"])  # a CUDA candidate
     assert "unknown backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--device", "cpu", "--dtypes", "float64"])
+    assert "unknown dtype" in capsys.readouterr().err
 
 
 def test_presets_have_the_sizes_they_claim():

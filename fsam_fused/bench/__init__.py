@@ -74,7 +74,11 @@ def main(argv=None) -> int:
             ap.error(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
     else:
         presets = FULL if args.full else QUICK[device.type if cuda else "cpu"]
-    dtypes = [getattr(torch, d) for d in (args.dtypes or "float32,bfloat16").split(",")]
+    dtypes = []
+    for d in (args.dtypes or "float32,bfloat16").split(","):
+        if d not in ("float32", "bfloat16", "float16"):
+            ap.error(f"unknown dtype {d!r}; choose from float32, bfloat16, float16")
+        dtypes.append(getattr(torch, d))
     names = set(args.backends.split(",")) if args.backends else None
     if names:
         known = {c.name for c in candidates(device)}
