@@ -235,8 +235,10 @@ class CompiledForeach(Candidate):
 
     peer = True
 
-    # Inductor compiles one graph per list; past a few hundred tensors that takes minutes.
-    MAX_TENSORS = 200
+    # Inductor compiles one graph per list and dtype, and its time grows with the tensor
+    # count; above this the quick CUDA suite could not fit gpu_check.sh's few minutes
+    # (ResNet-18's 62 tensors are compiled; GPT-2's 148 and 2,000 tiny ones are not).
+    MAX_TENSORS = 100
 
     def unavailable(self, device, dtype, tensors=1):
         if device.type != "cuda":
