@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import threading
 import warnings
@@ -64,7 +65,8 @@ def _build():
     from torch.utils import cpp_extension
 
     cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
+    words = shlex.split(cxx)  # CXX may carry a launcher or flags: "ccache g++"
+    if not words or shutil.which(words[0]) is None:
         raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja)")
