@@ -35,6 +35,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NAME = "fsam_fused_cpu"
 _lock = threading.Lock()
 _status = None  # None: not tried yet; True: loaded; str: why it cannot be
+_warned = False  # fallback_warning has been given
 
 
 def _sources():
@@ -157,14 +158,10 @@ def fallback_warning(reason: str) -> None:
                       stacklevel=6)  # the caller of first_step
 
 
-_warned = False
-
 
 def _register_fakes():
     """Shape-only implementations, so torch.compile and opcheck can trace the ops."""
-    lib = "fsam_fused::"
-    if getattr(torch.ops.fsam_fused.norm_sq.default, "_fsam_fake", False):
-        return
+    lib = "fsam_fused::"  # called once per process, by load()
 
     @torch.library.register_fake(lib + "norm_sq")
     def _(weights, grads, emas, adaptive, decay, gain, sigma, paper):
@@ -177,8 +174,6 @@ def _register_fakes():
     @torch.library.register_fake(lib + "restore_")
     def _(weights, saved):
         return None
-
-    torch.ops.fsam_fused.norm_sq.default._fsam_fake = True
 
 
 def supports(device: torch.device, dtype: torch.dtype, ema_dtype: torch.dtype) -> str | None:

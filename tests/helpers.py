@@ -140,6 +140,46 @@ def close_to_reference(got, want, dtype, what):
                                    msg=lambda m: f"{what}: {m}")
 
 
+def check_against_reference(make_params, dtype, backend, device="cpu", steps=3,
+                            adaptive=False, seed=0):
+    """Step a fused optimizer and a reference twin on the same fresh gradients, comparing
+    after each half step. The saved-copy buffers are poisoned with NaN first, so an element
+    a kernel fails to write shows up; the weights' own bits must survive the perturbation
+    exactly: in the saved copy, or, where the parameter was double-buffered onto another
+    storage, in its home storage. Returns the fused optimizer."""
+    gen = torch.Generator().manual_seed(seed)
+    ps, ps_r = make_params(), make_params()
+    kw = dict(rho=0.5, sigma=1.0, lmbda=0.8, adaptive=adaptive, lr=0.01, momentum=0.9)
+    opt = FSAM(ps, torch.optim.SGD, **opt_args(backend), **kw)
+    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", **kw)
+
+    def fresh_grads():
+        for p, r in zip(ps, ps_r):
+            g = torch.randn(p.shape, generator=gen).to(device, dtype)
+            p.grad, r.grad = g.clone(), g.clone()
+
+    for step in range(steps):
+        fresh_grads()
+        before = [p.detach().clone() for p in ps]
+        homes = [p.detach() for p in ps]  # aliases of each parameter's own storage
+        for buf in opt._saved.values():
+            buf.fill_(float("nan"))
+        opt.first_step()
+        opt_r.first_step()
+        for i, (p, r) in enumerate(zip(ps, ps_r)):
+            close_to_reference(p.detach(), r.detach(), dtype, f"step {step} perturbed[{i}]")
+            kept = homes[i] if p.data_ptr() != homes[i].data_ptr() else opt._saved[p]
+            assert torch.equal(kept, before[i]), f"step {step}: weights [{i}] not kept exactly"
+            close_to_reference(opt.state[p]["ema"], opt_r.state[r]["ema"], torch.float32,
+                               f"step {step} ema[{i}]")
+        fresh_grads()
+        opt.second_step()
+        opt_r.second_step()
+        for i, (p, r) in enumerate(zip(ps, ps_r)):
+            close_to_reference(p.detach(), r.detach(), dtype, f"step {step} weights[{i}]")
+    return opt
+
+
 def lowp_yardstick(got, ref32, lowp, dtype, scale):
     """flash-attention's rule: the error of `got` against the float32 reference is at most
     twice the error of plain torch in the same low precision, plus a floor of one ulp at the

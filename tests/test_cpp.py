@@ -15,7 +15,7 @@ import torch
 
 from fsam_fused import FSAM, cpp_backend
 
-from helpers import backend_available, close_to_reference, opt_args
+from helpers import backend_available, check_against_reference, opt_args
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
@@ -28,38 +28,11 @@ def ops():
     return torch.ops.fsam_fused
 
 
-_close = close_to_reference
 
 
-def _check_against_reference(make_params, dtype, backend, steps=3, adaptive=False, seed=0):
-    """Step a C++ optimizer and a reference twin on the same fresh gradients."""
+def _check_against_reference(make_params, dtype, backend, **kw):
     backend_available(backend, "cpu")
-    gen = torch.Generator().manual_seed(seed)
-    ps_c, ps_r = make_params(), make_params()
-    kw = dict(rho=0.5, sigma=1.0, lmbda=0.8, adaptive=adaptive, lr=0.01, momentum=0.9)
-    opt_c = FSAM(ps_c, torch.optim.SGD, **opt_args(backend), **kw)
-    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", **kw)
-    for step in range(steps):
-        for pc, pr in zip(ps_c, ps_r):
-            g = torch.randn(pc.shape, generator=gen).to(dtype)
-            pc.grad, pr.grad = g.clone(), g.clone()
-        before = [p.detach().clone() for p in ps_c]
-        for buf in opt_c._saved.values():
-            buf.fill_(float("nan"))
-        opt_c.first_step()
-        opt_r.first_step()
-        for i, (pc, pr) in enumerate(zip(ps_c, ps_r)):
-            _close(pc.detach(), pr.detach(), dtype, f"step {step} perturbed[{i}]")
-            _close(opt_c.state[pc]["ema"], opt_r.state[pr]["ema"], torch.float32,
-                   f"step {step} ema[{i}]")
-        for pc, pr in zip(ps_c, ps_r):
-            g = torch.randn(pc.shape, generator=gen).to(dtype)
-            pc.grad, pr.grad = g.clone(), g.clone()
-        opt_c.second_step()
-        opt_r.second_step()
-        for i, (pc, pr) in enumerate(zip(ps_c, ps_r)):
-            _close(pc.detach(), pr.detach(), dtype, f"step {step} weights[{i}]")
-    return opt_c
+    return check_against_reference(make_params, dtype, backend, **kw)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cpp-fixed"])

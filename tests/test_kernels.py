@@ -8,7 +8,7 @@ import torch
 
 from fsam_fused import FSAM
 
-from helpers import backend_available, close_to_reference, opt_args
+from helpers import backend_available, check_against_reference, opt_args
 
 pytestmark = pytest.mark.usefixtures("_triton_ok")
 
@@ -23,40 +23,10 @@ def _kernels():
     return fsam
 
 
-_close = close_to_reference
 
 
-def _poison(opt):
-    for buf in opt._saved.values():
-        buf.fill_(float("nan"))
-
-
-def _check_against_reference(make_params, dtype, device, steps=3, adaptive=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ps_t, ps_r = make_params(), make_params()
-    kw = dict(rho=0.5, sigma=1.0, lmbda=0.8, adaptive=adaptive, lr=0.01, momentum=0.9)
-    opt_t = FSAM(ps_t, torch.optim.SGD, backend="triton", **kw)
-    opt_r = FSAM(ps_r, torch.optim.SGD, backend="reference", **kw)
-    for step in range(steps):
-        for phase in ("first", "second"):
-            for pt, pr in zip(ps_t, ps_r):
-                g = torch.randn(pt.shape, generator=gen).to(device, dtype)
-                pt.grad, pr.grad = g.clone(), g.clone()
-            if phase == "first":
-                before = [p.detach().clone() for p in ps_t]
-                _poison(opt_t)
-                opt_t.first_step()
-                opt_r.first_step()
-                for i, (pt, pr) in enumerate(zip(ps_t, ps_r)):
-                    _close(pt.detach(), pr.detach(), dtype, f"step {step} perturbed[{i}]")
-                    assert torch.equal(opt_t._saved[pt], before[i]), f"saved copy [{i}]"
-                    _close(opt_t.state[pt]["ema"], opt_r.state[pr]["ema"], torch.float32,
-                           f"step {step} ema[{i}]")
-            else:
-                opt_t.second_step()
-                opt_r.second_step()
-                for i, (pt, pr) in enumerate(zip(ps_t, ps_r)):
-                    _close(pt.detach(), pr.detach(), dtype, f"step {step} weights[{i}]")
+def _check_against_reference(make_params, dtype, device, **kw):
+    return check_against_reference(make_params, dtype, "triton", device, **kw)
 
 
 def _step_pair(opt, opt_r, ps, ps_r):
