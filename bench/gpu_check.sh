@@ -24,7 +24,7 @@ unset TRITON_INTERPRET
 cat "$OUT/device.txt"
 
 status=0
-timeout 180 python3 -m pytest tests -q -k "cuda or codegen" -p no:cacheprovider \
+timeout 180 python3 -m pytest tests -q -m "cuda or codegen" -p no:cacheprovider \
   --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" || status=1
 timeout 270 python3 -m fsam_fused.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" \
   2>&1 | tee "$OUT/bench.log" || status=1

@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # lets the Triton backend accept
 import torch  # noqa: E402
 
 from fsam_fused import FSAM  # noqa: E402
-from fsam_fused.bench import _NoOp, resnet18_cifar_shapes  # noqa: E402
+from fsam_fused.bench import NoOp, resnet18_cifar_shapes  # noqa: E402
 from fsam_fused.kernels import fsam as K  # noqa: E402
 
 K.MultiTensorFSAM.norm_partials = lambda self, out, sigma, paper: None
@@ -28,7 +28,7 @@ K.MultiTensorFSAM.restore = lambda self: None
 def measure(shapes, moving_grads, reps=200):
     ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     grads = [[torch.randn_like(p) for p in ps] for _ in range(2)]
-    opt = FSAM(ps, _NoOp, backend="triton")
+    opt = FSAM(ps, NoOp, backend="triton")
     times = []
     for k in range(reps + 5):
         for p, g in zip(ps, grads[k % 2 if moving_grads else 0]):

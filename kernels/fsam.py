@@ -29,8 +29,8 @@ restore       saved (W)               w (W)
 
 ``*`` w only when a parameter group is adaptive; m only when ``sigma > 0``.
 For float32 weights with the float32 EMA, non-adaptive: 8 + 24 + 8 = 40 bytes per parameter
-per step; bfloat16 weights: 6 + 16 + 4 = 26. :func:`bytes_per_step` counts this for the
-benchmarks.
+per step; bfloat16 weights: 6 + 16 + 4 = 26. ``fsam_fused.traffic.bytes_per_step`` counts this
+for the benchmarks (this package imports nothing from the front-end; a test pins the two).
 
 Tensors are reached through device-resident pointer tables: one int64 row per tensor for the
 weights, EMA and saved copy (uploaded when the optimizer's plan changes) and a separate
@@ -280,15 +280,6 @@ def _restore_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, n_chunks,
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def bytes_per_step(numel: int, w_bytes: int, m_bytes: int, has_ema: bool, adaptive: bool) -> int:
-    """Bytes one F-SAM step must move for ``numel`` parameters (see the module docstring)."""
-    ema = m_bytes if has_ema else 0
-    norm = w_bytes + ema + (w_bytes if adaptive else 0)
-    perturb = (2 * w_bytes + ema) + (ema + 2 * w_bytes)  # read g, w, m; write m, saved, w
-    restore = 2 * w_bytes
-    return numel * (norm + perturb + restore)
 
 
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -9,13 +9,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The CUDA parameter carries the `cuda` marker, so `pytest -m cuda` (bench/gpu_check.sh) runs
+# every test on CUDA tensors and nothing else.
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)]
+                     if torch.cuda.is_available() else [])
 
 
 def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.name and not torch.cuda.is_available():
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=DEVICES)
@@ -28,5 +34,5 @@ def _double_buffer_small_tensors(monkeypatch):
     """The test models are small: let the C++ backend double-buffer tensors of any size, so
     the whole matrix runs that path ("cpp-fixed" runs the exact copy); test_cpp checks the
     size threshold itself."""
-    from fsam_fused import cpp_backend
-    monkeypatch.setattr(cpp_backend, "SWAP_MIN_NUMEL", 1)
+    from fsam_fused.backends import cpp
+    monkeypatch.setattr(cpp, "SWAP_MIN_NUMEL", 1)

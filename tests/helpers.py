@@ -29,9 +29,9 @@ def backend_available(backend: str, device) -> None:
     if backend.startswith("cpp"):
         if device.type != "cpu":
             pytest.skip("the C++ backend takes CPU tensors")
-        from fsam_fused import cpp_backend
+        from fsam_fused import cpp_build
         # A compiler and ninja are part of the test set-up: a failed build is a failure.
-        reason = cpp_backend.load()
+        reason = cpp_build.load()
         assert reason is None, f"the C++ backend did not build: {reason}"
     if backend == "triton":
         require_triton()
@@ -162,13 +162,14 @@ def check_against_reference(make_params, dtype, backend, device="cpu", steps=3,
         fresh_grads()
         before = [p.detach().clone() for p in ps]
         homes = [p.detach() for p in ps]  # aliases of each parameter's own storage
-        for buf in opt._saved.values():
+        for buf in opt.engine.buffers.saved.values():
             buf.fill_(float("nan"))
         opt.first_step()
         opt_r.first_step()
         for i, (p, r) in enumerate(zip(ps, ps_r)):
             close_to_reference(p.detach(), r.detach(), dtype, f"step {step} perturbed[{i}]")
-            kept = homes[i] if p.data_ptr() != homes[i].data_ptr() else opt._saved[p]
+            kept = homes[i] if p.data_ptr() != homes[i].data_ptr() else \
+                opt.engine.buffers.saved[p]
             assert torch.equal(kept, before[i]), f"step {step}: weights [{i}] not kept exactly"
             close_to_reference(opt.state[p]["ema"], opt_r.state[r]["ema"], torch.float32,
                                f"step {step} ema[{i}]")

@@ -9,12 +9,12 @@ import torch
 
 from fsam_fused import FSAM
 from fsam_fused.bench import e2e, main
-from fsam_fused.bench.candidates import (NoOp, candidates, counted_bytes, foreach_first_step,
+from fsam_fused.bench.candidates import (NoOp, candidates, foreach_first_step,
                                          foreach_restore)
 from fsam_fused.bench.presets import PRESETS, numel
 from fsam_fused.bench.suite import make_params
 
-from helpers import backend_available, require_triton
+from helpers import backend_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"backend", "preset", "dtype", "device", "ms", "gbps", "bytes", "speedup_vs_reference",
@@ -74,17 +74,6 @@ def test_presets_have_the_sizes_they_claim():
     assert count["single64m"] == (1, 64 * 2**20)
     resnet = e2e.ResNet18()
     assert [tuple(p.shape) for p in resnet.parameters()] == PRESETS["resnet18"]()
-
-
-def test_counted_bytes_match_the_kernels_count():
-    require_triton()
-    from fsam_fused.kernels.fsam import bytes_per_step
-
-    for w, m, ema, ad in [(4, 4, True, False), (2, 4, True, True), (2, 2, False, False)]:
-        assert counted_bytes(1000, w, m, ema, ad) == bytes_per_step(1000, w, m, ema, ad)
-    assert counted_bytes(1, 4) == 40 and counted_bytes(1, 2) == 26
-    assert counted_bytes(1, 4, double_buffered=True) == 28
-    assert counted_bytes(1, 2, double_buffered=True) == 20
 
 
 @pytest.mark.parametrize("name", ["reference", "foreach", "cpp", "cpp-fixed"])
@@ -165,9 +154,9 @@ def test_ci_runs_exactly_the_readme_commands():
 
 
 def test_cpp_counts_the_bytes_of_what_it_double_buffers(monkeypatch):
-    from fsam_fused import cpp_backend
+    from fsam_fused.backends import cpp
 
-    monkeypatch.setattr(cpp_backend, "SWAP_MIN_NUMEL", 4096)
+    monkeypatch.setattr(cpp, "SWAP_MIN_NUMEL", 4096)
     c = {c.name: c for c in candidates(torch.device("cpu"))}
     shapes = [(10,), (64, 80)]  # 10 copied, 5,120 double-buffered
     assert c["cpp"].bytes(shapes, torch.float32) == 10 * 40 + 5120 * 28

@@ -13,6 +13,8 @@ from helpers import require_triton
 
 require_triton()
 
+pytestmark = pytest.mark.codegen
+
 KEYS = {"kernel", "target", "dtype", "hot_load_bits", "hot_store_bits", "registers", "spills"}
 
 

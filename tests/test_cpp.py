@@ -1,25 +1,21 @@
 """The C++ CPU backend: its ops (opcheck, errors, determinism), the shapes that break
-multi-tensor kernels, the double-buffered perturbation, and the build on first use.
+multi-tensor kernels and the double-buffered perturbation (the build on first use:
+test_cpp_build.py).
 
 The whole equivalence matrix of the other test files also runs against "cpp" (double-buffered,
 the default) and "cpp-fixed" (the exact-copy path). Output buffers are poisoned with NaN
 before the ops run, so an element they fail to write shows up."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from fsam_fused import FSAM, cpp_backend
+from fsam_fused import FSAM
+from fsam_fused.backends import cpp as cpp_backend
 
 from helpers import backend_available, check_against_reference, opt_args
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -59,8 +55,8 @@ def test_swapped_and_copied_tensors_in_one_bucket(dtype, monkeypatch):
         torch.manual_seed(6)
         return [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
     opt = _check_against_reference(make, dtype, "cpp", adaptive=True)
-    (_, b), = opt._plan.buckets
-    assert b.scratch_static["cpp"].swap == [0, 0, 0, 1, 0, 1]
+    (bucket,) = opt.plan_summary()
+    assert bucket.double_buffered == (False, False, False, True, False, True)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "cpp-fixed"])
@@ -95,7 +91,7 @@ def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
         p.grad = torch.randn_like(p)
     before = flat.clone()
     opt.first_step()
-    assert not any(opt._plan.buckets[0][1].scratch_static["cpp"].swap)
+    assert not any(opt.plan_summary()[0].double_buffered)
     assert not torch.equal(flat, before), "the flat buffer must see the perturbation"
     assert ps[0].data_ptr() == flat.data_ptr() + 4
     opt.second_step()
@@ -163,7 +159,7 @@ def test_channels_last_weights():
             torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
         for o in (opt, opt_r):
             o.second_step(zero_grad=True)
-    assert [be.name for be, _ in opt._plan.buckets] == ["cpp"]
+    assert [b.backend for b in opt.plan_summary()] == ["cpp"]
     assert ps[0].is_contiguous(memory_format=torch.channels_last)
 
 
@@ -177,7 +173,8 @@ def test_auto_picks_cpp_for_what_it_supports(dtype, want):
     for _ in range(2):  # the first step creates the EMA; the second keeps its plan
         opt.first_step()
         opt.second_step()
-    assert [be.name for be, _ in opt._plan.buckets] == [want]
+    assert [b.backend for b in opt.plan_summary()] == [want]
+    assert opt.backend_for(p) == want
 
 
 def test_explicit_cpp_rejects_what_it_cannot_run():
@@ -292,102 +289,3 @@ def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
                      a["swap"], 1.0, 1e-12, False)
     assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
     assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))
-
-
-# ------------------------------------------------------------------ the build on first use
-
-def _python(code, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def _env(**kw):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.update(kw)
-    return env
-
-
-def test_nothing_is_built_at_import_or_construction(tmp_path):
-    build = tmp_path / "build"
-    r = _python("""
-        import torch, fsam_fused
-        from fsam_fused import FSAM, cpp_backend
-        p = torch.nn.Parameter(torch.randn(3))
-        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
-        assert cpp_backend._status is None
-        print("ok")
-    """, _env(FSAM_FUSED_BUILD_DIR=str(build)))
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
-    assert not build.exists()
-
-
-def test_without_a_compiler_auto_warns_once_and_uses_foreach(tmp_path):
-    r = _python("""
-        import warnings, torch
-        from fsam_fused import FSAM
-        warnings.simplefilter("always")
-        with warnings.catch_warnings(record=True) as caught:
-            for _ in range(2):
-                p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)
-                opt = FSAM([p], torch.optim.SGD, lr=0.1)
-                for _ in range(2):
-                    opt.first_step(); opt.second_step()
-                assert [be.name for be, _ in opt._plan.buckets] == ["foreach"]
-        msgs = [str(w.message) for w in caught if "C++" in str(w.message)]
-        assert len(msgs) == 1, msgs
-        print(msgs[0])
-        p = torch.nn.Parameter(torch.randn(3)); p.grad = torch.randn(3)
-        try:
-            FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp").first_step()
-        except ValueError as e:
-            print("explicit:", e)
-    """, _env(CXX="/nonexistent/c++", FSAM_FUSED_BUILD_DIR=str(tmp_path / "b")))
-    assert r.returncode == 0, r.stderr
-    assert "no C++ compiler" in r.stdout and "foreach" in r.stdout
-    assert "explicit: backend='cpp' cannot run these parameters: RuntimeError: no C++ " \
-           "compiler" in r.stdout
-
-
-def test_build_bounds_jobs_and_clears_a_stale_lock(tmp_path, monkeypatch):
-    """An interrupted build leaves torch's lock file behind; the next build would wait on it
-    forever. The build takes its own OS lock and removes the leftover; MAX_JOBS is bounded
-    while it runs and the caller's environment is left as it was."""
-    from torch.utils import cpp_extension
-
-    monkeypatch.setenv("FSAM_FUSED_BUILD_DIR", str(tmp_path))
-    build = cpp_backend.build_directory()
-    assert os.path.dirname(build) == str(tmp_path) and "torch" in os.path.basename(build)
-    os.makedirs(build)
-    open(os.path.join(build, "lock"), "w").close()
-    seen = {}
-
-    def fake_load(name, sources, build_directory, extra_cflags, extra_ldflags, **kw):
-        seen.update(jobs=os.environ.get("MAX_JOBS"), dir=build_directory, cflags=extra_cflags,
-                    lock=os.path.exists(os.path.join(build_directory, "lock")), src=sources)
-    monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.delenv("MAX_JOBS", raising=False)
-    cpp_backend._build()
-    assert seen["dir"] == build and not seen["lock"]
-    assert 1 <= int(seen["jobs"]) <= 4 and "MAX_JOBS" not in os.environ
-    assert "-fopenmp" in seen["cflags"] and seen["src"][0].endswith("fsam_cpu.cpp")
-    monkeypatch.setenv("MAX_JOBS", "1")
-    cpp_backend._build()
-    assert seen["jobs"] == "1"
-
-
-def test_real_build_survives_a_stale_lock(tmp_path):
-    """The same with torch's real loader, in a fresh process and cache directory."""
-    backend_available("cpp", "cpu")
-    build = os.path.join(tmp_path, os.path.basename(cpp_backend.build_directory()))
-    os.makedirs(build)
-    open(os.path.join(build, "lock"), "w").close()
-    r = _python("""
-        import torch
-        from fsam_fused import cpp_backend
-        assert cpp_backend.load() is None, cpp_backend.load()
-        print(torch.ops.fsam_fused.norm_sq([torch.ones(4)], [torch.ones(4)], [], [0], [0.0],
-                                           [1.0], 0.0, False).item())
-    """, _env(FSAM_FUSED_BUILD_DIR=str(tmp_path)), timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "4.0" and not os.path.exists(os.path.join(build, "lock"))
-    assert os.path.exists(os.path.join(build, "fsam_fused_cpu.so"))

@@ -227,4 +227,4 @@ def test_auto_falls_back_when_gradients_are_not_dense(device):
         p.grad = torch.randn(5, 6, device=device).t()
         opt.first_step()
         opt.second_step()
-    assert [be.name for be, _ in opt._plan.buckets] == ["foreach"]
+    assert [b.backend for b in opt.plan_summary()] == ["foreach"]

@@ -3,6 +3,8 @@ changed mid-run, gradients at new or the same addresses, both step APIs. Each fu
 backend must track the reference on every step. The reference run drops its step plan
 before every step, so it also checks the plan the optimizer keeps between steps."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -77,7 +79,10 @@ def test_random_step_sequences_track_the_reference(backend, device, steps, order
                     p.grad = None if g is None else g.clone()
 
             if b == "reference":
-                opt._plan = None  # the oracle re-validates and rebuilds every step
+                # The oracle re-validates and rebuilds its plan every step: a fresh copy of
+                # its optimizer (copies carry no plan), which must also step identically.
+                opt = copy.deepcopy(opt, {id(p): p for p in ps})
+                runs[b] = (ps, opt, kept)
             if s["closure"]:
                 opt.step(second)
             else:

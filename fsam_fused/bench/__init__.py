@@ -8,7 +8,7 @@ foreach step under ``torch.compile``. All candidates take turns on one parameter
 round after round, beside a plain copy whose bandwidth is the yardstick.
 
 Printed per candidate: median ms, GB/s against the bytes its design must move
-(:func:`counted_bytes`), that as a share of the copy bandwidth, and the speed-up over the
+(:func:`fsam_fused.traffic.bytes_per_step`), that as a share of the copy bandwidth, and the speed-up over the
 reference backend and over each peer. Timings from different runs are not comparable on a
 shared CPU: compare within one run.
 
@@ -33,12 +33,10 @@ import sys
 
 import torch
 
-from .candidates import NoOp, candidates, counted_bytes
+from .candidates import NoOp, candidates
 from .presets import FULL, PRESETS, QUICK, resnet18_cifar_shapes
 
-_NoOp = NoOp  # the name the tests and bench/ scripts import
-
-__all__ = ["main", "NoOp", "counted_bytes", "candidates", "PRESETS", "resnet18_cifar_shapes"]
+__all__ = ["main", "NoOp", "candidates", "PRESETS", "resnet18_cifar_shapes"]
 
 
 def _log(msg="", end="\n"):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import CppBackend, TritonBackend, cpp
+from ..hparams import EPS, opmath
 from ..optimizer import FSAM
-from ..reference import EPS, opmath
+from ..traffic import bytes_per_step
 from .presets import numel
 
 RHO, SIGMA, LMBDA = 0.05, 1.0, 0.9
@@ -30,24 +32,6 @@ class NoOp(torch.optim.Optimizer):
 
     def step(self, closure=None):
         return None
-
-
-def counted_bytes(numel: int, w_bytes: int, m_bytes: int = 4, has_ema: bool = True,
-                  adaptive: bool = False, double_buffered: bool = False) -> int:
-    """Bytes one F-SAM step must move, counting each tensor read or written once per pass.
-
-    Exact copy (every backend but the double-buffered C++ path), per parameter:
-    norm reads g, m (and w if adaptive); perturb reads g, w, m and writes m, the saved copy
-    and w; restore reads the copy and writes w: 40 bytes in float32, 26 in bfloat16 with a
-    float32 EMA. Double-buffered: perturb writes w + e into a spare buffer instead of saving
-    w and writing it, and restoring moves nothing: 28 and 20 bytes.
-    """
-    ema = m_bytes if has_ema else 0
-    norm = w_bytes + ema + (w_bytes if adaptive else 0)
-    if double_buffered:
-        return numel * (norm + (2 * w_bytes + ema) + (ema + w_bytes))
-    perturb = (2 * w_bytes + ema) + (ema + 2 * w_bytes)
-    return numel * (norm + perturb + 2 * w_bytes)
 
 
 class Candidate:
@@ -65,7 +49,7 @@ class Candidate:
 
     def bytes(self, shapes, dtype: torch.dtype) -> int:
         """Counted bytes of one step over tensors of these shapes."""
-        return counted_bytes(sum(map(numel, shapes)), torch.empty((), dtype=dtype).element_size())
+        return bytes_per_step(sum(map(numel, shapes)), dtype.itemsize)
 
 
 class Built:
@@ -84,23 +68,19 @@ class FSAMBackend(Candidate):
 
     def unavailable(self, device, dtype, tensors=1):
         if self.backend == "triton":
-            from .. import triton_backend
             if device.type != "cuda":
                 return "Triton needs CUDA"
-            return triton_backend.supports(device, dtype, opmath(dtype))
+            return TritonBackend.unsupported(device, dtype, opmath(dtype))
         if self.backend == "cpp":
-            from .. import cpp_backend
-            return cpp_backend.supports(device, dtype, opmath(dtype)) or cpp_backend.load()
+            from .. import cpp_build
+            return CppBackend.unsupported(device, dtype, opmath(dtype)) or cpp_build.load()
         return None
 
     def bytes(self, shapes, dtype):
-        from ..cpp_backend import SWAP_MIN_NUMEL
-
-        w = torch.empty((), dtype=dtype).element_size()
         double = self.backend == "cpp" and not self.kwargs.get("fixed_addresses", False)
         # The C++ backend double-buffers only tensors from SWAP_MIN_NUMEL elements on.
-        return sum(counted_bytes(numel(s), w, double_buffered=double and
-                                 numel(s) >= SWAP_MIN_NUMEL) for s in shapes)
+        return sum(bytes_per_step(numel(s), dtype.itemsize, double_buffered=double and
+                                  numel(s) >= cpp.SWAP_MIN_NUMEL) for s in shapes)
 
     def build(self, params):
         opt = FSAM(params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend,
@@ -116,29 +96,22 @@ class FSAMBackend(Candidate):
 
     @staticmethod
     def _passes(opt):
-        """Each pass alone on the optimizer's own plan (one bucket: one device and dtype)."""
-        (be, b), = opt._plan.buckets
+        """Each pass alone on the optimizer's own plan (one bucket: one device and dtype),
+        through the engine's public pass API."""
+        passes = opt.engine.passes()
         state = {"perturbed": False}
 
-        @torch.no_grad()
         def settle():  # back to unperturbed weights, so every timed pass starts alike
             if state["perturbed"]:
-                be.restore(b)
+                passes.restore()
                 state["perturbed"] = False
 
-        @torch.no_grad()
-        def norm():
-            b.scratch = {}
-            return be.norm_partials(b)
-
-        @torch.no_grad()
         def perturb(sq):
-            be.perturb(b, sq)
+            passes.perturb(sq)
             state["perturbed"] = True
 
-        @torch.no_grad()
         def restore():
-            be.restore(b)
+            passes.restore()
             state["perturbed"] = False
 
         def setup_norm():
@@ -147,14 +120,14 @@ class FSAMBackend(Candidate):
 
         def setup_perturb():
             settle()
-            return (norm(),), {}
+            return (passes.norm(),), {}
 
         def setup_restore():
             settle()
-            perturb(norm())
+            perturb(passes.norm())
             return (), {}
 
-        return {"norm": (setup_norm, norm), "perturb": (setup_perturb, perturb),
+        return {"norm": (setup_norm, passes.norm), "perturb": (setup_perturb, perturb),
                 "restore": (setup_restore, restore), "settle": settle}
 
 

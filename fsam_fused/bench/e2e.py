@@ -107,8 +107,8 @@ def run(device, batch=128, steps=None, warmup=1, log=print, channels_last=False)
     records = []
     for name, (model, opt, step_ms, opt_ms) in runs.items():
         backend = None
-        if isinstance(opt, FSAM):  # the backends "auto" instantiated
-            backend = ",".join(sorted(opt._backends))
+        if isinstance(opt, FSAM):  # the backends "auto" chose
+            backend = ",".join(sorted({s.backend for s in opt.plan_summary()}))
         ms, oms = statistics.median(step_ms), statistics.median(opt_ms)
         records.append({"kind": "e2e", "backend": name, "fsam_backend": backend,
                         "preset": f"resnet18-cifar-train-b{batch}", "dtype": "float32", **meta,

@@ -96,8 +96,8 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                 if names is not None and c.name not in names:
                     continue
                 if c.name.startswith("cpp"):
-                    from .. import cpp_backend
-                    if cpp_backend._status is None:
+                    from .. import cpp_build
+                    if not cpp_build.attempted():
                         log(" [loading the C++ backend: compiled on first use, then cached]",
                             end="")
                 reason = c.unavailable(device, dtype, len(shapes))

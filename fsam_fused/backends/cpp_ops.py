@@ -1,0 +1,49 @@
+"""Typed Python wrappers of the C++ ops (``csrc/fsam_cpu.cpp``), next to their fake
+kernels, as pytorch/extension-cpp lays them out. The ops exist once
+:func:`fsam_fused.cpp_build.load` has loaded the extension."""
+
+from __future__ import annotations
+
+import torch
+
+_LIB = "fsam_fused::"
+
+
+def norm_sq(weights: list[torch.Tensor], grads: list[torch.Tensor], emas: list[torch.Tensor],
+            adaptive: list[int], decay: list[float], gain: list[float], sigma: float,
+            paper: bool) -> torch.Tensor:
+    """A 1-element float32 tensor: the sum of ``(a * d)**2`` over every tensor."""
+    return torch.ops.fsam_fused.norm_sq(weights, grads, emas, adaptive, decay, gain, sigma,
+                                        paper)
+
+
+def perturb_(weights: list[torch.Tensor], grads: list[torch.Tensor], emas: list[torch.Tensor],
+             saved: list[torch.Tensor], sq: torch.Tensor, rho: list[float], adaptive: list[int],
+             decay: list[float], gain: list[float], swap: list[int], sigma: float, eps: float,
+             paper: bool) -> None:
+    """EMA update, then per tensor: ``swap`` 0 saves an exact copy and writes ``w + e`` in
+    place; 1 writes ``w + e`` into ``saved`` and leaves ``w``. Checks before any write."""
+    torch.ops.fsam_fused.perturb_(weights, grads, emas, saved, sq, rho, adaptive, decay, gain,
+                                  swap, sigma, eps, paper)
+
+
+def restore_(weights: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
+    """``w <- saved``, bit for bit."""
+    torch.ops.fsam_fused.restore_(weights, saved)
+
+
+def register_fakes() -> None:
+    """Shape-only implementations, so torch.compile and opcheck can trace the ops. Called
+    once per process, by the loader, after the library is loaded."""
+
+    @torch.library.register_fake(_LIB + "norm_sq")
+    def _(weights, grads, emas, adaptive, decay, gain, sigma, paper):
+        return grads[0].new_empty(1, dtype=torch.float32)
+
+    @torch.library.register_fake(_LIB + "perturb_")
+    def _(weights, grads, emas, saved, sq, rho, adaptive, decay, gain, swap, sigma, eps, paper):
+        return None
+
+    @torch.library.register_fake(_LIB + "restore_")
+    def _(weights, saved):
+        return None

@@ -1,0 +1,75 @@
+"""The reference backend: the readable, executable statement of the contract
+(``docs/semantics.md``); every other backend is tested against it.
+
+A deliberately plain loop over parameters, one step of the contract at a time, in the
+arithmetic dtype (float32 for 16-bit weights), each result rounded once to its storage dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hparams import EPS, opmath
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def __init__(self, buffers=None):
+        pass
+
+    @staticmethod
+    def unsupported(device, dtype, ema_dtype):
+        return None  # any device, any floating-point dtype
+
+    def prepare(self, b) -> None:
+        b.perturbed_ptrs = [p.data_ptr() for p in b.params]
+
+    def norm(self, b):
+        directions, m_news, squares = [], [], []
+        for i, (p, g) in enumerate(zip(b.params, b.grads)):
+            ct = opmath(p.dtype)
+            g = g.to(ct)
+            m_new = None
+            if b.emas is None:  # sigma == 0: plain SAM, no EMA read or written
+                d = g
+            else:
+                m_old = b.emas[i].to(ct)
+                # m_new = lmbda * m + (1 - lmbda) * g, or g on the official first sight (the
+                # plan's decay/gain row; see plan.ema_row).
+                m_new = m_old * b.decay[i] + g * b.gain[i]
+                # Official order: d uses the EMA from *before* this step's update; the paper's
+                # (Algorithm 1) the updated one.
+                d = g - (m_new if b.paper else m_old) * b.sigma
+            directions.append(d)
+            m_news.append(m_new)
+            a = p.to(ct).abs() if b.adaptive[i] else 1.0
+            squares.append((a * d).float().pow(2).sum())
+        sq = torch.stack(squares) if squares else torch.zeros(1, device=b.device)
+        return sq, (directions, m_news)
+
+    def perturb(self, b, sq, carry) -> None:
+        directions, m_news = carry
+        norm = sq.sum().sqrt()
+        for s, p in zip(b.saved, b.params):
+            s.copy_(p)
+        try:
+            for i, (p, d) in enumerate(zip(b.params, directions)):
+                ct = opmath(p.dtype)
+                scale = (b.rhos[i] / (norm + EPS)).to(ct)
+                w = p.to(ct)
+                a2 = w * w if b.adaptive[i] else 1.0
+                p.copy_(w + scale * a2 * d)  # computed in opmath, rounded once to storage
+        except BaseException:
+            self.restore(b)
+            raise
+        if b.emas is not None:  # the last write: nothing after it can fail
+            for m, m_new in zip(b.emas, m_news):
+                m.copy_(m_new)
+
+    def restore(self, b) -> None:
+        for p, s in zip(b.params, b.saved):
+            p.copy_(s)
+
+    def original(self, b, i):
+        return b.saved[i]

@@ -1,0 +1,78 @@
+"""Adapter from buckets to the fused Triton launchers of ``fsam_fused.kernels`` (CUDA; CPU
+tensors only under ``TRITON_INTERPRET=1``, which the tests use)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..hparams import EPS
+from .base import fused_unsupported
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on CPU tensors through its interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels():
+    """The ``fsam_fused.kernels.fsam`` module (imports Triton)."""
+    from ..kernels import fsam
+
+    return fsam
+
+
+def triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return ("Triton is not installed (it comes with torch's CUDA builds on Linux; "
+                "pip install triton)")
+    return None
+
+
+class TritonBackend:
+    """Three launches per bucket and step: norm partials, perturb, restore."""
+
+    name = "triton"
+
+    def __init__(self, buffers=None):
+        self._launchers = {}  # (device, dtype, EMA dtype) -> MultiTensorFSAM, holding tables
+
+    @staticmethod
+    def unsupported(device, dtype, ema_dtype):
+        reason = triton_missing() or fused_unsupported("Triton", dtype, ema_dtype)
+        if reason is not None:
+            return reason
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
+            return None
+        return (f"the Triton kernels need CUDA tensors (CPU tensors only under "
+                f"TRITON_INTERPRET=1, for testing), got a {device.type} tensor")
+
+    def prepare(self, b) -> None:
+        m_dtype = b.emas[0].dtype if b.emas else torch.float32
+        key = (b.device, b.dtype, m_dtype)
+        ln = self._launchers.get(key)
+        if ln is None:
+            ln = self._launchers[key] = kernels().MultiTensorFSAM(b.device, b.dtype, m_dtype)
+        ln.set_static(b.params, b.emas, b.saved, list(zip(b.rhos, map(float, b.adaptive),
+                                                          b.decay, b.gain)))
+        b.prep = ln
+        b.perturbed_ptrs = [p.data_ptr() for p in b.params]
+
+    def norm(self, b):
+        ln = b.prep  # its static tables are this plan's: an optimizer has one plan at a time
+        ln.set_grads(b.grads)  # uploads the gradient addresses only when one has moved
+        out = torch.empty(ln.n_programs, dtype=torch.float32, device=b.device)
+        ln.norm_partials(out, b.sigma, b.paper)
+        return out, None
+
+    def perturb(self, b, sq, carry) -> None:
+        b.prep.perturb(sq, b.sigma, EPS, b.paper)
+
+    def restore(self, b) -> None:
+        b.prep.restore()
+
+    def original(self, b, i):
+        return b.saved[i]

@@ -1,0 +1,286 @@
+"""The step engine: one F-SAM step, from the plan to the base optimizer's update.
+
+``first_step``:
+
+1. **plan** (:mod:`.plan`): reuse the plan while only gradients changed (each gradient's
+   dtype, shape, device and layout checked against it), else rebuild it with every check;
+2. **norm**: each bucket's backend computes partial sums of squares; nothing the user can see
+   is written;
+3. **reduce** (:mod:`.reduce`): the partials of every bucket and device combined into the
+   squared global norm, as device tensors;
+4. **perturb**: bucket by bucket, EMA update, exact save and ``w + e``;
+5. commit: EMAs created this step enter the optimizer state.
+
+``second_step``: **restore** every perturbed weight (each parameter's live storage checked
+against the one perturbed, host metadata only), then the **base step**.
+
+Failure policy (all-or-nothing):
+
+* ``first_step`` is all-or-nothing. Every check and every allocation happens before the
+  first write; buckets are perturbed smallest first, and each one but the last backs its EMA
+  up first (one copy of the smaller buckets' EMA; none with a single bucket), so an error in
+  any bucket's pass restores the weights of those done and their EMA. Each backend's perturb
+  pass is atomic (checks before writes, undoes its own weights on failure, EMA last), so the
+  last bucket's pass is the commit point. SIGINT (Ctrl-C, ``_thread.interrupt_main``) is held
+  back while the buckets are written, in the main thread: an interrupt that arrives then is
+  raised once the step is written, after the weights are restored, like a failed second pass
+  (below). An interrupt anywhere else leaves everything as it was.
+* A failed second pass (the closure raising, a non-finite second gradient) restores the
+  weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
+  update, which saw a valid first gradient: rolling it back would need a second EMA-sized
+  buffer for every parameter. ``step(closure)`` also gives back the first pass's ``.grad``.
+* ``second_step`` restores every parameter it can, also when one's storage changed between
+  the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
+  storage, cast if the dtype changed, with a warning); one whose shape changed cannot be
+  restored, and the error names it after every other parameter is restored. The base
+  optimizer does not step then.
+
+A capturable mode (CUDA graphs, ``torch.compile``) would plug in at the plan: a plan frozen
+after warm-up (no rebuild, no per-step metadata or address checks inside the captured step,
+those run once at capture), hyper-parameters as device tensors in the backends' tables
+instead of Python floats, and the passes registered as custom ops (the C++ ones already are,
+with fake kernels) so a compiled graph can call them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import backends, reduce
+from .buffers import Buffers
+from .hparams import Config
+from .plan import Plan, build
+from .traffic import bytes_per_step
+
+
+class _Held:
+    """SIGINT held back while a step writes its buckets (main thread only)."""
+
+    __slots__ = ("prev", "caught")
+
+    def __init__(self):
+        self.prev, self.caught = None, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.prev = signal.signal(signal.SIGINT, self._catch)
+            except (ValueError, TypeError):  # no signal module support here
+                self.prev = None
+        return self
+
+    def _catch(self, signum, frame):
+        self.caught = (signum, frame)
+
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+        return False
+
+    def deliver(self):
+        """Run the handler the interrupt was meant for (the default raises
+        KeyboardInterrupt)."""
+        if self.caught is not None and callable(self.prev):
+            self.prev(*self.caught)
+
+
+@dataclass(frozen=True)
+class BucketSummary:
+    """One bucket of the current plan, as :meth:`FSAM.plan_summary` reports it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    tensors: int
+    numel: int
+    ema_dtype: torch.dtype | None
+    double_buffered: tuple  # per tensor: swapped with a spare buffer instead of copied
+    bytes_per_step: int  # what the step must move (fsam_fused.traffic)
+    aligned: bool | None  # Triton: every address 16-byte aligned (128-bit accesses)
+
+
+class Engine:
+    """Runs the steps of one optimizer; owns its plan, buffers and backend instances."""
+
+    def __init__(self):
+        self.buffers = Buffers()
+        self.backends = {}
+        self.plan: Plan | None = None
+        self.inflight: list | None = None  # buckets perturbed by first_step, until restored
+
+    # ------------------------------------------------------------------ plan
+
+    def _backend(self, name):
+        be = self.backends.get(name)
+        if be is None:
+            be = self.backends[name] = backends.CLASSES[name](self.buffers)
+        return be
+
+    def _select(self, cfg: Config):
+        def select(cfg_, device, dtype, ema_dtype, dense):
+            return self._backend(backends.select(cfg.backend, device, dtype, ema_dtype, dense))
+        return select
+
+    def plan_for(self, cfg: Config, groups, state) -> Plan:
+        key = (cfg, id(state), len(state),
+               tuple([(id(g["params"]), len(g["params"])) for g in groups]))
+        plan = self.plan
+        if plan is not None and plan.key == key:
+            flat = plan.flat
+            grads = [p.grad for p in flat]
+            have = [i for i, g in enumerate(grads) if g is not None]
+            if have == plan.have and [flat[i].data_ptr() for i in have] == plan.ptrs \
+                    and plan.take_grads(grads):
+                return plan
+        self.plan = None
+        self.buffers.state = state
+        plan = build(cfg, groups, self._select(cfg), self.buffers)
+        plan.key = key
+        self.plan = plan
+        return plan
+
+    # ------------------------------------------------------------------ first_step
+
+    def first_step(self, cfg: Config, groups, state) -> None:
+        plan = self.plan_for(cfg, groups, state)
+        try:
+            parts = [b.backend.norm(b) for b in plan.buckets]
+            sqs = reduce.combine([p for p, _ in parts], plan.buckets)
+        except BaseException:
+            self.plan = None  # re-check everything next time
+            raise
+        todo = {id(b): (sq, carry) for b, (_, carry), sq in zip(plan.buckets, parts, sqs)}
+        held = _Held()
+        with held:
+            done = []
+            b = None
+            try:
+                for b in plan.commit:
+                    if b.backups is not None:
+                        torch._foreach_copy_(b.backups, b.emas)
+                    sq, carry = todo[id(b)]
+                    b.backend.perturb(b, sq, carry)
+                    done.append(b)
+                b = None
+            except BaseException:
+                self._roll_back(done, b)
+                raise
+            self.buffers.commit(plan.new_emas)
+            if plan.new_emas:
+                plan.key = None  # the next step has no first sights: rebuild then
+            self.inflight = done
+            if held.caught is not None:
+                self.restore()  # raises only if a parameter could not be restored
+        held.deliver()
+
+    def _roll_back(self, done, failed) -> None:
+        self.plan = None
+        for b in done:
+            b.backend.restore(b)
+        for b in (*done, failed):
+            if b is not None and b.backups is not None:
+                torch._foreach_copy_(b.emas, b.backups)
+
+    # ------------------------------------------------------------------ second_step
+
+    def restore(self) -> None:
+        """Give every perturbed weight back its saved bits (see the module docstring)."""
+        buckets, self.inflight = self.inflight, None
+        lost = []
+        for b in buckets:
+            if [p.data_ptr() for p in b.params] == b.perturbed_ptrs:
+                b.backend.restore(b)
+            else:
+                self.plan = None
+                lost += self._restore_each(b)
+        if lost:
+            raise RuntimeError(
+                "second_step() could not restore " + "; ".join(lost) + ": their shape changed "
+                "between first_step() and second_step(); every other parameter was restored and "
+                "the base optimizer did not step")
+
+    @staticmethod
+    def _restore_each(b) -> list:
+        """The slow path: one parameter at a time, for a bucket where some parameter's storage
+        changed since first_step."""
+        lost = []
+        swapped = getattr(b.prep, "swap", None) or [0] * len(b.params)
+        for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
+            orig = b.backend.original(b, i)
+            same_kind = p.dtype == orig.dtype and p.device == orig.device
+            if swapped[i] and (p.data_ptr() == ptr or (same_kind and p.shape == orig.shape)):
+                p.data = orig  # the double buffer: the untouched home storage goes back
+            elif p.shape == orig.shape:
+                if not same_kind:
+                    warnings.warn(f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
+                                  f"{p.dtype} on {p.device} between first_step() and "
+                                  f"second_step(); its saved {orig.dtype} value was cast",
+                                  RuntimeWarning, stacklevel=4)
+                p.data.copy_(orig)
+            else:
+                lost.append(f"the parameter planned as shape {tuple(orig.shape)} (now "
+                            f"{tuple(p.shape)})")
+        return lost
+
+    # ------------------------------------------------------------------ introspection
+
+    def summary(self) -> list[BucketSummary]:
+        plan = self.plan
+        if plan is None:
+            return []
+        out = []
+        for b in plan.buckets:
+            swap = tuple(bool(s) for s in getattr(b.prep, "swap", [0] * len(b.params)))
+            m_dtype = b.emas[0].dtype if b.emas else None
+            w = b.dtype.itemsize
+            m = m_dtype.itemsize if m_dtype else 0
+            traffic = sum(bytes_per_step(p.numel(), w, m, b.emas is not None, a, s)
+                          for p, a, s in zip(b.params, b.adaptive, swap))
+            out.append(BucketSummary(
+                device=b.device, dtype=b.dtype, backend=b.backend.name, tensors=len(b.params),
+                numel=b.numel, ema_dtype=m_dtype, double_buffered=swap, bytes_per_step=traffic,
+                aligned=getattr(b.prep, "aligned", None)))
+        return out
+
+    def backend_for(self, p) -> str | None:
+        plan = self.plan
+        if plan is not None:
+            for b in plan.buckets:
+                if any(q is p for q in b.params):
+                    return b.backend.name
+        return None
+
+    def passes(self) -> "Passes":
+        """The current plan's passes one at a time (benchmarks): see :class:`Passes`."""
+        if self.plan is None or len(self.plan.buckets) != 1:
+            raise RuntimeError("passes() needs a plan of exactly one bucket: take a step first")
+        return Passes(self.plan.buckets[0])
+
+
+class Passes:
+    """The three passes of a one-bucket plan, to time each alone: ``norm()`` returns the
+    partial sums ``perturb(sq)`` takes; ``restore()`` undoes ``perturb``. They bypass the
+    engine's checks and rollback: call them only between steps, in this order, and
+    ``restore()`` after every ``perturb``."""
+
+    def __init__(self, bucket):
+        self._b = bucket
+        self._carry = None
+
+    @torch.no_grad()
+    def norm(self) -> torch.Tensor:
+        sq, self._carry = self._b.backend.norm(self._b)
+        return sq
+
+    @torch.no_grad()
+    def perturb(self, sq: torch.Tensor) -> None:
+        self._b.backend.perturb(self._b, sq, self._carry)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        self._b.backend.restore(self._b)

@@ -1,0 +1,108 @@
+"""Every validation of F-SAM's hyper-parameters and options, in one place.
+
+The optimizer's attributes (``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype``,
+``fixed_addresses``) and each param group's ``rho`` and ``adaptive`` may be changed by the user
+or a scheduler between steps, so they are checked again at every ``first_step``, before
+anything is modified, and frozen into one :class:`Config` that the rest of the step reads.
+Every error names the argument (and the param group) it is about.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "reference", "foreach", "triton", "cpp")
+EMA_ORDERS = ("official", "paper")
+EMA_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The arithmetic dtype of the perturbation and the default EMA dtype: float32 for 16-bit
+# storage, float64 for float64 weights (SEMANTICS: "sums accumulated in at least float32").
+EPS = 1e-12
+
+
+def opmath(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for weights of ``dtype``: float32 for 16-bit storage, else its own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def number(name: str, value, lo: float, hi: float = math.inf, hi_open: bool = False) -> float:
+    """``value`` as a float in ``[lo, hi]`` (``[lo, hi)`` if ``hi_open``), finite; else a
+    ``TypeError``/``ValueError`` that names ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        f = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"Invalid {name}: {value!r} is too large for a float") from None
+    if not math.isfinite(f) or f < lo or f > hi or (hi_open and f >= hi):
+        bound = f"[{lo}, {hi})" if hi_open else f">= {lo}"
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and {bound})")
+    return f
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (one of {BACKENDS})")
+    return backend
+
+
+def check_ema_order(order) -> str:
+    if not isinstance(order, str) or order not in EMA_ORDERS:
+        raise ValueError(f"Invalid ema_order: {order!r} (one of {EMA_ORDERS})")
+    return order
+
+
+def check_ema_dtype(dtype) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in EMA_DTYPES):
+        raise ValueError(f"Invalid ema_dtype: {dtype!r} (None for the default, or one of "
+                         "torch.float32, torch.bfloat16, torch.float16, torch.float64)")
+    return dtype
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_group(group: dict, where: str = "") -> tuple[float, bool]:
+    """(rho, adaptive) of a param group (or of the defaults when ``where`` is empty)."""
+    return (number(f"rho{where}", group["rho"], 0.0),
+            check_flag(f"adaptive{where}", group["adaptive"]))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings of one step. ``groups`` holds ``(rho, adaptive)`` per param
+    group, in order."""
+
+    sigma: float
+    lmbda: float
+    paper: bool
+    backend: str
+    ema_dtype: torch.dtype | None
+    fixed_addresses: bool
+    groups: tuple[tuple[float, bool], ...]
+
+    @property
+    def has_ema(self) -> bool:
+        """sigma = 0 is plain SAM: no EMA is stored or read."""
+        return self.sigma > 0
+
+    def ema_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
+        return self.ema_dtype or opmath(dtype)
+
+
+def config(sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, groups) -> Config:
+    """Validate everything a step reads; raise before anything is modified."""
+    return Config(
+        sigma=number("sigma", sigma, 0.0),
+        lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
+        paper=check_ema_order(ema_order) == "paper",
+        backend=check_backend(backend),
+        ema_dtype=check_ema_dtype(ema_dtype),
+        fixed_addresses=check_flag("fixed_addresses", fixed_addresses),
+        groups=tuple(check_group(g, f" in param group {i}") for i, g in enumerate(groups)))

@@ -1,0 +1,252 @@
+"""The plan of a step: buckets of parameters and their per-tensor settings, built once and
+reused while only the gradients change.
+
+A *bucket* holds the parameters of one device and dtype that have a gradient, in param-group
+order, with their buffers (from :mod:`fsam_fused.buffers`) and one row of settings per tensor.
+Each bucket is one launch per pass, whatever the number of tensors. A plan is kept while the
+hyper-parameters, the param groups, the optimizer state, the set of parameters with a gradient
+and every such parameter's storage stay the same; then a step only hands each bucket its new
+gradients, after checking each one's dtype, shape, device and layout against the plan
+(:meth:`Bucket.take_grads`). Anything else rebuilds the plan with the full checks of
+:func:`build`, which raise before anything is modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .hparams import Config
+
+
+def ema_row(first: bool, lmbda: float, paper: bool) -> tuple[float, float]:
+    """``(decay, gain)`` of one tensor's EMA update ``m_new = m * decay + g * gain``.
+
+    This is the first-sight rule, the one place it is written. The official order seeds the
+    EMA with the first gradient it sees (``m <- g``, so ``d = g``: step 0 is plain SAM); the
+    EMA of a parameter seen for the first time is created as zeros, and ``0 * decay + g * 1``
+    with decay 0 is ``g`` exactly, as ``g - sigma * 0`` is. The paper order starts from zero
+    and always decays."""
+    if first and not paper:
+        return 0.0, 1.0
+    return lmbda, 1.0 - lmbda
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Parameters of one device and dtype that have a gradient, and their buffers."""
+
+    device: torch.device
+    dtype: torch.dtype
+    sigma: float
+    paper: bool
+    backend: Any = None  # a backends.base.Backend
+    params: list = field(default_factory=list)
+    index: list = field(default_factory=list)  # positions in the plan's flat parameter list
+    rhos: list = field(default_factory=list)
+    adaptive: list = field(default_factory=list)
+    first: list = field(default_factory=list)  # the EMA is created this step
+    decay: list = field(default_factory=list)  # see ema_row
+    gain: list = field(default_factory=list)
+    emas: list | None = None  # None when sigma == 0
+    saved: list = field(default_factory=list)  # exact copies, or spare buffers
+    # EMA backups, taken before this bucket's perturbation when it is not the last bucket to
+    # commit (see engine.py); None for the last one.
+    backups: list | None = None
+    fixed_addresses: bool = True
+    formats: list = field(default_factory=list)  # memory format a gradient must have, or None
+    grads: list = field(default_factory=list)  # this step's
+    perturbed_ptrs: list = field(default_factory=list)  # set by prepare()
+    prep: Any = None  # the backend's per-plan data
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def ema_groups(self):
+        """``[(decay, gain, indices)]``: the tensors that share one EMA row."""
+        rows: dict = {}
+        for i, row in enumerate(zip(self.decay, self.gain)):
+            rows.setdefault(row, []).append(i)
+        return [(d, g, idx) for (d, g), idx in rows.items()]
+
+    def take_grads(self, grads) -> bool:
+        """Hand the bucket this step's gradients if each has its parameter's dtype, shape,
+        device and (for the fused backends) dense layout as planned; False otherwise (the
+        caller then rebuilds the plan, whose checks explain what is wrong). Host metadata
+        only. Shapes are compared with the saved buffers, which keep the planned shape even
+        if a parameter was reshaped in place."""
+        dt, cpu = self.dtype, self.device.type == "cpu"
+        index = self.device.index if self.device.type == "cuda" else None
+        try:
+            for g, s, fmt in zip(grads, self.saved, self.formats):
+                if g.dtype is not dt or not g.is_same_size(s):
+                    return False
+                if cpu:
+                    if not g.is_cpu:
+                        return False
+                elif index is not None:
+                    if g.get_device() != index:
+                        return False
+                elif g.device != self.device:
+                    return False
+                if fmt is not None and not g.is_contiguous(memory_format=fmt):
+                    return False
+        except (RuntimeError, NotImplementedError):  # e.g. a sparse gradient's strides
+            return False
+        self.grads = grads
+        return True
+
+
+@dataclass(eq=False)
+class Plan:
+    key: tuple
+    flat: list  # every parameter of every group, in order
+    have: list  # positions of those with a gradient
+    ptrs: list  # their data_ptr() when planned
+    buckets: list  # in group order: the order partial sums are combined in
+    commit: list  # the order buckets are perturbed in: the largest last (see engine.py)
+    new_emas: dict  # EMAs created by this plan, entered into the state on success
+
+    def take_grads(self, grads) -> bool:
+        return all(b.take_grads([grads[i] for i in b.index]) for b in self.buckets)
+
+
+def dense_format(p: torch.Tensor):
+    """The memory format the fused kernels walk ``p`` in (contiguous or channels_last), or
+    None if ``p`` is not dense in either."""
+    if p.is_contiguous():
+        return torch.contiguous_format
+    if p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _where(gi, pi, p):
+    return f"(param group {gi}, parameter {pi}, shape {tuple(p.shape)}, {p.dtype})"
+
+
+def check_param(gi, pi, p, g) -> None:
+    """Everything a parameter and its gradient must be, for every backend."""
+    where = _where(gi, pi, p)
+    if p.layout != torch.strided:
+        raise RuntimeError(f"FSAM needs dense (strided) parameters {where}")
+    if p.is_complex():
+        raise RuntimeError(f"FSAM does not support complex parameters {where}; "
+                           "use torch.view_as_real")
+    if not p.is_floating_point():
+        raise RuntimeError(f"FSAM needs floating-point parameters {where}")
+    if p.device.type == "meta":
+        raise RuntimeError(f"FSAM cannot step meta parameters {where}")
+    if torch._debug_has_internal_overlap(p) == 1:
+        raise RuntimeError(f"parameter {where} has overlapping elements (e.g. made by expand()); "
+                           "an in-place update of it is ill-defined")
+    if g.is_sparse or g.layout != torch.strided:
+        raise RuntimeError(f"FSAM does not support sparse gradients {where}")
+    if g.dtype != p.dtype:
+        raise RuntimeError(f"gradient dtype {g.dtype} does not match the parameter {where}")
+    if g.shape != p.shape:
+        raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match the parameter "
+                           f"{where}")
+    if g.device != p.device:
+        raise RuntimeError(f"gradient device {g.device} does not match the parameter {where}")
+
+
+def _span(t: torch.Tensor):
+    """[first, last) byte addresses ``t`` touches (its elements may not fill the range)."""
+    if t.numel() == 0:
+        return None
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    start = t.data_ptr()
+    return start, start + extent * t.element_size()
+
+
+def check_no_aliasing(named) -> None:
+    """``named``: ``[(description, tensor)]`` of tensors a step writes or reads beside each
+    other (parameters, gradients): no two may share memory, or one's update would change the
+    other (two Parameters on one storage would not be restored; a gradient that aliases a
+    weight would change under the perturbation)."""
+    spans = []
+    for what, t in named:
+        s = _span(t)
+        if s is not None:
+            spans.append((s[0], s[1], t.device, what))
+    spans.sort(key=lambda x: (str(x[2]), x[0]))
+    for a, b in zip(spans, spans[1:]):
+        if a[2] == b[2] and b[0] < a[1]:
+            raise RuntimeError(f"{a[3]} and {b[3]} share memory; FSAM needs every parameter "
+                               "(and gradient) in storage of its own")
+
+
+def build(cfg: Config, groups, select, buffers) -> Plan:
+    """Validate every parameter with a gradient and plan its bucket.
+
+    ``select(cfg, device, dtype, ema_dtype, dense)`` returns the backend for a bucket (see
+    :func:`fsam_fused.backends.select`); ``buffers`` is the
+    :class:`~fsam_fused.buffers.Buffers` that owns the per-parameter tensors. Raises before
+    anything the user can see is modified."""
+    flat, have, buckets = [], [], {}
+    seen = {}
+    named = []
+    for gi, (group, (rho, adaptive)) in enumerate(zip(groups, cfg.groups)):
+        for pi, p in enumerate(group["params"]):
+            if id(p) in seen:
+                raise RuntimeError(f"parameter {_where(gi, pi, p)} is also {seen[id(p)]}: a "
+                                   "parameter may appear only once in an FSAM optimizer")
+            seen[id(p)] = f"param group {gi}, parameter {pi}"
+            flat.append(p)
+            g = p.grad
+            if g is None:
+                if p.layout == torch.strided and p.device.type != "meta":
+                    named.append((f"parameter {_where(gi, pi, p)}", p))
+                continue
+            check_param(gi, pi, p, g)
+            named.append((f"parameter {_where(gi, pi, p)}", p))
+            named.append((f"the gradient of parameter {_where(gi, pi, p)}", g))
+            b = buckets.get((p.device, p.dtype))
+            if b is None:
+                b = buckets[(p.device, p.dtype)] = Bucket(
+                    device=p.device, dtype=p.dtype, sigma=cfg.sigma, paper=cfg.paper,
+                    emas=[] if cfg.has_ema else None, fixed_addresses=cfg.fixed_addresses)
+            have.append(len(flat) - 1)
+            b.index.append(len(flat) - 1)
+            b.params.append(p)
+            b.grads.append(g)
+            b.rhos.append(rho)
+            b.adaptive.append(adaptive)
+    check_no_aliasing(named)
+    buckets = list(buckets.values())
+    for b in buckets:
+        dense = all(dense_format(p) is not None and
+                    g.is_contiguous(memory_format=dense_format(p))
+                    for p, g in zip(b.params, b.grads))
+        b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
+    new_emas = {}
+    for b in buckets:
+        fused = b.backend.name in ("triton", "cpp")
+        b.formats = [dense_format(p) if fused else None for p in b.params]
+        for p in b.params:
+            b.saved.append(buffers.saved_for(p))
+            if b.emas is None:
+                b.first.append(False)
+                continue
+            m, first = buffers.ema_for(p, cfg.ema_dtype_for(p.dtype))
+            if first:
+                new_emas[p] = m
+            b.emas.append(m)
+            b.first.append(first)
+        rows = [ema_row(f, cfg.lmbda, cfg.paper) for f in b.first]
+        b.decay = [r[0] for r in rows]
+        b.gain = [r[1] for r in rows]
+    # The largest bucket commits last: it is the one whose EMA needs no backup.
+    commit = sorted(buckets, key=lambda b: b.numel)
+    for b in commit[:-1]:
+        if b.emas is not None:
+            b.backups = [buffers.backup_for(p, m) for p, m in zip(b.params, b.emas)]
+    for b in buckets:
+        b.backend.prepare(b)
+    return Plan(key=(), flat=flat, have=have, ptrs=[flat[i].data_ptr() for i in have],
+                buckets=buckets, commit=commit, new_emas=new_emas)
+
