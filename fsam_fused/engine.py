@@ -44,10 +44,10 @@ with fake kernels) so a compiled graph can call them.
 
 from __future__ import annotations
 
-import signal
 import threading
 import warnings
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 
@@ -56,6 +56,13 @@ from .buffers import Buffers
 from .hparams import Config
 from .plan import Plan, build
 from .traffic import bytes_per_step
+
+# The C-level signal functions: the `signal` module's Python wrappers convert enums on every
+# call, which costs more than the rest of the hold (measured 6 us against 0.4 us a step).
+import _signal  # noqa: E402
+
+_SIGINT = 2 if not hasattr(_signal, "SIGINT") else _signal.SIGINT
+_GRAD = attrgetter("grad")
 
 
 class _Held:
@@ -69,7 +76,7 @@ class _Held:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             try:
-                self.prev = signal.signal(signal.SIGINT, self._catch)
+                self.prev = _signal.signal(_SIGINT, self._catch)
             except (ValueError, TypeError):  # no signal module support here
                 self.prev = None
         return self
@@ -79,7 +86,7 @@ class _Held:
 
     def __exit__(self, *exc):
         if self.prev is not None:
-            signal.signal(signal.SIGINT, self.prev)
+            _signal.signal(_SIGINT, self.prev)
         return False
 
     def deliver(self):
@@ -127,20 +134,25 @@ class Engine:
         return select
 
     def plan_for(self, cfg: Config, groups, state) -> Plan:
-        key = (cfg, id(state), len(state),
-               tuple([(id(g["params"]), len(g["params"])) for g in groups]))
+        key = (id(state), len(state), [(id(g["params"]), len(g["params"])) for g in groups])
         plan = self.plan
-        if plan is not None and plan.key == key:
-            flat = plan.flat
-            grads = [p.grad for p in flat]
-            have = [i for i, g in enumerate(grads) if g is not None]
-            if have == plan.have and [flat[i].data_ptr() for i in have] == plan.ptrs \
-                    and plan.take_grads(grads):
-                return plan
+        if plan is not None and plan.cfg is cfg and plan.key == key:
+            grads = list(map(_GRAD, plan.flat))
+            if plan.every:
+                # (take_grads also turns down a None: a parameter without a gradient)
+                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs and \
+                        plan.take_grads(grads):
+                    return plan
+            else:
+                have = [i for i, g in enumerate(grads) if g is not None]
+                if have == plan.have and \
+                        [plan.flat[i].data_ptr() for i in have] == plan.ptrs and \
+                        plan.take_grads(grads):
+                    return plan
         self.plan = None
         self.buffers.state = state
         plan = build(cfg, groups, self._select(cfg), self.buffers)
-        plan.key = key
+        plan.cfg, plan.key = cfg, key
         self.plan = plan
         return plan
 
@@ -151,6 +163,14 @@ class Engine:
         try:
             parts = [b.backend.norm(b) for b in plan.buckets]
             sqs = reduce.combine([p for p, _ in parts], plan.buckets)
+        except Exception:
+            self.plan = None
+            if plan.key is not None:
+                # A reused plan leaves some per-step checks to the kernels (the C++ ops check
+                # devices): the full checks of a new plan name what is wrong more clearly.
+                self.plan_for(cfg, groups, state)
+                self.plan = None
+            raise
         except BaseException:
             self.plan = None  # re-check everything next time
             raise
@@ -193,7 +213,7 @@ class Engine:
         buckets, self.inflight = self.inflight, None
         lost = []
         for b in buckets:
-            if [p.data_ptr() for p in b.params] == b.perturbed_ptrs:
+            if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:
                 b.backend.restore(b)
             else:
                 self.plan = None

@@ -96,6 +96,7 @@ class FSAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._in_closure = False
+        self._raw_config = self._cfg = None
 
     # ------------------------------------------------------------------ groups and state
 
@@ -110,8 +111,17 @@ class FSAM(Optimizer):
             param_group.setdefault(k, v)
 
     def _config(self) -> hparams.Config:
-        return hparams.config(self.sigma, self.lmbda, self.ema_order, self.backend,
-                              self.ema_dtype, self.fixed_addresses, self.param_groups)
+        """This step's validated settings; the last Config while none of them changed."""
+        a = (self.sigma, self.lmbda, self.ema_order, self.backend, self.ema_dtype,
+             self.fixed_addresses)
+        # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
+        raw = (a, tuple(map(type, a)),
+               [(g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
+                for g in self.param_groups])
+        if raw != self._raw_config:
+            self._cfg = hparams.config(*a, self.param_groups)
+            self._raw_config = raw
+        return self._cfg
 
     def _refuse_mid_step(self, what):
         if self.engine.inflight is not None:
@@ -149,12 +159,13 @@ class FSAM(Optimizer):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k != "engine"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("engine", "_cfg")}
 
     def __setstate__(self, st):
         super().__setstate__(st)
         self.engine = Engine()
         self.__dict__.setdefault("_in_closure", False)
+        self._raw_config = self._cfg = None
 
     # ------------------------------------------------------------------ introspection
 

@@ -14,6 +14,7 @@ gradients, after checking each one's dtype, shape, device and layout against the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -56,7 +57,10 @@ class Bucket:
     # commit (see engine.py); None for the last one.
     backups: list | None = None
     fixed_addresses: bool = True
-    formats: list = field(default_factory=list)  # memory format a gradient must have, or None
+    sizes: list = field(default_factory=list)  # planned, for take_grads
+    strides: list | None = None  # planned (fused backends: the kernels walk dense storage)
+    contiguous: bool = False
+    device_check: Any = None
     grads: list = field(default_factory=list)  # this step's
     perturbed_ptrs: list = field(default_factory=list)  # set by prepare()
     prep: Any = None  # the backend's per-plan data
@@ -74,30 +78,50 @@ class Bucket:
 
     def take_grads(self, grads) -> bool:
         """Hand the bucket this step's gradients if each has its parameter's dtype, shape,
-        device and (for the fused backends) dense layout as planned; False otherwise (the
-        caller then rebuilds the plan, whose checks explain what is wrong). Host metadata
-        only. Shapes are compared with the saved buffers, which keep the planned shape even
-        if a parameter was reshaped in place."""
-        dt, cpu = self.dtype, self.device.type == "cpu"
-        index = self.device.index if self.device.type == "cuda" else None
+        device and (for the fused backends) strides as planned; False otherwise (the caller
+        then rebuilds the plan, whose checks explain what is wrong). Host metadata only, one
+        C-level pass per property: this runs every step. Shapes and strides are those the
+        plan recorded, which a parameter reshaped in place no longer has."""
         try:
-            for g, s, fmt in zip(grads, self.saved, self.formats):
-                if g.dtype is not dt or not g.is_same_size(s):
+            if set(map(_DTYPE, grads)) != self._dtype_set \
+                    or list(map(torch.Tensor.size, grads)) != self.sizes:
+                return False
+            if self.contiguous:
+                if not all(map(torch.Tensor.is_contiguous, grads)):
                     return False
-                if cpu:
-                    if not g.is_cpu:
-                        return False
-                elif index is not None:
-                    if g.get_device() != index:
-                        return False
-                elif g.device != self.device:
-                    return False
-                if fmt is not None and not g.is_contiguous(memory_format=fmt):
-                    return False
-        except (RuntimeError, NotImplementedError):  # e.g. a sparse gradient's strides
-            return False
+            elif self.strides is not None and list(map(torch.Tensor.stride, grads)) != self.strides:
+                return False
+            if self.device_check is not None and not self.device_check(grads):
+                return False
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False  # a None (no gradient), a sparse gradient's strides...
         self.grads = grads
         return True
+
+    def freeze(self, fused: bool, checks_devices: bool) -> None:
+        """Record what take_grads compares each step's gradients with. ``checks_devices``:
+        the backend's own kernels reject a tensor on another device before writing anything
+        (the C++ ops), so the per-step check can be left to them."""
+        self.sizes = [p.size() for p in self.params]
+        self.strides = [p.stride() for p in self.params] if fused else None
+        # Same sizes and both contiguous is the same strides, and a cheaper check.
+        self.contiguous = fused and all(p.is_contiguous() for p in self.params)
+        self._dtype_set = {self.dtype}
+        dev = self.device
+        if checks_devices:
+            self.device_check = None
+        elif dev.type == "cpu":
+            self.device_check = lambda grads: all(map(_IS_CPU, grads))
+        elif dev.type == "cuda":
+            index = {dev.index if dev.index is not None else torch.cuda.current_device()}
+            self.device_check = lambda grads: set(map(torch.Tensor.get_device, grads)) == index
+        else:
+            self.device_check = lambda grads: set(map(_DEVICE, grads)) == {dev}
+
+
+_DTYPE = attrgetter("dtype")
+_IS_CPU = attrgetter("is_cpu")
+_DEVICE = attrgetter("device")
 
 
 @dataclass(eq=False)
@@ -110,7 +134,12 @@ class Plan:
     commit: list  # the order buckets are perturbed in: the largest last (see engine.py)
     new_emas: dict  # EMAs created by this plan, entered into the state on success
 
+    every: bool = False  # every parameter has a gradient, and there is one bucket
+    cfg: Any = None  # the Config it was built for (the same object while nothing changed)
+
     def take_grads(self, grads) -> bool:
+        if self.every:
+            return self.buckets[0].take_grads(grads)
         return all(b.take_grads([grads[i] for i in b.index]) for b in self.buckets)
 
 
@@ -225,8 +254,7 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
         b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
     new_emas = {}
     for b in buckets:
-        fused = b.backend.name in ("triton", "cpp")
-        b.formats = [dense_format(p) if fused else None for p in b.params]
+        b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
         for p in b.params:
             b.saved.append(buffers.saved_for(p))
             if b.emas is None:
@@ -248,5 +276,6 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
     for b in buckets:
         b.backend.prepare(b)
     return Plan(key=(), flat=flat, have=have, ptrs=[flat[i].data_ptr() for i in have],
-                buckets=buckets, commit=commit, new_emas=new_emas)
+                buckets=buckets, commit=commit, new_emas=new_emas,
+                every=len(buckets) == 1 and len(have) == len(flat))
 

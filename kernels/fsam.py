@@ -340,7 +340,7 @@ class MultiTensorFSAM:
         self._static_key = key
 
     def set_grads(self, grads) -> None:
-        ptrs = [g.data_ptr() for g in grads]
+        ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != self._grad_ptrs:
             self.grad_tab = _upload(ptrs, torch.int64, self.device)
             self.grads_aligned = all(p % ALIGN == 0 for p in ptrs)

@@ -32,6 +32,20 @@ def triton_missing() -> str | None:
     return None
 
 
+class _Prep:
+    """Per plan: the launcher holding its tables, and one partials buffer (stream order makes
+    a step's perturb read it before the next step's norm rewrites it)."""
+
+    __slots__ = ("launcher", "partials")
+
+    def __init__(self, launcher, partials):
+        self.launcher, self.partials = launcher, partials
+
+    @property
+    def aligned(self) -> bool:
+        return self.launcher.aligned
+
+
 class TritonBackend:
     """Three launches per bucket and step: norm partials, perturb, restore."""
 
@@ -58,21 +72,20 @@ class TritonBackend:
             ln = self._launchers[key] = kernels().MultiTensorFSAM(b.device, b.dtype, m_dtype)
         ln.set_static(b.params, b.emas, b.saved, list(zip(b.rhos, map(float, b.adaptive),
                                                           b.decay, b.gain)))
-        b.prep = ln
+        b.prep = _Prep(ln, torch.empty(ln.n_programs, dtype=torch.float32, device=b.device))
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
     def norm(self, b):
-        ln = b.prep  # its static tables are this plan's: an optimizer has one plan at a time
+        ln = b.prep.launcher  # its static tables are this plan's: one plan at a time
         ln.set_grads(b.grads)  # uploads the gradient addresses only when one has moved
-        out = torch.empty(ln.n_programs, dtype=torch.float32, device=b.device)
-        ln.norm_partials(out, b.sigma, b.paper)
-        return out, None
+        ln.norm_partials(b.prep.partials, b.sigma, b.paper)
+        return b.prep.partials, None
 
     def perturb(self, b, sq, carry) -> None:
-        b.prep.perturb(sq, b.sigma, EPS, b.paper)
+        b.prep.launcher.perturb(sq, b.sigma, EPS, b.paper)
 
     def restore(self, b) -> None:
-        b.prep.restore()
+        b.prep.launcher.restore()
 
     def original(self, b, i):
         return b.saved[i]
