@@ -26,7 +26,8 @@ def owns_storage(p: torch.Tensor) -> bool:
 class _Static:
     """Per-plan arguments of the ops (the plan is rebuilt whenever any of them changes)."""
 
-    __slots__ = ("emas", "adaptive", "decay", "gain", "rhos", "swap", "swapped", "copied")
+    __slots__ = ("weights", "emas", "adaptive", "decay", "gain", "rhos", "swap", "swapped",
+                 "copied")
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
@@ -38,9 +39,15 @@ class _Static:
                          and owns_storage(p)) for p in b.params]
         # (parameter, its own storage, the spare buffer) for the swapped ones, taken before
         # any perturbation; (parameters, saved copies) for the others.
-        self.swapped = [(p, p.detach(), s) for p, s, w in zip(b.params, b.saved, self.swap)
-                        if w]
-        self.copied = ([p for p, w in zip(b.params, self.swap) if not w],
+        # The ops refuse to write tensors that require grad: they get detached aliases (same
+        # memory, same version counter), taken once here, while every parameter holds its
+        # own storage. A swapped parameter's alias stays on that storage while ``p.data``
+        # points at the spare, and is what the next step's perturb_ reads again once the
+        # restore has swapped the storage back.
+        self.weights = [p.detach() for p in b.params]
+        self.swapped = [(p, d, s) for p, d, s, w in zip(b.params, self.weights, b.saved,
+                                                          self.swap) if w]
+        self.copied = ([d for d, w in zip(self.weights, self.swap) if not w],
                        [s for s, w in zip(b.saved, self.swap) if not w])
 
 
@@ -72,13 +79,13 @@ class CppBackend:
 
     def norm(self, b):
         st = b.prep
-        return cpp_ops.norm_sq(b.params, b.grads, st.emas, st.adaptive, st.decay, st.gain,
+        return cpp_ops.norm_sq(st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain,
                                b.sigma, b.paper), None
 
     def perturb(self, b, sq, carry) -> None:
         st = b.prep
         # One op for both kinds: it checks everything before it writes anything.
-        cpp_ops.perturb_(b.params, b.grads, st.emas, b.saved, sq, st.rhos, st.adaptive,
+        cpp_ops.perturb_(st.weights, b.grads, st.emas, b.saved, sq, st.rhos, st.adaptive,
                          st.decay, st.gain, st.swap, b.sigma, EPS, b.paper)
         try:
             for p, _, spare in st.swapped:

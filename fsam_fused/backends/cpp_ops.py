@@ -32,18 +32,34 @@ def restore_(weights: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
     torch.ops.fsam_fused.restore_(weights, saved)
 
 
+def _no_meta(op: str, **lists) -> None:
+    """``register_fake`` also makes the fakes the ops' Meta kernels: called on real meta
+    tensors (not a FakeTensorMode's fakes) they would silently do nothing, so they raise."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for name, ts in lists.items():
+        for i, t in enumerate([ts] if isinstance(ts, torch.Tensor) else ts):
+            if t.device.type == "meta" and not isinstance(t, FakeTensor):
+                raise RuntimeError(
+                    f"fsam_fused: {op}: {name}[{i}] is a meta tensor; these kernels take "
+                    "CPU tensors (meta tensors have no data to compute on)")
+
+
 def register_fakes() -> None:
     """Shape-only implementations, so torch.compile and opcheck can trace the ops. Called
     once per process, by the loader, after the library is loaded."""
 
     @torch.library.register_fake(_LIB + "norm_sq")
     def _(weights, grads, emas, adaptive, decay, gain, sigma, paper):
+        _no_meta("norm_sq", weights=weights, grads=grads, emas=emas)
         return grads[0].new_empty(1, dtype=torch.float32)
 
     @torch.library.register_fake(_LIB + "perturb_")
     def _(weights, grads, emas, saved, sq, rho, adaptive, decay, gain, swap, sigma, eps, paper):
+        _no_meta("perturb_", weights=weights, grads=grads, emas=emas, saved=saved, sq=sq)
         return None
 
     @torch.library.register_fake(_LIB + "restore_")
     def _(weights, saved):
+        _no_meta("restore_", weights=weights, saved=saved)
         return None
