@@ -132,3 +132,19 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
             elif v is not None and not isinstance(v, (int, float, bool)):
                 raise ValueError(f"the {where} has {k!r} of type {type(v).__name__}, where a "
                                  "tensor or a number belongs")
+
+
+def load(opt, sd) -> None:
+    """Check ``sd`` completely, then install it: the base optimizer's state, the group dicts
+    updated in place (every holder keeps the same objects), the EMA, sigma/lmbda/order."""
+    new_state, (sigma, lmbda, order) = check_loadable(opt, sd)
+    opt.base_optimizer.load_state_dict(sd["base_optimizer"])
+    for g, sg in zip(opt.param_groups, sd["param_groups"]):
+        params = g["params"]
+        g.clear()
+        g.update({k: v for k, v in sg.items() if k != "params"})
+        g["params"] = params
+    opt.base_optimizer.param_groups = opt.param_groups
+    opt.state = new_state
+    opt.engine.plan = None
+    opt.sigma, opt.lmbda, opt.ema_order = sigma, lmbda, order

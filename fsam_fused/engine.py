@@ -208,6 +208,24 @@ class Engine:
 
     # ------------------------------------------------------------------ second_step
 
+    def second_pass(self, groups, closure):
+        """Run ``closure`` (the second forward and backward) on fresh gradients, as
+        ``step(closure)`` does. If it raises, the weights are restored and the first pass's
+        ``.grad`` given back (the EMA keeps this step's update: see the module docstring)."""
+        params = [p for g in groups for p in g["params"]]
+        first_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                return closure()
+        except BaseException:
+            self.restore()
+            for p, g in zip(params, first_grads):
+                p.grad = g
+            raise
+
+
     def restore(self) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring)."""
         buckets, self.inflight = self.inflight, None

@@ -106,3 +106,23 @@ def config(sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, groups)
         ema_dtype=check_ema_dtype(ema_dtype),
         fixed_addresses=check_flag("fixed_addresses", fixed_addresses),
         groups=tuple(check_group(g, f" in param group {i}") for i, g in enumerate(groups)))
+
+
+class ConfigCache:
+    """An optimizer's :class:`Config`, validated again only when one of its inputs changed
+    (a tuple compare per step instead of every check)."""
+
+    def __init__(self):
+        self._raw, self._cfg = None, None
+
+    def __call__(self, opt) -> Config:
+        a = (opt.sigma, opt.lmbda, opt.ema_order, opt.backend, opt.ema_dtype,
+             opt.fixed_addresses)
+        # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
+        raw = (a, tuple(map(type, a)),
+               [(g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
+                for g in opt.param_groups])
+        if raw != self._raw:
+            self._cfg = config(*a, opt.param_groups)
+            self._raw = raw
+        return self._cfg

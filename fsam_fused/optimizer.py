@@ -96,7 +96,7 @@ class FSAM(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._in_closure = False
-        self._raw_config = self._cfg = None
+        self._config = hparams.ConfigCache()
 
     # ------------------------------------------------------------------ groups and state
 
@@ -109,19 +109,6 @@ class FSAM(Optimizer):
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
-
-    def _config(self) -> hparams.Config:
-        """This step's validated settings; the last Config while none of them changed."""
-        a = (self.sigma, self.lmbda, self.ema_order, self.backend, self.ema_dtype,
-             self.fixed_addresses)
-        # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
-        raw = (a, tuple(map(type, a)),
-               [(g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
-                for g in self.param_groups])
-        if raw != self._raw_config:
-            self._cfg = hparams.config(*a, self.param_groups)
-            self._raw_config = raw
-        return self._cfg
 
     def _refuse_mid_step(self, what):
         if self.engine.inflight is not None:
@@ -142,30 +129,19 @@ class FSAM(Optimizer):
         """Load a state_dict; every check (structure, shapes, dtypes, the base optimizer's
         kind of state) runs before anything changes."""
         self._refuse_mid_step("load_state_dict() called")
-        new_state, fs = checkpoint.check_loadable(self, state_dict)
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        # Update the group dicts in place so every holder keeps the same objects.
-        for g, sg in zip(self.param_groups, state_dict["param_groups"]):
-            params = g["params"]
-            g.clear()
-            g.update({k: v for k, v in sg.items() if k != "params"})
-            g["params"] = params
-        self.base_optimizer.param_groups = self.param_groups
-        self.state = new_state
-        self.engine.plan = None
-        self.sigma, self.lmbda, self.ema_order = fs
+        checkpoint.load(self, state_dict)
 
     def __getstate__(self):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in ("engine", "_cfg")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("engine", "_config")}
 
     def __setstate__(self, st):
         super().__setstate__(st)
         self.engine = Engine()
         self.__dict__.setdefault("_in_closure", False)
-        self._raw_config = self._cfg = None
+        self._config = hparams.ConfigCache()
 
     # ------------------------------------------------------------------ introspection
 
@@ -192,7 +168,7 @@ class FSAM(Optimizer):
                                    "first_step() and second_step() itself)")
             raise RuntimeError("first_step() called twice without second_step(): the weights "
                                "are already perturbed")
-        self.engine.first_step(self._config(), self.param_groups, self.state)
+        self.engine.first_step(self._config(self), self.param_groups, self.state)
         if zero_grad:
             self.zero_grad()
 
@@ -229,20 +205,10 @@ class FSAM(Optimizer):
                                "or a preceding first_step()")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        params = [p for g in self.param_groups for p in g["params"]]
-        first_grads = [p.grad for p in params]
         self.first_step()
-        for p in params:
-            p.grad = None
         self._in_closure = True
         try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.engine.restore()
-            for p, g in zip(params, first_grads):
-                p.grad = g
-            raise
+            loss = self.engine.second_pass(self.param_groups, closure)
         finally:
             self._in_closure = False
         self.second_step()
