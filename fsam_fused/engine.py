@@ -227,7 +227,8 @@ class Engine:
 
 
     def restore(self) -> None:
-        """Give every perturbed weight back its saved bits (see the module docstring)."""
+        """Give every perturbed weight back its saved bits (see the module docstring). Like
+        every Engine method, it runs under the caller's ``torch.no_grad()``."""
         buckets, self.inflight = self.inflight, None
         lost = []
         for b in buckets:

@@ -109,5 +109,4 @@ def test_against_float64_statement(backend, order, sigma, adaptive, device):
                 torch.testing.assert_close(ema.double().cpu(), m[i], **tol)
             else:
                 assert ema is None, f"step {k}: parameter {i} has EMA state it should not"
-    assert params[5].grad is None
     assert torch.equal(params[5].detach().cpu(), w0[5].float()), "untouched parameter moved"
