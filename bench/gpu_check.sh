@@ -5,14 +5,22 @@
 # peers present: pytorch_optimizer if installed, the foreach step under torch.compile) with
 # its JSON and plot, then the end-to-end ResNet-18 training step. Everything lands in $OUT.
 #
-#   run from the repository root, with the project on PYTHONPATH (the GPU machine has no
-#   network, so nothing is installed):  OUT=/some/dir bash bench/gpu_check.sh
+#   run from the repository root (the GPU machine has no network, so nothing is installed;
+#   the script lays the package out itself):  OUT=/some/dir bash bench/gpu_check.sh
 #   The pytorch_optimizer peer needs its package there: beforehand, on a machine with network,
 #   `pip install --no-deps --target .gpu_deps pytorch-optimizer` and carry `.gpu_deps`.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu-local}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The package as pip lays it out (kernels/ and csrc/ inside fsam_fused/, as pyproject's
+# package-dir maps them), from this tree, without installing anything: the machine has no
+# network. Symlinks, so the tests' own paths (tests/, bench/) still read this tree.
+PKG=$(mktemp -d)
+mkdir -p "$PKG/fsam_fused"
+for f in fsam_fused/*; do ln -s "$PWD/$f" "$PKG/fsam_fused/"; done
+ln -s "$PWD/kernels" "$PKG/fsam_fused/kernels"
+ln -s "$PWD/csrc" "$PKG/fsam_fused/csrc"
+export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [ -d .gpu_deps ] && export PYTHONPATH="$PYTHONPATH:$PWD/.gpu_deps"
 unset TRITON_INTERPRET
 
