@@ -46,7 +46,12 @@ def test_command_writes_records_table_and_plot(tmp_path, capsys):
                    and x["dtype"] == r["dtype"])
         assert r["speedup_vs_reference"] == pytest.approx(ref / r["ms"])
         assert r["torch"] == torch.__version__
-    assert "x ref" in text and "copy bandwidth" in text
+        # The yardstick is the streaming copy (the C++ restore_ op), torch's copy_ beside it.
+        assert r["copy_kind"] == "stream" and r["torch_copy_gbps"] > 0
+        assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
+    assert "x ref" in text and "copy bandwidth" in text and "streaming copy" in text
+    if HAVE_PO:
+        assert "\nsummary: tiny2000 float32: backend=\"auto\" (cpp) takes" in text, text
     if not HAVE_PO:
         assert "pytorch-optimizer is not installed" in text
     if HAVE_MPL:

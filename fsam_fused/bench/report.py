@@ -30,43 +30,60 @@ def terminal_table(records) -> str:
     copies = {}
     for r in records:
         if r.get("kind", "optimizer") == "optimizer":
-            copies[(r["preset"], r["dtype"])] = r["copy_gbps"]
+            copies[(r["preset"], r["dtype"])] = (r["copy_gbps"], r.get("torch_copy_gbps"),
+                                                 r.get("copy_kind", "torch"))
     lines.append("")
-    lines.append("copy bandwidth measured beside each group (read + write): " + ", ".join(
-        f"{p} {d} {g:.1f} GB/s" for (p, d), g in copies.items()))
+    lines.append("copy bandwidth measured beside each group (read + write; streaming copy, "
+                 "then torch's copy_): " + ", ".join(
+                     f"{p} {d} {g:.1f}" + (f" / {t:.1f}" if k == "stream" else "") + " GB/s"
+                     for (p, d), (g, t, k) in copies.items()))
+    summary = auto_summary(records, plain=True)
+    if summary:
+        lines.append("summary: " + summary)
     return "\n".join(lines)
 
 
 def markdown_table(records) -> str:
     """The README's table for one result file's optimizer records."""
     peers = _peers(records)
-    out = ["| preset | dtype | candidate | ms | GB/s | copy GB/s | % of copy | x reference | "
-           + " | ".join(f"x {p}" for p in peers) + " |",
-           "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(peers)]
+    stream = any(r.get("copy_kind") == "stream" for r in records)
+    head = "| preset | dtype | candidate | ms | GB/s | copy GB/s | % of copy | "
+    if stream:
+        head = ("| preset | dtype | candidate | ms | GB/s | stream copy GB/s | % of stream copy "
+                "| torch copy_ GB/s | ")
+    out = [head + "x reference | " + " | ".join(f"x {p}" for p in peers) + " |",
+           "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if stream else "")
+           + "---:|" * len(peers)]
     for r in records:
         if r.get("kind", "optimizer") != "optimizer":
             continue
+        torch_copy = f" | {r['torch_copy_gbps']:.1f}" if stream else ""
         out.append(f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
-                   f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}% "
+                   f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}%{torch_copy} "
                    f"| {_x(r['speedup_vs_reference'])} | "
                    + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers) + " |")
     return "\n".join(out)
 
 
-def auto_summary(records, preset="resnet18", dtype="float32") -> str:
-    """One sentence: what backend="auto" picks on this device against the best peer."""
-    rows = {r["backend"]: r for r in records if r.get("kind", "optimizer") == "optimizer"
-            and r["preset"] == preset and r["dtype"] == dtype}
-    auto = rows.get("triton" if records[0]["device"] == "cuda" else "cpp")
+def auto_summary(records, preset="resnet18", dtype="float32", plain=False) -> str:
+    """One sentence: what backend="auto" picks on this device against the best peer (for a
+    newcomer, without the README: ``plain`` drops the markdown)."""
+    opt = [r for r in records if r.get("kind", "optimizer") == "optimizer"]
+    if opt and not any(r["preset"] == preset and r["dtype"] == dtype for r in opt):
+        preset, dtype = opt[0]["preset"], opt[0]["dtype"]  # a run without the default group
+    rows = {r["backend"]: r for r in opt if r["preset"] == preset and r["dtype"] == dtype}
+    auto = rows.get("triton" if opt and opt[0]["device"] == "cuda" else "cpp")
     peers = [r for r in rows.values() if r.get("peer")]
     if auto is None or not peers:
         return ""
     best = min(peers, key=lambda r: r["ms"])
-    return (f"{preset} {dtype}: `backend=\"auto\"` ({auto['backend']}) takes "
-            f"{auto['ms']:.2f} ms, {best['ms'] / auto['ms']:.2f}x faster than the best peer "
-            f"({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} GB/s of counted "
-            f"traffic is {auto['pct_copy']:.0f}% of the {auto['copy_gbps']:.1f} GB/s copy "
-            "measured beside it.")
+    q = "" if plain else "`"
+    kind = "streaming copy" if auto.get("copy_kind") == "stream" else "copy"
+    return (f"{preset} {dtype}: {q}backend=\"auto\"{q} ({auto['backend']}) takes "
+            f"{auto['ms']:.2f} ms per F-SAM step, {best['ms'] / auto['ms']:.2f}x faster than "
+            f"the best peer ({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} "
+            f"GB/s of counted traffic is {auto['pct_copy']:.0f}% of the "
+            f"{auto['copy_gbps']:.1f} GB/s {kind} measured beside it.")
 
 
 def markdown_e2e(records) -> str:
@@ -107,9 +124,19 @@ def plot(records, path) -> None:
         ax.set_xscale("log")
         for i, v in enumerate(ms):
             ax.text(v, i, f" {v:.2f} ms", va="center", fontsize=8)
-        ax.set_title(f"{preset} {dtype}: optimizer-only step (first + second), median ms; "
-                     "green fused, gray peers", fontsize=9)
+        ax.set_title(f"{preset} {dtype}: optimizer-only step (first_step + second_step)",
+                     fontsize=9)
+        ax.set_xlabel("median ms per step (log scale; shorter is faster)", fontsize=8)
+        ax.set_ylabel("candidate", fontsize=8)
+        ax.tick_params(labelsize=8)
+    from matplotlib.patches import Patch
+    handles = [Patch(color="tab:green", label="FSAM fused (Triton / C++)"),
+               Patch(color="tab:blue", label="FSAM unfused (reference / foreach)"),
+               Patch(color="tab:gray", label="peers (pytorch_optimizer, compiled foreach)")]
     first = records[0]
-    fig.suptitle(f"{first['device_name']} - torch {first['torch']}", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{first['device_name']} - torch {first['torch']}", fontsize=9, y=0.995)
+    # Above the panels, where no bar can hide under it.
+    fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=3,
+               bbox_to_anchor=(0.5, 0.975), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.955))
     fig.savefig(path, dpi=110)
