@@ -100,14 +100,14 @@ from importlib import metadata
 import torch
 
 import fsam_fused
-from fsam_fused import FSAM, cpp_backend
+from fsam_fused import FSAM, cpp_build
 
 venv = os.path.realpath(os.environ["VENV"])
 inside = lambda path: os.path.realpath(path).startswith(venv + os.sep)
 assert inside(fsam_fused.__file__), f"fsam_fused imported from {fsam_fused.__file__}, not {venv}"
-src = cpp_backend._sources()[0]
+src = cpp_build._sources()[0]
 assert inside(src), f"C++ source {src} is not the installed one"
-build_dir = cpp_backend.build_directory()
+build_dir = cpp_build.build_directory()
 assert build_dir.startswith(os.environ["FSAM_FUSED_BUILD_DIR"]), build_dir
 meta = metadata.metadata("fsam-fused")
 assert meta["License-Expression"] == "Apache-2.0", meta["License-Expression"]
@@ -130,7 +130,7 @@ assert all(not torch.equal(a, b) for a, b in zip(before, perturbed)), "first_ste
 assert all(not torch.equal(a, p) for a, p in zip(before, params)), "the step left w unchanged"
 assert all(torch.isfinite(p).all() for p in params)
 assert all("ema" in opt.state[p] for p in params), "no EMA in opt.state"
-assert "cpp" in opt._backends, "the C++ backend did not run"
+assert [b.backend for b in opt.plan_summary()] == ["cpp"], "the C++ backend did not run"
 assert os.path.isdir(build_dir) and any(f.endswith(".so") for f in os.listdir(build_dir)), \
     f"no compiled extension in {build_dir}"
 print(f"  fsam_fused {fsam_fused.__version__} from {os.path.dirname(fsam_fused.__file__)}")
