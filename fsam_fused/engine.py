@@ -45,13 +45,13 @@ with fake kernels) so a compiled graph can call them.
 from __future__ import annotations
 
 import threading
-import warnings
 from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 
 from . import backends, reduce
+from ._warnings import warn_at_caller
 from .buffers import Buffers
 from .hparams import Config
 from .plan import Plan, build
@@ -256,10 +256,9 @@ class Engine:
                 p.data = orig  # the double buffer: the untouched home storage goes back
             elif p.shape == orig.shape:
                 if not same_kind:
-                    warnings.warn(f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
-                                  f"{p.dtype} on {p.device} between first_step() and "
-                                  f"second_step(); its saved {orig.dtype} value was cast",
-                                  RuntimeWarning, stacklevel=4)
+                    warn_at_caller(f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
+                                   f"{p.dtype} on {p.device} between first_step() and "
+                                   f"second_step(); its saved {orig.dtype} value was cast")
                 p.data.copy_(orig)
             else:
                 lost.append(f"the parameter planned as shape {tuple(orig.shape)} (now "

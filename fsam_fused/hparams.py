@@ -122,7 +122,11 @@ class ConfigCache:
         raw = (a, tuple(map(type, a)),
                [(g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
                 for g in opt.param_groups])
-        if raw != self._raw:
+        try:
+            same = raw == self._raw
+        except (RuntimeError, TypeError, ValueError):  # e.g. a tensor compared with a float
+            same = False
+        if not same:
             self._cfg = config(*a, opt.param_groups)
             self._raw = raw
         return self._cfg

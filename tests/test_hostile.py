@@ -219,9 +219,10 @@ def test_bad_constructor_arguments_are_named(kwargs, match):
         FSAM(_net().parameters(), torch.optim.SGD, **{"lr": 0.1, **kwargs})
 
 
-def test_a_group_rho_of_the_wrong_type_between_steps():
+@pytest.mark.parametrize("rho", [torch.tensor(0.1), torch.tensor([0.1, 0.2]), "0.1", None])
+def test_a_group_rho_of_the_wrong_type_between_steps(rho):
     net, opt = _stepped("foreach")
-    opt.param_groups[0]["rho"] = torch.tensor(0.1)
+    opt.param_groups[0]["rho"] = rho
     _loss(net, 1).backward()
     with pytest.raises(TypeError, match="rho in param group 0"):
         opt.first_step()
