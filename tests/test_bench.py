@@ -9,11 +9,9 @@ import torch
 
 from fsam_fused import FSAM
 from fsam_fused.bench import e2e, main
-from fsam_fused.bench.candidates import (NoOp, candidates, foreach_first_step,
-                                         foreach_restore)
+from fsam_fused.bench.candidates import NoOp, candidates, foreach_first_step, foreach_restore
 from fsam_fused.bench.presets import PRESETS, numel
 from fsam_fused.bench.suite import make_params
-
 from helpers import backend_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

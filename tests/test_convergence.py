@@ -14,7 +14,6 @@ from sklearn.datasets import load_digits
 
 from fsam_fused import FSAM
 from fsam_fused.published import FriendlySAM
-
 from helpers import backend_available
 
 HP = dict(rho=0.1, sigma=1.0, lmbda=0.6, lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -125,7 +124,7 @@ class PlainSGD:
         self.opt.zero_grad()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def published_run(model, steps):
     return train(model, published, steps)
 

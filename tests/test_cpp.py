@@ -11,8 +11,7 @@ import torch
 
 from fsam_fused import FSAM
 from fsam_fused.backends import cpp as cpp_backend
-
-from helpers import backend_available, check_against_reference, opt_args
+from helpers import backend_available, check_against_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
@@ -111,7 +110,7 @@ def test_double_buffer_swaps_storage_only_during_the_step(fixed, monkeypatch):
     opt = FSAM(ps, torch.optim.SGD, backend="cpp", fixed_addresses=fixed, lr=0.1)
     home = [p.data_ptr() for p in ps]
     want_moved = [False, False, not fixed, not fixed]
-    for step in range(3):
+    for _step in range(3):
         for p in ps:
             p.grad = torch.randn_like(p)
         w = [p.detach().clone() for p in ps]
@@ -253,7 +252,7 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
         assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
         saved = [torch.full_like(w, float("nan")) for w in ws]
         ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False)
-        for w, s, x, a, b in zip(ws, saved, w0, ms, m_copy):
+        for _w, s, x, a, b in zip(ws, saved, w0, ms, m_copy):
             assert torch.equal(s.view(torch.int8), x.view(torch.int8))
             assert torch.equal(a, b)
         for w, s in zip(ws, spare):

@@ -22,7 +22,6 @@ import time
 import warnings
 
 import pytest
-import torch
 
 from fsam_fused import cpp_build
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import backend_available
 
 N = 300  # elements per tensor; all the same size so any two may be swapped for each other
@@ -273,7 +272,7 @@ def test_backend_passes_detached_aliases(ops, fixed):
     opt = FSAM(ps, torch.optim.SGD, rho=0.1, lr=0.0, backend="cpp", fixed_addresses=fixed)
     w0 = [p.detach().clone() for p in ps]
     homes = [p.data_ptr() for p in ps]
-    for step in range(3):
+    for _step in range(3):
         for p in ps:
             p.grad = torch.randn_like(p)
         opt.first_step()

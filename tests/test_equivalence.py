@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from fsam_fused import FSAM, SAM
-
-from helpers import (BASES, assert_snapshots_close, backend_available, batches, loss_of, opt_args,
-                     make_net, trajectory)
 from fsam_fused.published import FriendlySAM
+from helpers import (
+    BASES,
+    assert_snapshots_close,
+    backend_available,
+    batches,
+    loss_of,
+    make_net,
+    opt_args,
+    trajectory,
+)
 
 FP32 = dict(rtol=1e-5, atol=1e-6)
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import backend_available, batches, loss_of, make_net, opt_args, require_triton
 
 BACKENDS = ["reference", "foreach", "triton", "cpp", "cpp-fixed"]

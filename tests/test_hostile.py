@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import backend_available, opt_args
 
 BACKENDS = ["reference", "foreach", "triton", "cpp", "cpp-fixed"]

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import backend_available, opt_args
 
 SIZES = [1, 3, 1023, 1025, 257, 40]  # group 0: the first three; group 1: the rest

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import backend_available, check_against_reference, opt_args
 
 pytestmark = pytest.mark.usefixtures("_triton_ok")

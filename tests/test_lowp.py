@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
-from helpers import backend_available, lowp_yardstick, opt_args
 from fsam_fused.published import FriendlySAM
+from helpers import backend_available, lowp_yardstick, opt_args
 
 SIZES = [1, 3, 1023, 1025, 300]
 STEPS = 5

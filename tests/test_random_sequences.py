@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fsam_fused import FSAM
-
 from helpers import backend_available, opt_args
 
 SIZES = [1, 5, 1024, 1500]

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-
 from helpers import BASES, backend_available, batches, loss_of, make_net, opt_args, trajectory
 
 

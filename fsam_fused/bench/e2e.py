@@ -105,7 +105,7 @@ def run(device, batch=128, steps=None, warmup=1, log=print, channels_last=False)
         log(".", end="")
     log("")
     records = []
-    for name, (model, opt, step_ms, opt_ms) in runs.items():
+    for name, (_model, opt, step_ms, opt_ms) in runs.items():
         backend = None
         if isinstance(opt, FSAM):  # the backends "auto" chose
             backend = ",".join(sorted({s.backend for s in opt.plan_summary()}))

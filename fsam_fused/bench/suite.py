@@ -127,10 +127,10 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             src = torch.randn(n, device=device).to(dtype)
             dst = torch.empty_like(src)
             steps = {name: (b.prepare, b.step) for name, b in built.items()}
-            steps["copy"] = (None, lambda: dst.copy_(src))
+            steps["copy"] = (None, lambda dst=dst, src=src: dst.copy_(src))
             stream = streaming_copy(device)
             if stream is not None:
-                steps["stream-copy"] = (None, lambda: stream(dst, src))
+                steps["stream-copy"] = (None, lambda dst=dst, src=src, f=stream: f(dst, src))
             log(f"; timing {reps} rounds", end="")
             ms = time_interleaved(steps, device, reps, warmup)
             log(f"; {time.perf_counter() - t0:.0f} s")
