@@ -16,9 +16,58 @@ optimizer state.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
 from .hparams import EMA_DTYPES
+
+# Bumped by every change to an FSAM optimizer's state (a parameter's entry added, replaced or
+# removed, or one of its values set): a plan keeps the EMA tensors it was built with, and is
+# reused only while this is unchanged, so ``opt.state[p]["ema"] = m`` is seen (and checked)
+# by the next step. One counter for every optimizer: a change anywhere rebuilds every plan
+# once, which costs nothing compared with a per-step scan of the state.
+_version = [0]
+
+
+def state_version() -> int:
+    return _version[0]
+
+
+def _bumps(name):
+    method = getattr(dict, name)
+
+    def bumped(self, *args, **kwargs):
+        _version[0] += 1
+        return method(self, *args, **kwargs)
+    bumped.__name__ = name
+    return bumped
+
+
+_MUTATORS = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update",
+             "__ior__")
+
+
+class Slot(dict):
+    """One parameter's state (``{"ema": m}``): a dict that records that it changed."""
+
+    locals().update({name: _bumps(name) for name in _MUTATORS})
+
+
+class State(defaultdict):
+    """An FSAM optimizer's ``state``: ``defaultdict(Slot)`` that records that it changed."""
+
+    locals().update({name: _bumps(name) for name in _MUTATORS})
+
+    def __init__(self, *args):
+        super().__init__(Slot, *args)
+
+    def __setitem__(self, key, value):
+        _version[0] += 1
+        defaultdict.__setitem__(self, key, value if isinstance(value, Slot) else Slot(value))
+
+    def __reduce__(self):  # pickles as itself, without the default factory argument
+        return (State, (), None, None, iter(self.items()))
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -42,20 +91,22 @@ class Buffers:
             s = self.saved[p] = torch.empty_like(p)
         return s
 
-    def ema_for(self, p: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-        """``(m, first)``: the committed EMA of ``p``, or a staged zero one if it has none."""
+    def ema_for(self, p: torch.Tensor, dtype: torch.dtype):
+        """``(m, first, staged)``: the committed EMA of ``p``; or a zero one if it has none
+        (``first``); or, if the committed one has another dtype (``ema_dtype`` changed, a
+        checkpoint from another setting) or another element order (the parameter changed
+        memory format), the same values in ``dtype`` and the parameter's strides. A new or
+        converted EMA is ``staged``: it enters the state only when the step succeeds."""
         st = self.state.get(p) if p in self.state else None
         m = st.get("ema") if st else None
         if m is None:
             # Zeros: the paper order starts from m = 0, and the official first sight reads m
             # with weight 0 (0 * garbage could be NaN).
-            return torch.zeros_like(p, dtype=dtype), True
+            return torch.zeros_like(p, dtype=dtype), True, True
         check_ema(m, p)
-        if m.stride() != p.stride():
-            # The parameter changed memory format (or a checkpoint came from another layout):
-            # same values, the parameter's element order.
-            m = st["ema"] = torch.empty_like(p, dtype=m.dtype).copy_(m)
-        return m, False
+        if m.dtype != dtype or m.stride() != p.stride():
+            return torch.empty_like(p, dtype=dtype).copy_(m), False, True
+        return m, False, False
 
     def backup_for(self, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         b = self.backups.get(p)
@@ -77,7 +128,7 @@ def check_ema(m, p, where: str = "") -> None:
         raise TypeError(f"the EMA of parameter {where or tuple(p.shape)} must be a tensor, got "
                         f"{type(m).__name__}")
     if m.shape != p.shape or m.device != p.device or m.dtype not in EMA_DTYPES \
-            or m.layout != torch.strided:
+            or m.layout != torch.strided or m.requires_grad:
         raise ValueError(f"the EMA of parameter {where or ''} (shape {tuple(p.shape)}, "
                          f"{p.device}) is a {m.layout} {m.dtype} tensor of shape "
                          f"{tuple(m.shape)} on {m.device}")

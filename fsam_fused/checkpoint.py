@@ -4,12 +4,10 @@ offending entry."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from . import hparams
-from .buffers import check_ema
+from .buffers import State, check_ema
 
 VERSION = 1
 
@@ -74,10 +72,12 @@ def check_loadable(opt, sd):
         id_map.update(zip(sg["params"], g["params"]))
         group_of.update((pid, i) for pid in sg["params"])
     fs = sd["fsam"]
+    if not isinstance(fs, dict):
+        raise TypeError(f"state_dict['fsam'] must be a dict, got {type(fs).__name__}")
     sigma = hparams.number("sigma in the state_dict", fs.get("sigma"), 0.0)
     lmbda = hparams.number("lmbda in the state_dict", fs.get("lmbda"), 0.0, 1.0, hi_open=True)
     order = hparams.check_ema_order(fs.get("ema_order"))
-    state = defaultdict(dict)
+    state = State()
     for pid, s in sd["state"].items():
         if pid not in id_map:
             raise ValueError(f"state_dict has state for parameter index {pid}, which no "
@@ -126,6 +126,8 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
                              "another optimizer?")
         for k, v in s.items():
             if torch.is_tensor(v):
+                if v.device.type == "meta":
+                    raise ValueError(f"the {where} has {k!r} on the meta device (no data)")
                 full = want[k] if want is not None else v.dim() > 0
                 if full and v.shape != p.shape:
                     raise ValueError(f"the {where} has {k!r} of shape {tuple(v.shape)}")

@@ -47,6 +47,7 @@ from __future__ import annotations
 # The C-level signal functions: the `signal` module's Python wrappers convert enums on every
 # call, which costs more than the rest of the hold (measured 6 us against 0.4 us a step).
 import _signal  # noqa: E402
+import os
 import threading
 from dataclasses import dataclass
 from operator import attrgetter
@@ -55,7 +56,7 @@ import torch
 
 from . import backends, reduce
 from ._warnings import warn_at_caller
-from .buffers import Buffers
+from .buffers import Buffers, state_version
 from .hparams import Config
 from .plan import Plan, build
 from .traffic import bytes_per_step
@@ -65,7 +66,8 @@ _GRAD = attrgetter("grad")
 
 
 class _Held:
-    """SIGINT held back while a step writes its buckets (main thread only)."""
+    """SIGINT held back while a step writes or restores its buckets (main thread only), then
+    handed to the handler it was meant for."""
 
     __slots__ = ("prev", "caught")
 
@@ -73,6 +75,7 @@ class _Held:
         self.prev, self.caught = None, None
 
     def __enter__(self):
+        self.caught = None
         if threading.current_thread() is threading.main_thread():
             try:
                 self.prev = _signal.signal(_SIGINT, self._catch)
@@ -88,11 +91,16 @@ class _Held:
             _signal.signal(_SIGINT, self.prev)
         return False
 
-    def deliver(self):
-        """Run the handler the interrupt was meant for (the default raises
-        KeyboardInterrupt)."""
-        if self.caught is not None and callable(self.prev):
+    def deliver(self) -> None:
+        """Run the handler the interrupt was meant for: the default raises
+        KeyboardInterrupt, a user's may only set a flag, an ignored SIGINT stays ignored, and
+        SIG_DFL ends the process as it would have."""
+        if self.caught is None:
+            return
+        if callable(self.prev):
             self.prev(*self.caught)
+        elif self.prev == _signal.SIG_DFL:
+            os.kill(os.getpid(), _SIGINT)
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class Engine:
         self.backends = {}
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
+        self._held = _Held()
 
     # ------------------------------------------------------------------ plan
 
@@ -133,7 +142,7 @@ class Engine:
         return select
 
     def plan_for(self, cfg: Config, groups, state) -> Plan:
-        key = (id(state), len(state), [(id(g["params"]), len(g["params"])) for g in groups])
+        key = (id(state), state_version(), [(id(g["params"]), len(g["params"])) for g in groups])
         plan = self.plan
         if plan is not None and plan.cfg is cfg and plan.key == key:
             grads = list(map(_GRAD, plan.flat))
@@ -160,8 +169,12 @@ class Engine:
     def first_step(self, cfg: Config, groups, state) -> None:
         plan = self.plan_for(cfg, groups, state)
         try:
-            parts = [b.backend.norm(b) for b in plan.buckets]
-            sqs = reduce.combine([p for p, _ in parts], plan.buckets)
+            parts = []
+            for b in plan.buckets:
+                part, b.carry = b.backend.norm(b)
+                parts.append(part)
+            for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets)):
+                b.sq = sq
         except Exception:
             self.plan = None
             if plan.key is not None:
@@ -173,8 +186,7 @@ class Engine:
         except BaseException:
             self.plan = None  # re-check everything next time
             raise
-        todo = {id(b): (sq, carry) for b, (_, carry), sq in zip(plan.buckets, parts, sqs)}
-        held = _Held()
+        held = self._held
         with held:
             done = []
             b = None
@@ -182,8 +194,8 @@ class Engine:
                 for b in plan.commit:
                     if b.backups is not None:
                         torch._foreach_copy_(b.backups, b.emas)
-                    sq, carry = todo[id(b)]
-                    b.backend.perturb(b, sq, carry)
+                    b.backend.perturb(b, b.sq, b.carry)
+                    b.carry = None  # the reference's carry holds full-size tensors
                     done.append(b)
                 b = None
             except BaseException:
@@ -193,9 +205,13 @@ class Engine:
             if plan.new_emas:
                 plan.key = None  # the next step has no first sights: rebuild then
             self.inflight = done
-            if held.caught is not None:
-                self.restore()  # raises only if a parameter could not be restored
-        held.deliver()
+        try:
+            held.deliver()
+        except BaseException:
+            # The interrupt's handler raised (by default KeyboardInterrupt): give the weights
+            # back, as after a failed second pass.
+            self.restore()
+            raise
 
     def _roll_back(self, done, failed) -> None:
         self.plan = None
@@ -227,42 +243,60 @@ class Engine:
 
     def restore(self) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring). Like
-        every Engine method, it runs under the caller's ``torch.no_grad()``."""
-        buckets, self.inflight = self.inflight, None
-        lost = []
-        for b in buckets:
-            if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:
-                b.backend.restore(b)
-            else:
+        every Engine method, it runs under the caller's ``torch.no_grad()``. SIGINT is held
+        meanwhile; if a restore fails, the step stays in flight (restore can be called
+        again)."""
+        changed = []
+        held = self._held
+        with held:
+            for b in self.inflight:
+                if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:
+                    try:
+                        b.backend.restore(b)
+                        continue
+                    except Exception:  # e.g. a view of another shape on the same storage
+                        pass
                 self.plan = None
-                lost += self._restore_each(b)
-        if lost:
+                changed += self._restore_each(b)
+            self.inflight = None
+        if changed:
             raise RuntimeError(
-                "second_step() could not restore " + "; ".join(lost) + ": their shape changed "
-                "between first_step() and second_step(); every other parameter was restored and "
-                "the base optimizer did not step")
+                "second_step(): the shape of " + "; ".join(changed) + " changed between "
+                "first_step() and second_step(); every other parameter was restored and the "
+                "base optimizer did not step")
+        held.deliver()
 
     @staticmethod
     def _restore_each(b) -> list:
         """The slow path: one parameter at a time, for a bucket where some parameter's storage
-        changed since first_step."""
-        lost = []
+        or view changed since first_step. Returns the parameters that could not be restored:
+        a new storage of another shape."""
+        changed = []
         swapped = getattr(b.prep, "swap", None) or [0] * len(b.params)
         for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
             orig = b.backend.original(b, i)
             same_kind = p.dtype == orig.dtype and p.device == orig.device
-            if swapped[i] and (p.data_ptr() == ptr or (same_kind and p.shape == orig.shape)):
+            same_place = p.data_ptr() == ptr
+            if p.shape != orig.shape:
+                if same_place and same_kind:
+                    # Another view of the same storage (p.data = p.data.t(), p.data[:k]): the
+                    # storage gets its bits back, the parameter keeps the view it was given.
+                    if swapped[i]:
+                        p.data = orig.as_strided(p.shape, p.stride())
+                    else:
+                        p.data.as_strided(orig.shape, orig.stride()).copy_(orig)
+                else:
+                    changed.append(f"the parameter planned as shape {tuple(orig.shape)} (now "
+                                   f"{tuple(p.shape)})")
+            elif swapped[i] and (same_place or same_kind):
                 p.data = orig  # the double buffer: the untouched home storage goes back
-            elif p.shape == orig.shape:
+            else:
                 if not same_kind:
                     warn_at_caller(f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
                                    f"{p.dtype} on {p.device} between first_step() and "
                                    f"second_step(); its saved {orig.dtype} value was cast")
                 p.data.copy_(orig)
-            else:
-                lost.append(f"the parameter planned as shape {tuple(orig.shape)} (now "
-                            f"{tuple(p.shape)})")
-        return lost
+        return changed
 
     # ------------------------------------------------------------------ introspection
 

@@ -8,6 +8,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import checkpoint, hparams
+from .buffers import State
 from .engine import Engine
 
 
@@ -92,6 +93,7 @@ class FSAM(Optimizer):
             raise TypeError(f"base_optimizer(...) must return a torch.optim.Optimizer, "
                             f"got {type(base).__name__}")
         self.base_optimizer = base
+        self.state = State()  # records changes, so a plan sees an EMA set by hand
         # One list of group dicts for both: schedulers and add_param_group act on both.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -120,6 +122,8 @@ class FSAM(Optimizer):
         groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.)."""
         self._refuse_mid_step("state_dict() called")
         sd = super().state_dict()
+        # Plain dicts, so torch.load(weights_only=True) reads them (Slot is an internal type).
+        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         sd["base_optimizer"] = self.base_optimizer.state_dict()
         sd["fsam"] = {"version": checkpoint.VERSION, "sigma": self.sigma, "lmbda": self.lmbda,
                       "ema_order": self.ema_order}
@@ -139,6 +143,8 @@ class FSAM(Optimizer):
 
     def __setstate__(self, st):
         super().__setstate__(st)
+        if not isinstance(self.state, State):
+            self.state = State(self.state)
         self.engine = Engine()
         self.__dict__.setdefault("_in_closure", False)
         self._config = hparams.ConfigCache()
@@ -176,6 +182,10 @@ class FSAM(Optimizer):
     def second_step(self, zero_grad=False):
         """Restore the saved weights (bit for bit) and step the base optimizer with the
         gradient taken at the perturbed point; call after the second backward."""
+        if self._in_closure:
+            raise RuntimeError("the closure passed to step() must run only the second "
+                               "forward and backward; it called second_step() (step() calls "
+                               "first_step() and second_step() itself)")
         if self.engine.inflight is None:
             raise RuntimeError("second_step() called before first_step(): there is no "
                                "perturbation to undo")

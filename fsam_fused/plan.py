@@ -62,8 +62,13 @@ class Bucket:
     contiguous: bool = False
     device_check: Any = None
     grads: list = field(default_factory=list)  # this step's
+    # Detached aliases of the parameters as planned: a restore through them gives the planned
+    # storage its bits back even if the user re-viewed a parameter in between (p.data = p.t()).
+    homes: list = field(default_factory=list)
     perturbed_ptrs: list = field(default_factory=list)  # set by prepare()
     prep: Any = None  # the backend's per-plan data
+    sq: Any = None  # this step's: the partials whose sum is the squared global norm
+    carry: Any = None  # this step's: what the backend's norm pass hands its perturb pass
 
     @property
     def numel(self) -> int:
@@ -245,7 +250,6 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             b.grads.append(g)
             b.rhos.append(rho)
             b.adaptive.append(adaptive)
-    check_no_aliasing(named)
     buckets = list(buckets.values())
     for b in buckets:
         dense = all(dense_format(p) is not None and
@@ -260,20 +264,24 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             if b.emas is None:
                 b.first.append(False)
                 continue
-            m, first = buffers.ema_for(p, cfg.ema_dtype_for(p.dtype))
-            if first:
+            m, first, staged = buffers.ema_for(p, cfg.ema_dtype_for(p.dtype))
+            if staged:
                 new_emas[p] = m
+            else:  # the user's tensor: it must not share memory with anything either
+                named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
             b.emas.append(m)
             b.first.append(first)
         rows = [ema_row(f, cfg.lmbda, cfg.paper) for f in b.first]
         b.decay = [r[0] for r in rows]
         b.gain = [r[1] for r in rows]
+    check_no_aliasing(named)
     # The largest bucket commits last: it is the one whose EMA needs no backup.
     commit = sorted(buckets, key=lambda b: b.numel)
     for b in commit[:-1]:
         if b.emas is not None:
             b.backups = [buffers.backup_for(p, m) for p, m in zip(b.params, b.emas)]
     for b in buckets:
+        b.homes = [p.detach() for p in b.params]
         b.backend.prepare(b)
     return Plan(key=(), flat=flat, have=have, ptrs=[flat[i].data_ptr() for i in have],
                 buckets=buckets, commit=commit, new_emas=new_emas,

@@ -15,10 +15,11 @@ def combine(parts: list[torch.Tensor], buckets) -> list[torch.Tensor]:
     """Per bucket, a float32 1-D tensor on its device whose sum is the squared global norm.
     ``parts`` are in the plan's group order, so the rounding of the total never depends on
     the order buckets commit in."""
+    if len(parts) == 1:
+        return parts
     if not parts:
         return []
-    devices = {b.device for b in buckets}
-    if len(devices) == 1:
+    if len({b.device for b in buckets}) == 1:
         sq = parts[0] if len(parts) == 1 else torch.cat(parts)
         return [sq] * len(parts)
     # Several devices: move each bucket's sum of squares (not its norm) to every device.

@@ -99,7 +99,7 @@ def test_a_reshaped_parameter_is_named_and_the_others_restored(backend):
     opt.first_step(zero_grad=True)
     first = next(net.parameters())
     first.data = first.data.t().contiguous()  # a transposed copy: shape (5, 6) now
-    with pytest.raises(RuntimeError, match=r"could not restore .*\(6, 5\).*\(5, 6\)"):
+    with pytest.raises(RuntimeError, match=r"shape of the parameter planned as shape \(6, 5\) \(now \(5, 6\)\)"):
         opt.second_step()
     for p, x in list(zip(net.parameters(), w))[1:]:
         assert torch.equal(p.detach(), x), "the others are restored"
@@ -333,3 +333,187 @@ def test_the_auto_fallback_warning_points_at_the_callers_line(monkeypatch):
     (w,) = [w for w in caught if "C++" in str(w.message)]
     assert w.filename == __file__ and w.lineno == line, (w.filename, w.lineno)
     opt.second_step()
+
+
+# ------------------------------------------------------------------ found by the sweep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ema_set_by_hand_between_steps_is_used_or_named(backend):
+    net, opt = _stepped(backend)
+    p = next(net.parameters())
+    opt.state[p]["ema"] = torch.zeros_like(p)  # valid: the next step must use it
+    twin_net, twin = _stepped("reference")
+    twin.state[next(twin_net.parameters())]["ema"] = torch.zeros_like(p)
+    for n, o in ((net, opt), (twin_net, twin)):
+        _loss(n, 7).backward()
+        o.first_step(zero_grad=True)
+        _loss(n, 7).backward()
+        o.second_step(zero_grad=True)
+    for a, b in zip(net.parameters(), twin_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    before = _state(net, opt)
+    opt.state[p]["ema"] = torch.zeros(7)  # invalid: named before anything changes
+    _loss(net, 8).backward()
+    with pytest.raises(ValueError, match="EMA"):
+        opt.first_step()
+    w, m, base = before
+    assert all(torch.equal(q.detach(), x) for q, x in zip(net.parameters(), w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_ema_of_another_dtype_is_converted_when_the_step_commits(backend):
+    """One bfloat16 EMA among float32 ones (ema_dtype changed, a checkpoint from another
+    setting): the fused kernels take one EMA dtype a bucket, so the step converts it (staged,
+    committed on success) instead of reading it as float32."""
+    nets = {}
+    for b in (backend, "reference"):
+        net, opt = _stepped(b)
+        q = list(net.parameters())[1]
+        opt.state[q]["ema"] = opt.state[q]["ema"].bfloat16().float().bfloat16()
+        for k in (5, 6):
+            _loss(net, k).backward()
+            opt.first_step(zero_grad=True)
+            _loss(net, k).backward()
+            opt.second_step(zero_grad=True)
+        assert opt.state[q]["ema"].dtype == torch.float32
+        nets[b] = (net, opt)
+    for a, b in zip(nets[backend][0].parameters(), nets["reference"][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alias", ["weight", "gradient", "another EMA"])
+def test_an_ema_sharing_memory_is_rejected(backend, alias):
+    backend_available(backend, "cpu")
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(4, 3))
+    opt = FSAM([a, b], torch.optim.SGD, lr=0.1, **opt_args(backend))
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(4, 3), torch.randn(4, 3)
+        opt.first_step()
+        opt.second_step()
+    a.grad, b.grad = torch.randn(4, 3), torch.randn(4, 3)
+    opt.state[a]["ema"] = {"weight": a.data, "gradient": a.grad,
+                           "another EMA": opt.state[b]["ema"]}[alias]
+    before = [a.detach().clone(), b.detach().clone(), opt.state[b]["ema"].clone()]
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.first_step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert torch.equal(opt.state[b]["ema"], before[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["slice", "transpose", "square transpose"])
+def test_a_new_view_of_the_same_storage_gets_its_bits_back(backend, view):
+    """p.data = p.data[:2] or p.data.t() keeps the address: the storage gets its saved bits
+    back, the parameter keeps the view it was given, every other parameter is restored."""
+    net, opt = _stepped(backend)
+    ps = list(net.parameters())
+    if view == "square transpose":
+        ps[0] = list(net.parameters())[2]  # (2, 6): make it square
+        with torch.no_grad():
+            net[2].weight = torch.nn.Parameter(torch.randn(6, 6))
+        net[2].in_features = net[2].out_features = 6
+        net[0].out_features = 6
+        opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, **opt_args(backend))
+        ps = [net[2].weight] + [p for p in net.parameters() if p is not net[2].weight]
+        net.forward = lambda x: torch.nn.functional.linear(torch.tanh(net[0](x)), net[2].weight)
+    _loss_fn = (lambda k: (net(torch.randn(4, 5)) ** 2).mean()) if view == "square transpose" \
+        else (lambda k: _loss(net, k))
+    _loss_fn(9).backward()
+    w = [p.detach().clone() for p in ps]
+    opt.first_step(zero_grad=True)
+    ps[0].data = ps[0].data[:2] if view == "slice" else ps[0].data.t()
+    with torch.no_grad():
+        opt.engine.restore()
+    for p, x in list(zip(ps, w))[1:]:
+        assert torch.equal(p.detach(), x), "the others are restored"
+    want = w[0][:2] if view == "slice" else w[0].t()
+    assert torch.equal(ps[0].detach(), want)
+    assert ps[0].stride() == want.stride()
+    opt.state_dict()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failing_restore_leaves_the_step_in_flight(backend, monkeypatch):
+    from fsam_fused import backends
+
+    net, opt = _stepped(backend)
+    _loss(net, 9).backward()
+    w = [p.detach().clone() for p in net.parameters()]
+    opt.first_step(zero_grad=True)
+    cls = backends.CLASSES["cpp" if backend.startswith("cpp") else backend]
+    original = cls.restore
+
+    def once(self, b):
+        monkeypatch.setattr(cls, "restore", original)
+        raise RuntimeError("injected")
+    monkeypatch.setattr(cls, "restore", once)
+    monkeypatch.setattr(cls, "original", lambda self, b, i: (_ for _ in ()).throw(
+        RuntimeError("injected too")))
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.second_step()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="perturbed"):
+        opt.state_dict()  # still in flight: the weights are still perturbed
+    with torch.no_grad():
+        opt.engine.restore()
+    assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
+
+
+@pytest.mark.parametrize("handler", ["ignore", "flag"])
+def test_an_interrupt_that_does_not_raise_lets_the_step_complete(handler):
+    import _thread
+    import signal
+
+    from fsam_fused import backends
+
+    calls = []
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN if handler == "ignore"
+                         else (lambda s, f: calls.append(s)))
+    original = backends.ForeachBackend.perturb
+
+    def hit(self, *a, **k):
+        _thread.interrupt_main()
+        return original(self, *a, **k)
+    try:
+        net, opt = _stepped("foreach")
+        _loss(net, 1).backward()
+        w = [p.detach().clone() for p in net.parameters()]
+        backends.ForeachBackend.perturb = hit
+        opt.first_step(zero_grad=True)  # returns normally
+        backends.ForeachBackend.perturb = original
+        assert not all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
+        _loss(net, 1).backward()
+        opt.second_step()  # the step is in flight and completes
+    finally:
+        backends.ForeachBackend.perturb = original
+        signal.signal(signal.SIGINT, prev)
+    assert calls == ([] if handler == "ignore" else [signal.SIGINT])
+
+
+def test_a_closure_that_calls_second_step_is_refused_before_the_base_steps():
+    net, opt = _stepped("foreach")
+    _loss(net).backward()
+    before = _state(net, opt)
+
+    def closure():
+        _loss(net).backward()
+        opt.second_step()
+    with pytest.raises(RuntimeError, match="called second_step"):
+        opt.step(closure)
+    w, _, base = before  # the EMA keeps the first pass's update (a failed second pass)
+    assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
+    assert opt.base_optimizer.state_dict()["state"].keys() == base.keys()
+    assert all(torch.equal(opt.base_optimizer.state_dict()["state"][k]["momentum_buffer"],
+                           base[k]["momentum_buffer"]) for k in base)
+
+
+def test_load_state_dict_names_a_non_dict_fsam_entry_and_meta_state():
+    net, opt = _stepped("foreach")
+    sd = copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError, match=r"state_dict\['fsam'\] must be a dict"):
+        opt.load_state_dict(dict(sd, fsam=None))
+    sd["base_optimizer"]["state"][0]["momentum_buffer"] = torch.empty(6, 5, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        opt.load_state_dict(sd)

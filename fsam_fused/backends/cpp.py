@@ -97,7 +97,12 @@ class CppBackend:
     def restore(self, b) -> None:
         st = b.prep
         for p, own, _ in st.swapped:
-            p.data = own
+            # The home storage goes back; a parameter the user re-viewed in the meantime
+            # (p.data = p.data.t()) keeps its view, on its own storage.
+            if p.is_same_size(own) and p.stride() == own.stride():
+                p.data = own
+            else:
+                p.data = own.as_strided(p.shape, p.stride())
         if st.copied[0]:
             cpp_ops.restore_(*st.copied)
 

@@ -94,7 +94,7 @@ class ForeachBackend:
             torch._foreach_copy_(b.params, d)  # ... rounded once to the storage dtype
 
     def restore(self, b) -> None:
-        torch._foreach_copy_(b.params, b.saved)
+        torch._foreach_copy_(b.homes, b.saved)
 
     def original(self, b, i):
         return b.saved[i]

@@ -68,7 +68,7 @@ class ReferenceBackend:
                 m.copy_(m_new)
 
     def restore(self, b) -> None:
-        for p, s in zip(b.params, b.saved):
+        for p, s in zip(b.homes, b.saved):
             p.copy_(s)
 
     def original(self, b, i):
