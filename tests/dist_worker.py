@@ -193,6 +193,10 @@ def main():
     rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     kind = os.environ.get("FSAM_DIST_DEVICE", "cpu")
     torch.set_num_threads(1)
+    # As tests/conftest.py does in-process: the C++ backend would double-buffer tensors of
+    # any size, so the sharded buckets' forced exact-copy path is what keeps FSDP2 working.
+    from fsam_fused.backends import cpp
+    cpp.SWAP_MIN_NUMEL = 1
     if kind == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
