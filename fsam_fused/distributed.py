@@ -75,15 +75,14 @@ def check_grad(p, g, where: str) -> None:
 
 def like(local: torch.Tensor, p):
     """``local`` (a tensor shaped like ``p``'s local shard) as a DTensor with ``p``'s mesh,
-    placements, global shape and strides; no communication, and the DTensor's local tensor is
-    ``local`` itself."""
+    placements, global shape and strides; no communication, and the DTensor's local tensor
+    shares ``local``'s memory (from_local wraps a view), so what the kernels write into
+    ``local`` is the DTensor's value, and what a checkpoint loads into the DTensor is
+    ``local``'s."""
     from torch.distributed.tensor import DTensor
 
-    d = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                           shape=p.shape, stride=p.stride())
-    if d._local_tensor is not local:  # from_local may wrap a view: keep the very buffer
-        d._local_tensor = local
-    return d
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())
 
 
 def all_reduce_sum(t: torch.Tensor, groups) -> None:
