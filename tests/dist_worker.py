@@ -94,7 +94,36 @@ def full(t):
     return (t.full_tensor() if is_dtensor(t) else t).detach().cpu().clone()
 
 
+def run_errors(job, rank, ws, device, out):
+    """Clear errors: a gradient with other placements than its DTensor parameter, and a plain
+    EMA loaded for a DTensor parameter. Records each message."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh(device.type, (ws,))
+    w = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2, device=device), mesh, [Shard(0)]))
+    msgs = {}
+    opt = make_opt([w], dict(job))
+    w.grad = distribute_tensor(torch.ones(4, 2, device=device), mesh, [Replicate()])
+    try:
+        opt.first_step()
+    except RuntimeError as e:
+        msgs["grad"] = str(e)
+    w.grad = distribute_tensor(torch.ones(4, 2, device=device), mesh, w.placements)
+    opt.first_step()
+    opt.second_step()
+    sd = opt.state_dict()
+    sd["state"][0]["ema"] = sd["state"][0]["ema"].full_tensor()
+    try:
+        opt.load_state_dict(sd)
+    except ValueError as e:
+        msgs["ema"] = str(e)
+    torch.save({"msgs": msgs}, os.path.join(out, f"{job['name']}.rank{rank}.pt"))
+
+
 def run_job(job, rank, ws, device, out):
+    if job["mode"] == "errors":
+        return run_errors(job, rank, ws, device, out)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

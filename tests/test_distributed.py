@@ -165,6 +165,7 @@ def jobs_for(kind, ws):
                  dict(name=f"ddp_local_{be}", mode="ddp_local", backend=be)]
     jobs += [dict(name="ddp_sync_accum", mode="ddp_sync", backend="auto", accum=2),
              dict(name="ddp_local_accum", mode="ddp_local", backend="auto", accum=2)]
+    jobs.append(dict(name="errors", mode="errors", backend="auto"))
     return jobs
 
 
@@ -327,6 +328,15 @@ def test_distributed_checkpoint_resumes_bit_exactly(runs, tmp_path):
                 assert torch.equal(a[n], b[n]), (step, n)
         for n in full["ema"]:
             assert torch.equal(full["ema"][n], again["ema"][n]), n
+
+
+def test_clear_errors_for_mismatched_dtensors(runs):
+    kind, ws, _, res = runs
+    for r in res["errors"]:
+        assert "placements (Replicate(),)" in r["msgs"]["grad"] and \
+            "param group 0, parameter 0" in r["msgs"]["grad"], r["msgs"]
+        assert "must be a DTensor with the parameter's placements" in r["msgs"]["ema"], \
+            r["msgs"]
 
 
 # ---------------------------------------------------------------------------- in-process
