@@ -89,6 +89,30 @@ class Recorder:
         reduce.combine = self._orig
 
 
+class DTensorOps:
+    """Counts aten ops that took a DTensor argument (DTensor dispatch) while active."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        from torch.distributed.tensor import DTensor
+
+        me = self
+        self.count = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if any(isinstance(a, DTensor) for a in tree_leaves((args, kwargs or {}))):
+                    me.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+    def __call__(self, fn, *a):
+        with self.mode():
+            return fn(*a)
+
+
 def full(t):
     from fsam_fused.distributed import is_dtensor
     return (t.full_tensor() if is_dtensor(t) else t).detach().cpu().clone()
@@ -151,7 +175,8 @@ def run_job(job, rank, ws, device, out):
     if job.get("load"):
         start = load_checkpoint(job["load"], net, opt)
     rec = Recorder(groups)
-    traj, collectives = [], []
+    traj, collectives, dtensor_ops, plans = [], [], [], []
+    ops = DTensorOps()
     try:
         for step in range(start, start + steps):
             x, y = batch(step, device, accum)
@@ -173,10 +198,16 @@ def run_job(job, rank, ws, device, out):
 
             backward(False)
             before = rec.seq()
-            opt.first_step(zero_grad=True)
+            n_ops = ops.count
+            ops(opt.first_step)  # (zero_grad afterwards: torch's own, on DTensors)
+            opt.zero_grad()
             n_first = rec.seq() - before
+            plans.append(id(opt.engine.plan))
             backward(True)
             before = rec.seq()
+            ops(torch.no_grad()(opt.engine.restore))  # second_step: this restore + base step
+            dtensor_ops.append(ops.count - n_ops)
+            opt.engine.inflight = []  # restored: let second_step run only the base step
             opt.second_step(zero_grad=True)
             collectives.append((n_first, rec.seq() - before))
             traj.append({n: full(p) for n, p in net.named_parameters()})
@@ -186,6 +217,7 @@ def run_job(job, rank, ws, device, out):
         rec.close()
     ema = {n: full(opt.state[p]["ema"]) for n, p in net.named_parameters()}
     torch.save({"traj": traj, "norms": rec.norms, "collectives": collectives, "ema": ema,
+                "dtensor_ops": dtensor_ops, "plans": plans,
                 "summary": [(s.backend, s.tensors) for s in opt.plan_summary()]},
                os.path.join(out, f"{job['name']}.rank{rank}.pt"))
 

@@ -243,6 +243,17 @@ def test_every_rank_sees_the_same_norm_and_one_all_reduce(runs, name):
         assert r["collectives"] == [(1, 0)] * STEPS, r["collectives"]
 
 
+@pytest.mark.parametrize("name", ["fsdp_auto_sgd", "fsdp_foreach_adamw", "fsdp_reference_sgd",
+                                  "hsdp_rep", "mixed"])
+def test_fsdp2_step_runs_on_local_shards_with_a_reused_plan(runs, name):
+    """first_step and the restore dispatch no op on a DTensor (the backends take the local
+    shards), and the plan built at the second step (the first has new EMAs) is reused."""
+    kind, ws, _, res = runs
+    for r in res[name]:
+        assert r["dtensor_ops"] == [0] * STEPS, r["dtensor_ops"]
+        assert len(set(r["plans"][1:])) == 1, r["plans"]
+
+
 @pytest.mark.parametrize("name", ["hsdp_rep", "hsdp_shard"])
 def test_hsdp_sums_over_shards_not_replicas(runs, oracles, name):
     got, want, want_norms = _check_against_oracle(runs, oracles, name)
