@@ -254,8 +254,10 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             flat.append(p)
             g = p.grad
             if g is None:
-                if p.layout == torch.strided and p.device.type != "meta":
-                    named.append((f"parameter {_where(gi, pi, p)}", p))
+                # (a DTensor's own data_ptr() is 0: its local shard is what it occupies)
+                q = p._local_tensor if distributed.is_dtensor(p) else p
+                if q.layout == torch.strided and q.device.type != "meta":
+                    named.append((f"parameter {_where(gi, pi, p)}", q))
                 continue
             owner, key, groups = p, None, ()
             if distributed.is_dtensor(p):

@@ -34,9 +34,14 @@ class Net(torch.nn.Module):
         return self.fc2(torch.tanh(self.fc1(x))) * self.scale
 
 
-def make_net(device):
+def make_net(device, job=None):
+    """``job["frozen"]``: two parameters without a gradient (they are not stepped)."""
     torch.manual_seed(1234)
-    return Net().to(device)
+    net = Net().to(device)
+    if job and job.get("frozen"):
+        net.fc2.bias.requires_grad_(False)
+        net.scale.requires_grad_(False)
+    return net
 
 
 def batch(step, device, accum=1):
@@ -155,7 +160,7 @@ def run_job(job, rank, ws, device, out):
 
     mode, steps = job["mode"], job.get("steps", 4)
     accum = job.get("accum", 1)
-    net = make_net(device)
+    net = make_net(device, job)
     groups = [dist.group.WORLD]
     model = net
     if mode == "fsdp":
@@ -215,7 +220,8 @@ def run_job(job, rank, ws, device, out):
                 save_checkpoint(job["save"], net, opt, step + 1)
     finally:
         rec.close()
-    ema = {n: full(opt.state[p]["ema"]) for n, p in net.named_parameters()}
+    ema = {n: full(opt.state[p]["ema"]) for n, p in net.named_parameters()
+           if "ema" in opt.state.get(p, {})}
     torch.save({"traj": traj, "norms": rec.norms, "collectives": collectives, "ema": ema,
                 "dtensor_ops": dtensor_ops, "plans": plans,
                 "summary": [(s.backend, s.tensors) for s in opt.plan_summary()]},

@@ -106,7 +106,7 @@ def oracle(job, ws, monkeypatch, replicas=1):
     second gradient. Returns (trajectory, squared norms of replica 0)."""
     torch.set_num_threads(1)
     norms = _Norms(monkeypatch)
-    nets = [W.make_net("cpu") for _ in range(replicas)]
+    nets = [W.make_net("cpu", job) for _ in range(replicas)]
     opts = [W.make_opt(n.parameters(), dict(job, backend="reference")) for n in nets]
     traj = []
     for step in range(job.get("steps", STEPS)):
@@ -158,6 +158,7 @@ def jobs_for(kind, ws):
     jobs += [dict(name="hsdp_rep", mode="fsdp", backend="auto", mesh=[ws, 1]),
              dict(name="hsdp_shard", mode="fsdp", backend="auto", mesh=[1, ws]),
              dict(name="mixed", mode="fsdp", backend="auto", mixed=True),
+             dict(name="frozen", mode="fsdp", backend="auto", frozen=True),
              dict(name="mixed_adamw", mode="fsdp", backend="foreach", mixed=True,
                   base="adamw")]
     for be in backends:
@@ -209,7 +210,7 @@ def _job(name, kind, ws):
 def _check_against_oracle(runs, oracles, name, replicas=1, backend=None):
     kind, ws, _, res = runs
     job = _job(name, kind, ws)
-    want, want_norms = oracles({k: v for k, v in job.items() if k in ("base", "accum")}, ws,
+    want, want_norms = oracles({k: v for k, v in job.items() if k in ("base", "accum", "frozen")}, ws,
                                replicas)
     for r, got in enumerate(res[name]):
         assert_trajectory(got["traj"], want, f"{name} rank {r}")
@@ -257,6 +258,15 @@ def test_fsdp2_step_runs_on_local_shards_with_a_reused_plan(runs, name):
 @pytest.mark.parametrize("name", ["hsdp_rep", "hsdp_shard"])
 def test_hsdp_sums_over_shards_not_replicas(runs, oracles, name):
     got, want, want_norms = _check_against_oracle(runs, oracles, name)
+    for g in got:
+        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
+                                   rtol=1e-5, atol=0)
+
+
+def test_fsdp2_parameters_without_gradients(runs, oracles):
+    """Frozen DTensor parameters take no part (and are not mistaken for aliases: a DTensor's
+    own data_ptr() is 0)."""
+    got, _, want_norms = _check_against_oracle(runs, oracles, "frozen")
     for g in got:
         torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
                                    rtol=1e-5, atol=0)
