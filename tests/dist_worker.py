@@ -194,6 +194,8 @@ def run_job(job, rank, ws, device, out):
                     synced = mode != "ddp_local" or second
                     ctx = model.no_sync() if isinstance(model, DDP) and not (synced and last) \
                         else _null()
+                    if mode == "fsdp" and accum > 1:  # FSDP2: reduce-scatter the last only
+                        net.set_requires_gradient_sync(last)
                     with ctx:
                         loss = torch.nn.functional.mse_loss(model(a), b) / accum
                         loss.backward()

@@ -159,6 +159,7 @@ def jobs_for(kind, ws):
              dict(name="hsdp_shard", mode="fsdp", backend="auto", mesh=[1, ws]),
              dict(name="mixed", mode="fsdp", backend="auto", mixed=True),
              dict(name="frozen", mode="fsdp", backend="auto", frozen=True),
+             dict(name="fsdp_accum", mode="fsdp", backend="auto", accum=2, base="adamw"),
              dict(name="mixed_adamw", mode="fsdp", backend="foreach", mixed=True,
                   base="adamw")]
     for be in backends:
@@ -324,6 +325,11 @@ def test_ddp_per_replica_perturbation(runs, oracles, backend):
     if ws > 1:
         assert got[0]["norms"] != got[1]["norms"]
         assert any(not torch.equal(got[0]["ema"][n], got[1]["ema"][n]) for n in got[0]["ema"])
+
+
+def test_fsdp2_gradient_accumulation(runs, oracles):
+    """Two micro-batches per pass, set_requires_gradient_sync(False) on the first."""
+    _check_against_oracle(runs, oracles, "fsdp_accum")
 
 
 @pytest.mark.parametrize("mode", ["sync", "local"])
