@@ -14,7 +14,7 @@ gradients, after checking each one's dtype, shape, device and layout against the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
@@ -75,7 +75,6 @@ class Bucket:
     owners: list | None = None
     groups: tuple = ()  # process groups to all-reduce the sum of squares over
     reduce_key: Any = None  # buckets with the same key are summed before one all-reduce
-    local_ptrs: list | None = None  # each owner's local shard address, when planned
     grad_placements: list | None = None
 
     @property
@@ -100,7 +99,7 @@ class Bucket:
                 # DTensor gradients: their local shards, if the placements are the planned
                 # ones and every parameter still has the local shard it was planned with.
                 if list(map(_PLACEMENTS, grads)) != self.grad_placements \
-                        or list(map(_LOCAL_PTR, self.owners)) != self.local_ptrs:
+                        or not all(map(is_, map(_LOCAL, self.owners), self.params)):
                     return False
                 grads = list(map(_LOCAL, grads))
             if set(map(_DTYPE, grads)) != self._dtype_set \
@@ -141,11 +140,7 @@ class Bucket:
 
 _DTYPE = attrgetter("dtype")
 _LOCAL = attrgetter("_local_tensor")
-_PLACEMENTS = attrgetter("placements")
-
-
-def _LOCAL_PTR(p):
-    return p._local_tensor.data_ptr()
+_PLACEMENTS = attrgetter("_spec.placements")  # (not the Python property DTensor.placements)
 _IS_CPU = attrgetter("is_cpu")
 _DEVICE = attrgetter("device")
 
@@ -282,11 +277,10 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
                     fixed_addresses=cfg.fixed_addresses or key is not None,
                     groups=groups, reduce_key=key)
                 if key is not None:
-                    b.owners, b.local_ptrs, b.grad_placements = [], [], []
+                    b.owners, b.grad_placements = [], []
             if b.owners is not None:
                 b.owners.append(owner)
-                b.local_ptrs.append(p.data_ptr())
-                b.grad_placements.append(owner.grad.placements)
+                b.grad_placements.append(_PLACEMENTS(owner.grad))
             have.append(len(flat) - 1)
             b.index.append(len(flat) - 1)
             b.params.append(p)

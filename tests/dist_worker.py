@@ -147,6 +147,23 @@ def run_errors(job, rank, ws, device, out):
         opt.load_state_dict(sd)
     except ValueError as e:
         msgs["ema"] = str(e)
+    # A DTensor parameter given a new local shard between steps (FSDP2's
+    # reset_sharded_param does this): the next step perturbs the new one, not the old.
+    v = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2, device=device), mesh,
+                                             [Shard(0)]))
+    opt = make_opt([v], dict(job))
+    for i in range(3):
+        v.grad = distribute_tensor(torch.full((4, 2), i + 1.0, device=device), mesh,
+                                   v.placements)
+        opt.first_step()
+        opt.second_step()
+    old = v._local_tensor
+    v._local_tensor = old.clone()
+    before_old, before_new = old.clone(), v._local_tensor.clone()
+    v.grad = distribute_tensor(torch.full((4, 2), 9.0, device=device), mesh, v.placements)
+    opt.first_step()
+    msgs["moved"] = (torch.equal(old, before_old), torch.equal(v._local_tensor, before_new))
+    opt.second_step()
     torch.save({"msgs": msgs}, os.path.join(out, f"{job['name']}.rank{rank}.pt"))
 
 

@@ -364,6 +364,8 @@ def test_clear_errors_for_mismatched_dtensors(runs):
             "param group 0, parameter 0" in r["msgs"]["grad"], r["msgs"]
         assert "must be a DTensor with the parameter's placements" in r["msgs"]["ema"], \
             r["msgs"]
+        # a new local shard: the old one untouched, the new one perturbed
+        assert r["msgs"]["moved"] == (True, False), r["msgs"]
 
 
 # ---------------------------------------------------------------------------- in-process
