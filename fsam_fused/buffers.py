@@ -12,6 +12,11 @@ Buffers are kept across plans (a rho schedule does not reallocate them) and drop
 their parameter's shape, dtype, device or strides change. Nothing here is saved by
 ``state_dict`` or copied by ``copy.deepcopy``/pickle except the committed EMA, which is
 optimizer state.
+
+DTensor parameters (FSDP2): the buffers are keyed by, and shaped like, the parameter's local
+shard; its EMA is kept in the state as a DTensor with the parameter's mesh and placements
+whose local tensor is the buffer the kernels update (so ``torch.distributed.checkpoint``
+saves it sharded, like the parameter).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections import defaultdict
 
 import torch
 
+from . import distributed
 from .hparams import EMA_DTYPES
 
 # Bumped by every change to an FSAM optimizer's state (a parameter's entry added, replaced or
@@ -91,22 +97,40 @@ class Buffers:
             s = self.saved[p] = torch.empty_like(p)
         return s
 
-    def ema_for(self, p: torch.Tensor, dtype: torch.dtype):
-        """``(m, first, staged)``: the committed EMA of ``p``; or a zero one if it has none
-        (``first``); or, if the committed one has another dtype (``ema_dtype`` changed, a
-        checkpoint from another setting) or another element order (the parameter changed
-        memory format), the same values in ``dtype`` and the parameter's strides. A new or
-        converted EMA is ``staged``: it enters the state only when the step succeeds."""
+    def ema_for(self, p: torch.Tensor, dtype: torch.dtype, local=None):
+        """``(m, first, staged)``: ``m`` is the tensor the kernels update (for a DTensor
+        parameter, whose local shard is ``local``, the EMA's local shard); ``first`` when
+        ``p`` has no EMA yet (then ``m`` is zeros); ``staged`` is the entry to put in the state
+        once the step succeeds, or None when the committed EMA is used as it is: a new EMA, or
+        the committed one converted to ``dtype`` (``ema_dtype`` changed, a checkpoint from
+        another setting) or to the parameter's element order (it changed memory format)."""
         st = self.state.get(p) if p in self.state else None
         m = st.get("ema") if st else None
+        if local is None:
+            local = p
+        sharded = local is not p
         if m is None:
             # Zeros: the paper order starts from m = 0, and the official first sight reads m
             # with weight 0 (0 * garbage could be NaN).
-            return torch.zeros_like(p, dtype=dtype), True, True
+            m = torch.zeros_like(local, dtype=dtype)
+            return m, True, (distributed.like(m, p) if sharded else m)
         check_ema(m, p)
+        if sharded:
+            check_sharded_ema(m, p)
+            ml = m._local_tensor
+            if ml.shape != local.shape or ml.device != local.device:
+                raise ValueError(f"the EMA of the DTensor parameter of shape {tuple(p.shape)} "
+                                 f"has a local shard of shape {tuple(ml.shape)} on "
+                                 f"{ml.device}, the parameter's is {tuple(local.shape)} on "
+                                 f"{local.device}")
+            if ml.dtype != dtype or ml.stride() != local.stride():
+                ml = torch.empty_like(local, dtype=dtype).copy_(ml)
+                return ml, False, distributed.like(ml, p)
+            return ml, False, None
         if m.dtype != dtype or m.stride() != p.stride():
-            return torch.empty_like(p, dtype=dtype).copy_(m), False, True
-        return m, False, False
+            m = torch.empty_like(p, dtype=dtype).copy_(m)
+            return m, False, m
+        return m, False, None
 
     def backup_for(self, p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         b = self.backups.get(p)
@@ -120,6 +144,24 @@ class Buffers:
     def commit(self, new_emas: dict) -> None:
         for p, m in new_emas.items():
             self.state[p]["ema"] = m
+
+
+def check_sharded_ema(m, p, where: str = "") -> None:
+    """The EMA of a DTensor parameter is a DTensor with its mesh and placements; that of a
+    plain tensor is not a DTensor."""
+    if distributed.is_dtensor(p):
+        if not distributed.is_dtensor(m):
+            raise ValueError(f"the EMA of the DTensor parameter {where or tuple(p.shape)} is a "
+                             f"{type(m).__name__}; it must be a DTensor with the parameter's "
+                             f"placements {tuple(p.placements)} (save and load sharded state "
+                             "with torch.distributed.checkpoint)")
+        if m.device_mesh != p.device_mesh or tuple(m.placements) != tuple(p.placements):
+            raise ValueError(f"the EMA of the DTensor parameter {where or tuple(p.shape)} has "
+                             f"placements {tuple(m.placements)} on {m.device_mesh}, the "
+                             f"parameter {tuple(p.placements)} on {p.device_mesh}")
+    elif distributed.is_dtensor(m):
+        raise ValueError(f"the EMA of the plain-tensor parameter {where or tuple(p.shape)} "
+                         "is a DTensor")
 
 
 def check_ema(m, p, where: str = "") -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import hparams
-from .buffers import State, check_ema
+from .buffers import State, check_ema, check_sharded_ema
 
 VERSION = 1
 
@@ -89,6 +89,7 @@ def check_loadable(opt, sd):
                              f"'ema' entry, got {s!r:.200}")
         if "ema" in s:
             check_ema(s["ema"], p, where)
+            check_sharded_ema(s["ema"], p, where)
             # The EMA keeps its own dtype (torch's default load would cast it to the
             # parameter's dtype, losing float32 state for 16-bit weights).
             state[p]["ema"] = s["ema"].to(device=p.device, copy=True)

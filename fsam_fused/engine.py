@@ -322,7 +322,7 @@ class Engine:
         plan = self.plan
         if plan is not None:
             for b in plan.buckets:
-                if any(q is p for q in b.params):
+                if any(q is p for q in (b.owners or b.params)):  # DTensors: their owners
                     return b.backend.name
         return None
 

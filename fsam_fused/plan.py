@@ -14,11 +14,12 @@ gradients, after checking each one's dtype, shape, device and layout against the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import torch
 
+from . import distributed
 from .hparams import Config
 
 
@@ -37,7 +38,12 @@ def ema_row(first: bool, lmbda: float, paper: bool) -> tuple[float, float]:
 
 @dataclass(eq=False)
 class Bucket:
-    """Parameters of one device and dtype that have a gradient, and their buffers."""
+    """Parameters of one device and dtype that have a gradient, and their buffers.
+
+    For DTensor parameters (FSDP2), one bucket per device, dtype and shard layout
+    (:func:`fsam_fused.distributed.shard_spec`): ``params`` and ``grads`` are the local
+    shards, ``owners`` the DTensor parameters, ``groups`` the process groups the bucket's sum
+    of squares is all-reduced over (:mod:`fsam_fused.reduce`)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -69,6 +75,12 @@ class Bucket:
     prep: Any = None  # the backend's per-plan data
     sq: Any = None  # this step's: the partials whose sum is the squared global norm
     carry: Any = None  # this step's: what the backend's norm pass hands its perturb pass
+    # torch.distributed: the optimizer's parameters (DTensors) whose local shards ``params``
+    # holds; None for plain tensors, whose ``params`` are the optimizer's own.
+    owners: list | None = None
+    groups: tuple = ()  # process groups to all-reduce the sum of squares over
+    reduce_key: Any = None  # buckets with the same key are summed before one all-reduce
+    grad_placements: list | None = None
 
     @property
     def numel(self) -> int:
@@ -88,6 +100,13 @@ class Bucket:
         C-level pass per property: this runs every step. Shapes and strides are those the
         plan recorded, which a parameter reshaped in place no longer has."""
         try:
+            if self.owners is not None:
+                # DTensor gradients: their local shards, if the placements are the planned
+                # ones and every parameter still has the local shard it was planned with.
+                if list(map(_PLACEMENTS, grads)) != self.grad_placements \
+                        or not all(map(is_, map(_LOCAL, self.owners), self.params)):
+                    return False
+                grads = list(map(_LOCAL, grads))
             if set(map(_DTYPE, grads)) != self._dtype_set \
                     or list(map(torch.Tensor.size, grads)) != self.sizes:
                 return False
@@ -125,6 +144,8 @@ class Bucket:
 
 
 _DTYPE = attrgetter("dtype")
+_LOCAL = attrgetter("_local_tensor")
+_PLACEMENTS = attrgetter("_spec.placements")  # (not the Python property DTensor.placements)
 _IS_CPU = attrgetter("is_cpu")
 _DEVICE = attrgetter("device")
 
@@ -233,17 +254,38 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             flat.append(p)
             g = p.grad
             if g is None:
-                if p.layout == torch.strided and p.device.type != "meta":
-                    named.append((f"parameter {_where(gi, pi, p)}", p))
+                # (a DTensor's own data_ptr() is 0: its local shard is what it occupies)
+                q = p._local_tensor if distributed.is_dtensor(p) else p
+                if q.layout == torch.strided and q.device.type != "meta":
+                    named.append((f"parameter {_where(gi, pi, p)}", q))
                 continue
+            owner, key, groups = p, None, ()
+            if distributed.is_dtensor(p):
+                # FSDP2 / DTensor: the bucket runs on the local shards (see distributed.py).
+                where = _where(gi, pi, p)
+                distributed.check_grad(p, g, where)
+                key, groups = distributed.shard_spec(p, where)
+                p, g = p._local_tensor, g._local_tensor
+            elif distributed.is_dtensor(g):
+                raise RuntimeError(f"the gradient of the plain-tensor parameter "
+                                   f"{_where(gi, pi, p)} is a DTensor")
             check_param(gi, pi, p, g)
             named.append((f"parameter {_where(gi, pi, p)}", p))
             named.append((f"the gradient of parameter {_where(gi, pi, p)}", g))
-            b = buckets.get((p.device, p.dtype))
+            bkey = (p.device, p.dtype, key)
+            b = buckets.get(bkey)
             if b is None:
-                b = buckets[(p.device, p.dtype)] = Bucket(
+                b = buckets[bkey] = Bucket(
                     device=p.device, dtype=p.dtype, sigma=cfg.sigma, paper=cfg.paper,
-                    emas=[] if cfg.has_ema else None, fixed_addresses=cfg.fixed_addresses)
+                    emas=[] if cfg.has_ema else None,
+                    # FSDP2 all-gathers from the local shards' storage: never swap it.
+                    fixed_addresses=cfg.fixed_addresses or key is not None,
+                    groups=groups, reduce_key=key)
+                if key is not None:
+                    b.owners, b.grad_placements = [], []
+            if b.owners is not None:
+                b.owners.append(owner)
+                b.grad_placements.append(_PLACEMENTS(owner.grad))
             have.append(len(flat) - 1)
             b.index.append(len(flat) - 1)
             b.params.append(p)
@@ -259,14 +301,14 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
     new_emas = {}
     for b in buckets:
         b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
-        for p in b.params:
+        for p, owner in zip(b.params, b.owners or b.params):
             b.saved.append(buffers.saved_for(p))
             if b.emas is None:
                 b.first.append(False)
                 continue
-            m, first, staged = buffers.ema_for(p, cfg.ema_dtype_for(p.dtype))
-            if staged:
-                new_emas[p] = m
+            m, first, staged = buffers.ema_for(owner, cfg.ema_dtype_for(p.dtype), p)
+            if staged is not None:
+                new_emas[owner] = staged
             else:  # the user's tensor: it must not share memory with anything either
                 named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
             b.emas.append(m)
