@@ -22,18 +22,23 @@ Failure policy (all-or-nothing):
   any bucket's pass restores the weights of those done and their EMA. Each backend's perturb
   pass is atomic (checks before writes, undoes its own weights on failure, EMA last), so the
   last bucket's pass is the commit point. SIGINT (Ctrl-C, ``_thread.interrupt_main``) is held
-  back while the buckets are written, in the main thread: an interrupt that arrives then is
-  raised once the step is written, after the weights are restored, like a failed second pass
-  (below). An interrupt anywhere else leaves everything as it was.
+  back while the buckets are written (and while they are restored), in the main thread, and
+  handed to its handler once they are: if the handler raises (the default raises
+  KeyboardInterrupt), the weights are restored first, as after a failed second pass (below);
+  a handler that only sets a flag, or an ignored SIGINT, lets the step complete. An
+  interrupt anywhere else leaves everything as it was.
 * A failed second pass (the closure raising, a non-finite second gradient) restores the
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
   update, which saw a valid first gradient: rolling it back would need a second EMA-sized
   buffer for every parameter. ``step(closure)`` also gives back the first pass's ``.grad``.
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
-  storage, cast if the dtype changed, with a warning); one whose shape changed cannot be
-  restored, and the error names it after every other parameter is restored. The base
-  optimizer does not step then.
+  storage, cast if the dtype changed, with a warning); a parameter given another view of the
+  same storage (``p.data = p.data.t()``) has its storage restored and keeps its view; one
+  given new storage of another shape cannot be restored, and the error names it after every
+  other parameter is restored. The base optimizer does not step then. If a restore itself
+  fails, the step stays in flight (the optimizer still says the weights are perturbed) and
+  ``restore`` can be called again.
 
 A capturable mode (CUDA graphs, ``torch.compile``) would plug in at the plan: a plan frozen
 after warm-up (no rebuild, no per-step metadata or address checks inside the captured step,
