@@ -119,6 +119,10 @@ class Engine:
         self.backends = {}
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
+        # device -> 1-element float32: set by the perturb pass, 1.0 when the first pass's
+        # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
+        self._found: dict = {}
+        self.found: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ plan
 
@@ -158,10 +162,23 @@ class Engine:
 
     # ------------------------------------------------------------------ first_step
 
-    def first_step(self, cfg: Config, groups, state) -> None:
+    def _found_on(self, device) -> torch.Tensor:
+        f = self._found.get(device)
+        if f is None:
+            f = self._found[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        return f
+
+    def first_step(self, cfg: Config, groups, state, inv_scale=None) -> None:
+        """``inv_scale``: None, or a 1-element float32 tensor (a GradScaler's 1/scale, on the
+        parameters' device) every first-pass gradient is multiplied by inside the passes."""
         plan = self.plan_for(cfg, groups, state)
+        inv = inv_scale
         try:
-            parts = [b.backend.norm(b) for b in plan.buckets]
+            if inv is not None and any(b.device != inv.device for b in plan.buckets):
+                inv = {d: inv.to(d, non_blocking=True) for d in {b.device for b in plan.buckets}}
+                parts = [b.backend.norm(b, inv[b.device]) for b in plan.buckets]
+            else:
+                parts = [b.backend.norm(b, inv) for b in plan.buckets]
             sqs = reduce.combine([p for p, _ in parts], plan.buckets)
         except Exception:
             self.plan = None
@@ -184,7 +201,8 @@ class Engine:
                     if b.backups is not None:
                         torch._foreach_copy_(b.backups, b.emas)
                     sq, carry = todo[id(b)]
-                    b.backend.perturb(b, sq, carry)
+                    b.backend.perturb(b, sq, carry, inv[b.device] if type(inv) is dict else inv,
+                                      self._found_on(b.device))
                     done.append(b)
                 b = None
             except BaseException:
@@ -194,6 +212,10 @@ class Engine:
             if plan.new_emas:
                 plan.key = None  # the next step has no first sights: rebuild then
             self.inflight = done
+            self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
+            # Autocast caches low-precision copies of the weights until its outermost block
+            # exits: a second forward inside the same block would reuse the unperturbed ones.
+            torch.clear_autocast_cache()
             if held.caught is not None:
                 self.restore()  # raises only if a parameter could not be restored
         held.deliver()
@@ -229,6 +251,7 @@ class Engine:
     def restore(self) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring)."""
         buckets, self.inflight = self.inflight, None
+        torch.clear_autocast_cache()  # (copies of the perturbed weights: see first_step)
         lost = []
         for b in buckets:
             if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:
@@ -312,12 +335,15 @@ class Passes:
 
     @torch.no_grad()
     def norm(self) -> torch.Tensor:
-        sq, self._carry = self._b.backend.norm(self._b)
+        sq, self._carry = self._b.backend.norm(self._b, None)
         return sq
 
     @torch.no_grad()
     def perturb(self, sq: torch.Tensor) -> None:
-        self._b.backend.perturb(self._b, sq, self._carry)
+        found = getattr(self, "_found", None)
+        if found is None:
+            found = self._found = torch.zeros(1, dtype=torch.float32, device=self._b.device)
+        self._b.backend.perturb(self._b, sq, self._carry, None, found)
 
     @torch.no_grad()
     def restore(self) -> None:
