@@ -47,7 +47,7 @@ from __future__ import annotations
 import threading
 import warnings
 from dataclasses import dataclass
-from operator import attrgetter
+from operator import attrgetter, is_
 
 import torch
 
@@ -119,10 +119,11 @@ class Engine:
         self.backends = {}
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
-        # device -> 1-element float32: set by the perturb pass, 1.0 when the first pass's
+        # device -> 0-dim float32: set by the perturb pass, 1.0 when the first pass's
         # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
         self._found: dict = {}
         self.found: torch.Tensor | None = None
+        self.left = None  # what the last step left, for stale()
 
     # ------------------------------------------------------------------ plan
 
@@ -165,7 +166,7 @@ class Engine:
     def _found_on(self, device) -> torch.Tensor:
         f = self._found.get(device)
         if f is None:
-            f = self._found[device] = torch.zeros(1, dtype=torch.float32, device=device)
+            f = self._found[device] = torch.zeros((), dtype=torch.float32, device=device)
         return f
 
     def first_step(self, cfg: Config, groups, state, inv_scale=None) -> None:
@@ -227,6 +228,31 @@ class Engine:
         for b in (*done, failed):
             if b is not None and b.backups is not None:
                 torch._foreach_copy_(b.emas, b.backups)
+
+    # ------------------------------------------------------------------ stale gradients
+
+    def leave(self) -> None:
+        """After the base step: remember the gradients the step leaves (the tensors and their
+        version counters, host metadata only) for :meth:`stale`."""
+        plan = self.plan
+        if plan is None:
+            self.left = None
+            return
+        grads = list(map(_GRAD, plan.flat))
+        self.left = (plan.flat, grads, [g._version for g in grads if g is not None])
+
+    def stale(self) -> bool:
+        """True if every parameter still holds the very gradient tensor the last step left,
+        unmodified (same object, same version counter), and one at least has a gradient: no
+        backward ran since, so a perturbation would follow a stale gradient."""
+        left = getattr(self, "left", None)
+        if left is None:
+            return False
+        flat, grads, versions = left
+        now = list(map(_GRAD, flat))
+        if not versions or not all(map(is_, now, grads)):
+            return False
+        return [g._version for g in now if g is not None] == versions
 
     # ------------------------------------------------------------------ second_step
 
@@ -342,7 +368,7 @@ class Passes:
     def perturb(self, sq: torch.Tensor) -> None:
         found = getattr(self, "_found", None)
         if found is None:
-            found = self._found = torch.zeros(1, dtype=torch.float32, device=self._b.device)
+            found = self._found = torch.zeros((), dtype=torch.float32, device=self._b.device)
         self._b.backend.perturb(self._b, sq, self._carry, None, found)
 
     @torch.no_grad()
