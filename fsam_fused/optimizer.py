@@ -29,6 +29,18 @@ _SCALER_CLOSURE = (
     "backward, run the second backward, then scaler.step(opt) and scaler.update()")
 
 
+def _wrapped(opt):
+    """The FSAM inside a wrapper that borrows its class (Lightning's ``LightningOptimizer``
+    has FSAM among its bases but not its ``__dict__``), or None for an FSAM itself: the step
+    methods must run on the optimizer GradScaler and the state know."""
+    if "engine" in opt.__dict__:
+        return None
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, FSAM) and "engine" in inner.__dict__:
+        return inner
+    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
+
+
 class FSAM(Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
 
@@ -253,6 +265,9 @@ class FSAM(Optimizer):
             >>> scaler.update()
             >>> opt.zero_grad()
         """
+        inner = _wrapped(self)
+        if inner is not None:
+            return inner.first_step(zero_grad, grad_scaler)
         if self.engine.inflight is not None:
             if self._in_closure:
                 raise RuntimeError("the closure passed to step() must run only the second "
@@ -282,6 +297,9 @@ class FSAM(Optimizer):
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead (it calls
         ``opt.step()``, which lands here)."""
+        inner = _wrapped(self)
+        if inner is not None:
+            return inner.second_step(zero_grad)
         self._second_step(None, None)
         if zero_grad:
             self.zero_grad()
