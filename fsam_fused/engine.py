@@ -232,27 +232,36 @@ class Engine:
     # ------------------------------------------------------------------ stale gradients
 
     def leave(self) -> None:
-        """After the base step: remember the gradients the step leaves (the tensors and their
-        version counters, host metadata only) for :meth:`stale`."""
+        """After the base step: remember a sample of the gradients the step leaves (up to
+        four: the first, the last and two between, each tensor with its version counter;
+        host metadata only, O(1) a step) for :meth:`stale`."""
         plan = self.plan
         if plan is None:
             self.left = None
             return
-        grads = list(map(_GRAD, plan.flat))
-        self.left = (plan.flat, grads, [g._version for g in grads if g is not None])
+        flat = plan.flat
+        n = len(flat)
+        picks = sorted({0, n // 3, (2 * n) // 3, n - 1}) if n else []
+        sample = []
+        for i in picks:
+            p = flat[i]
+            g = p.grad
+            if g is not None:
+                sample.append((p, g, g._version))
+        self.left = sample or None
 
     def stale(self) -> bool:
-        """True if every parameter still holds the very gradient tensor the last step left,
-        unmodified (same object, same version counter), and one at least has a gradient: no
-        backward ran since, so a perturbation would follow a stale gradient."""
-        left = getattr(self, "left", None)
+        """True if every sampled parameter still holds the very gradient tensor the last step
+        left, unmodified (same object, same version counter): no backward ran since (a
+        backward writes new tensors or bumps the versions of all of them, as does
+        ``zero_grad``), so a perturbation would follow a stale gradient."""
+        left = self.left
         if left is None:
             return False
-        flat, grads, versions = left
-        now = list(map(_GRAD, flat))
-        if not versions or not all(map(is_, now, grads)):
-            return False
-        return [g._version for g in now if g is not None] == versions
+        for p, g, v in left:
+            if p.grad is not g or g._version != v:
+                return False
+        return True
 
     # ------------------------------------------------------------------ second_step
 
