@@ -29,6 +29,22 @@ Failure policy (all-or-nothing):
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
   update, which saw a valid first gradient: rolling it back would need a second EMA-sized
   buffer for every parameter. ``step(closure)`` also gives back the first pass's ``.grad``.
+* A non-finite first pass is not an error (``found`` is a device flag, never read on the
+  host here): the perturb pass *selects* the old values when the global sum of squares is
+  not finite (a non-finite gradient, or finite ones whose squares overflow float32), so the
+  weights and the EMA keep their bits and the saved copy is exact; the step is in flight as
+  usual and its restore is the identity. Whether the base optimizer then steps is the
+  optimizer's rule (``FSAM.second_step``: skipped on the device by a fused base, with a
+  GradScaler, or with ``skip_nonfinite=True``).
+* A GradScaler's ``1/scale`` enters the passes as a device tensor; ``.grad`` is never
+  rewritten by ``first_step``. With a scaler, a non-finite second pass restores the weights
+  bit for bit and leaves the base optimizer's state unchanged; the EMA keeps this step's
+  update, as for any failed second pass (below). The exception kept: ``scaler.step(opt)``
+  after a ``first_step()`` that was not given the scaler restores the weights and raises
+  without a base step, but the EMA has taken that step's *scaled* gradient.
+* A first pass with exactly the gradients the previous step left (a sample of them: the
+  same tensors at the same version counters), or ``step(closure)`` without any gradient, is
+  refused before anything is modified (no backward ran: a framework owns the closure).
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
   storage, cast if the dtype changed, with a warning); one whose shape changed cannot be
