@@ -42,9 +42,10 @@ Failure policy (all-or-nothing):
   update, as for any failed second pass (below). The exception kept: ``scaler.step(opt)``
   after a ``first_step()`` that was not given the scaler restores the weights and raises
   without a base step, but the EMA has taken that step's *scaled* gradient.
-* A first pass with exactly the gradients the previous step left (a sample of them: the
-  same tensors at the same version counters), or ``step(closure)`` without any gradient, is
-  refused before anything is modified (no backward ran: a framework owns the closure).
+* ``step(closure)`` with exactly the gradients the previous step left (a sample of them:
+  the same tensors at the same version counters, :meth:`Engine.stale`) or without any
+  gradient is refused before anything is modified (no backward ran: a framework owns the
+  closure).
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
   storage, cast if the dtype changed, with a warning); one whose shape changed cannot be

@@ -23,6 +23,12 @@ _NO_GRADS = (
     "calls step(closure) with the step's only forward/backward in the closure (Lightning's "
     "automatic optimization) would train with one pass per step: use manual optimization, "
     "see docs/training-loops.md")
+_STALE = (
+    "FSAM.step(closure) found exactly the gradients the previous step left (no backward "
+    "since): its first_step would perturb along a stale gradient. The closure runs the "
+    "*second* forward and backward; run the first before step(closure). A framework that "
+    "calls step(closure) with the step's only backward in the closure (Lightning's automatic "
+    "optimization) needs manual optimization: docs/training-loops.md")
 _SCALER_CLOSURE = (
     "scaler.step(opt, closure) is not supported: GradScaler cannot see the closure's "
     "backward. Use opt.first_step(zero_grad=True, grad_scaler=scaler) after the first "
@@ -129,8 +135,7 @@ class FSAM(Optimizer):
         self.sigma, self.lmbda, self.ema_order = cfg.sigma, cfg.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
-        # first_step refuses the very gradients the previous step left (see first_step);
-        # benchmarks that replay one set of gradients turn it off.
+        # step(closure) refuses the very gradients the previous step left (see step).
         self.check_stale_grads = True
         self._scaler = None  # the enabled GradScaler the step in flight was started with
         self._nonfinite = None
@@ -242,11 +247,6 @@ class FSAM(Optimizer):
         first gradient (with or without a scaler) leaves weights and EMA bit for bit as they
         were; see :meth:`found_nonfinite`.
 
-        It refuses (before anything changes) gradients that are exactly those the previous
-        step left: every ``.grad`` the same tensor with the same version counter (host
-        metadata only), i.e. no backward ran since, as under a framework that calls
-        ``step(closure)`` with the step's only backward inside the closure. Set the attribute
-        ``check_stale_grads = False`` to replay one set of gradients on purpose (benchmarks).
 
         Example:
             >>> import torch
@@ -276,13 +276,6 @@ class FSAM(Optimizer):
             raise RuntimeError("first_step() called twice without second_step(): the weights "
                                "are already perturbed")
         inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, self)
-        if self.check_stale_grads and self.engine.stale():
-            raise RuntimeError(
-                "first_step() found exactly the gradients the previous step left (no backward "
-                "since): it would perturb along a stale gradient. Run the first forward and "
-                "backward before first_step() or step(closure). Under a framework that calls "
-                "step(closure) with the step's only backward in the closure (Lightning's "
-                "automatic optimization), use manual optimization: docs/training-loops.md")
         self.engine.first_step(self._config(self), self.param_groups, self.state, inv)
         self._nonfinite = self.engine.found
         if grad_scaler is not None:
@@ -377,8 +370,13 @@ class FSAM(Optimizer):
         it is and finishes the step.
 
         ``step(closure)`` refuses, before anything changes, a step with no gradient at all
-        or with exactly the gradients the previous step left: both mean the first backward
-        did not run (see ``docs/training-loops.md`` for frameworks that own the closure)."""
+        or with exactly the gradients the previous step left (the same tensors at the same
+        version counters, on a sample of four; host metadata only): both mean the first
+        backward did not run, as under a framework that calls ``step(closure)`` with the
+        step's only backward inside the closure (``docs/training-loops.md``). Set the
+        attribute ``check_stale_grads = False`` to replay one set of gradients on purpose.
+        (An explicit ``first_step()`` is not checked: tests and benchmarks replay gradients
+        that way.)"""
         grad_scale, found_inf = amp.from_scaler_step(self)
         if found_inf is not None:
             # Called by scaler.step(opt): it deletes the two attributes once step() returns,
@@ -410,6 +408,8 @@ class FSAM(Optimizer):
             return loss
         if not any(p.grad is not None for p in self._params()):
             raise RuntimeError(_NO_GRADS)
+        if self.check_stale_grads and self.engine.stale():
+            raise RuntimeError(_STALE)
         self.first_step()
         self._in_closure = True
         try:

@@ -85,7 +85,6 @@ class FSAMBackend(Candidate):
     def build(self, params):
         opt = FSAM(params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend,
                    **self.kwargs)
-        opt.check_stale_grads = False  # the same gradients every step, on purpose
 
         def step():
             opt.first_step()
