@@ -137,6 +137,7 @@ class FSAM(Optimizer):
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
         # step(closure) refuses the very gradients the previous step left (see step).
         self.check_stale_grads = True
+        self._steps_done = 0  # steps completed by this object (this process): see step()
         self._scaler = None  # the enabled GradScaler the step in flight was started with
         self._nonfinite = None
         self.engine = Engine()
@@ -199,6 +200,7 @@ class FSAM(Optimizer):
         self.__dict__.setdefault("_in_closure", False)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("check_stale_grads", True)
+        self.__dict__.setdefault("_steps_done", 0)
         self._scaler, self._nonfinite = None, None
         self._config = hparams.ConfigCache()
 
@@ -339,6 +341,7 @@ class FSAM(Optimizer):
         else:
             base.step()
         self.engine.leave()
+        self._steps_done += 1
         # A step taken through first/second_step is a step: tell an LR scheduler attached
         # to this object (torch's warning about scheduler.step() before optimizer.step()
         # looks only at optimizer.step, which this path does not call).
@@ -369,8 +372,8 @@ class FSAM(Optimizer):
         (a framework's wrapper around its hooks, e.g. Lightning's), it runs the closure as
         it is and finishes the step.
 
-        ``step(closure)`` refuses, before anything changes, a step with no gradient at all
-        or with exactly the gradients the previous step left (the same tensors at the same
+        ``step(closure)`` refuses, before anything changes, a first step (of this object)
+        with no gradient at all, or a step with exactly the gradients the previous step left (the same tensors at the same
         version counters, on a sample of four; host metadata only): both mean the first
         backward did not run, as under a framework that calls ``step(closure)`` with the
         step's only backward inside the closure (``docs/training-loops.md``). Set the
@@ -406,7 +409,10 @@ class FSAM(Optimizer):
                 raise
             self.second_step()
             return loss
-        if not any(p.grad is not None for p in self._params()):
+        if not self._steps_done and not any(p.grad is not None for p in self._params()):
+            # The first step of this optimizer object without any gradient: the first
+            # backward did not run (later steps may legitimately have none: a no-op
+            # perturbation).
             raise RuntimeError(_NO_GRADS)
         if self.check_stale_grads and self.engine.stale():
             raise RuntimeError(_STALE)
