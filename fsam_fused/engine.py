@@ -43,8 +43,7 @@ Failure policy (all-or-nothing):
   after a ``first_step()`` that was not given the scaler restores the weights and raises
   without a base step, but the EMA has taken that step's *scaled* gradient.
 * ``step(closure)`` with exactly the gradients the previous step left (a sample of them:
-  the same tensors at the same version counters, :meth:`Engine.stale`), or as an
-  optimizer's first step without any gradient, is refused before anything is modified (no backward ran: a framework owns the
+  the same tensors at the same version counters, :meth:`Engine.stale`) is refused before anything is modified (no backward ran: a framework owns the
   closure).
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new

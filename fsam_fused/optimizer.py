@@ -17,12 +17,6 @@ _NO_FIRST_STEP = (
     "second backward, then scaler.step(opt). Frameworks that run the only backward inside "
     "their own closure (Lightning's automatic optimization) need the manual-optimization "
     "recipe in docs/training-loops.md")
-_NO_GRADS = (
-    "FSAM.step(closure) found no gradients: the closure runs the *second* forward and "
-    "backward, the first must already have run (the authors' convention). A framework that "
-    "calls step(closure) with the step's only forward/backward in the closure (Lightning's "
-    "automatic optimization) would train with one pass per step: use manual optimization, "
-    "see docs/training-loops.md")
 _STALE = (
     "FSAM.step(closure) found exactly the gradients the previous step left (no backward "
     "since): its first_step would perturb along a stale gradient. The closure runs the "
@@ -137,7 +131,6 @@ class FSAM(Optimizer):
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
         # step(closure) refuses the very gradients the previous step left (see step).
         self.check_stale_grads = True
-        self._steps_done = 0  # steps completed by this object (this process): see step()
         self._scaler = None  # the enabled GradScaler the step in flight was started with
         self._nonfinite = None
         self.engine = Engine()
@@ -200,7 +193,6 @@ class FSAM(Optimizer):
         self.__dict__.setdefault("_in_closure", False)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("check_stale_grads", True)
-        self.__dict__.setdefault("_steps_done", 0)
         self._scaler, self._nonfinite = None, None
         self._config = hparams.ConfigCache()
 
@@ -341,7 +333,6 @@ class FSAM(Optimizer):
         else:
             base.step()
         self.engine.leave()
-        self._steps_done += 1
         # A step taken through first/second_step is a step: tell an LR scheduler attached
         # to this object (torch's warning about scheduler.step() before optimizer.step()
         # looks only at optimizer.step, which this path does not call).
@@ -372,11 +363,12 @@ class FSAM(Optimizer):
         (a framework's wrapper around its hooks, e.g. Lightning's), it runs the closure as
         it is and finishes the step.
 
-        ``step(closure)`` refuses, before anything changes, a first step (of this object)
-        with no gradient at all, or a step with exactly the gradients the previous step left (the same tensors at the same
-        version counters, on a sample of four; host metadata only): both mean the first
-        backward did not run, as under a framework that calls ``step(closure)`` with the
-        step's only backward inside the closure (``docs/training-loops.md``). Set the
+        ``step(closure)`` refuses, before anything changes, a step with exactly the
+        gradients the previous step left (the same tensors at the same version counters, on
+        a sample of four; host metadata only): the first backward did not run, as under a
+        framework that calls ``step(closure)`` with the step's only backward inside the
+        closure (``docs/training-loops.md``). A step without any gradient stays valid (a
+        no-op perturbation, then the closure and the base step). Set the
         attribute ``check_stale_grads = False`` to replay one set of gradients on purpose.
         (An explicit ``first_step()`` is not checked: tests and benchmarks replay gradients
         that way.)"""
@@ -409,11 +401,6 @@ class FSAM(Optimizer):
                 raise
             self.second_step()
             return loss
-        if not self._steps_done and not any(p.grad is not None for p in self._params()):
-            # The first step of this optimizer object without any gradient: the first
-            # backward did not run (later steps may legitimately have none: a no-op
-            # perturbation).
-            raise RuntimeError(_NO_GRADS)
         if self.check_stale_grads and self.engine.stale():
             raise RuntimeError(_STALE)
         self.first_step()
