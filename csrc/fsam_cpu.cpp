@@ -416,8 +416,11 @@ struct Direction {
   }
 };
 
+// `unscale`: every gradient is multiplied by `inv` (a GradScaler's 1/scale) right after its
+// load, as the reference does; without it the arithmetic is the unscaled one, untouched.
 template <typename W, typename M>
-double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
+double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir, bool unscale,
+                    float inv) {
   const auto chunks = chunk_table(specs);
   std::vector<double> partial(chunks.size(), 0.0);
   balanced_for(chunk_sizes(chunks), [&](int64_t lo, int64_t hi) {
@@ -427,7 +430,7 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
       const W* w = static_cast<const W*>(s.w);
       const W* g = static_cast<const W*>(s.g);
       const M* m = static_cast<const M*>(s.m);
-      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma);
+      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma), vinv(inv);
       fVec acc0(0.0f), acc1(0.0f);
       int64_t i = ch.begin;
       for (; i + kStep <= ch.end; i += kStep) {
@@ -437,6 +440,10 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
         if (dir.has_ema) FSAM_PREFETCH(m + pf);
         if (s.adaptive) FSAM_PREFETCH(w + pf);
         load2(g + i, g0, g1);
+        if (unscale) {
+          g0 = g0 * vinv;
+          g1 = g1 * vinv;
+        }
         if (dir.has_ema) load2(m + i, m0, m1);
         fVec d0 = dir(g0, m0, vdecay, vgain, vsig);
         fVec d1 = dir(g1, m1, vdecay, vgain, vsig);
@@ -454,7 +461,7 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
       acc1.store(lanes + kLanes);
       float tail = 0.0f;
       for (; i < ch.end; ++i) {
-        const float gi = static_cast<float>(g[i]);
+        const float gi = unscale ? static_cast<float>(g[i]) * inv : static_cast<float>(g[i]);
         const float mi = dir.has_ema ? static_cast<float>(m[i]) : 0.0f;
         float d = dir(gi, mi, s.decay, s.gain, dir.sigma);
         if (s.adaptive) d = std::abs(static_cast<float>(w[i])) * d;
@@ -474,7 +481,8 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir) {
 // and w gets w + e. The branch is per chunk and per element step, on a flag that is the same
 // for a whole chunk: it costs nothing measurable against the memory traffic.
 template <typename W, typename M>
-void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps) {
+void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps,
+                  bool unscale, float inv) {
   const auto chunks = chunk_table(specs);
   balanced_for(chunk_sizes(chunks), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
@@ -486,7 +494,7 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
       W* out = static_cast<W*>(s.out);
       // The reference's scale: rho / (N + eps), in float32.
       const float scale = s.rho / norm_eps;
-      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma), vscale(scale);
+      const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma), vscale(scale), vinv(inv);
       int64_t i = ch.begin;
       for (; i + kStep <= ch.end; i += kStep) {
         fVec g0, g1, m0(0.0f), m1(0.0f), w0, w1;
@@ -495,6 +503,10 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
         FSAM_PREFETCH(w + pf);
         if (dir.has_ema) FSAM_PREFETCH(m + pf);
         load2(g + i, g0, g1);
+        if (unscale) {
+          g0 = g0 * vinv;
+          g1 = g1 * vinv;
+        }
         if (dir.has_ema) load2(m + i, m0, m1);
         load2(w + i, w0, w1);
         const fVec n0 = Direction::ema(g0, m0, vdecay, vgain);
@@ -513,7 +525,7 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
         }
       }
       for (; i < ch.end; ++i) {
-        const float gi = static_cast<float>(g[i]);
+        const float gi = unscale ? static_cast<float>(g[i]) * inv : static_cast<float>(g[i]);
         const float mi = dir.has_ema ? static_cast<float>(m[i]) : 0.0f;
         const float wi = static_cast<float>(w[i]);
         const float ni = Direction::ema(gi, mi, s.decay, s.gain);
@@ -553,6 +565,23 @@ at::ScalarType ema_type(at::TensorList weights, at::TensorList emas) {
   return weights.empty() ? at::kFloat : weights[0].scalar_type();
 }
 
+// A non-finite global norm (a non-finite gradient): the weights and the EMA keep their bits
+// and every tensor's `saved` gets an exact copy of w, for either kind (swap or not), so the
+// caller's restore is the identity.
+void save_only(const std::vector<Spec>& specs, size_t elem) {
+  for (const Spec& s : specs) std::memcpy(s.out, s.w, s.numel * elem);
+}
+
+// The optional 1/scale: a 1-element float32 CPU tensor.
+float inv_scale_of(const c10::optional<at::Tensor>& inv) {
+  if (!inv.has_value()) return 1.0f;
+  const at::Tensor& t = *inv;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+              "fsam_fused: inv_scale must be a 1-element float32 CPU tensor, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  return t.contiguous().data_ptr<float>()[0];
+}
+
 float global_norm(const at::Tensor& sq) {
   TORCH_CHECK(sq.device().is_cpu() && sq.scalar_type() == at::kFloat && sq.dim() == 1,
               "fsam_fused: sq must be a 1-D float32 CPU tensor, got ", sq.scalar_type(), " ",
@@ -569,13 +598,15 @@ float global_norm(const at::Tensor& sq) {
 
 at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList emas,
                    at::IntArrayRef adaptive, at::ArrayRef<double> decay,
-                   at::ArrayRef<double> gain, double sigma, bool paper) {
+                   at::ArrayRef<double> gain, double sigma, bool paper,
+                   const c10::optional<at::Tensor>& inv_scale) {
   const auto specs = gather(weights, grads, emas, {}, nullptr, adaptive, decay, gain, {}, {});
   const Direction dir{check_finite("sigma", sigma), paper, !emas.empty()};
+  const float inv = inv_scale_of(inv_scale);
   double total = 0.0;
   if (!specs.empty()) {
     dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
-      total = norm_sq_impl<decltype(w), decltype(m)>(specs, dir);
+      total = norm_sq_impl<decltype(w), decltype(m)>(specs, dir, inv_scale.has_value(), inv);
     });
   }
   return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
@@ -584,7 +615,9 @@ at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList 
 void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
               at::TensorList saved, const at::Tensor& sq, at::ArrayRef<double> rho,
               at::IntArrayRef adaptive, at::ArrayRef<double> decay, at::ArrayRef<double> gain,
-              at::IntArrayRef swap, double sigma, double eps, bool paper) {
+              at::IntArrayRef swap, double sigma, double eps, bool paper,
+              const c10::optional<at::Tensor>& inv_scale,
+              const c10::optional<at::Tensor>& found) {
   // Every check runs before anything is written.
   const auto specs = gather(weights, grads, emas, saved, "saved", adaptive, decay, gain, rho,
                             swap);
@@ -593,15 +626,32 @@ void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
   // 0 * (rho / 0) = NaN in every weight, and eps < 0 can flip or blow up the step.
   TORCH_CHECK(check_finite("eps", eps) > 0.0f, "fsam_fused: eps must be > 0 (in float32), got ",
               eps);
-  const float norm_eps = global_norm(sq) + static_cast<float>(eps);  // reads sq only
+  const float norm = global_norm(sq);  // reads sq only
+  const float norm_eps = norm + static_cast<float>(eps);
+  const float inv = inv_scale_of(inv_scale);
+  if (found.has_value()) {
+    TORCH_CHECK(found->device().is_cpu() && found->scalar_type() == at::kFloat &&
+                    found->numel() == 1 && found->is_contiguous(),
+                "fsam_fused: found must be a 1-element contiguous float32 CPU tensor, got ",
+                found->scalar_type(), " ", found->sizes(), " on ", found->device());
+    TORCH_CHECK(!found->requires_grad(), "fsam_fused: found must not require grad");
+  }
   check_no_grad("weights", weights);
   check_no_grad("emas", emas);
   check_no_grad("saved", saved);
+  const at::TensorList found_list =
+      found.has_value() ? at::TensorList(*found) : at::TensorList();
   check_no_overlap({{"weights", weights, true}, {"emas", emas, true}, {"saved", saved, true},
-                    {"grads", grads, false}, {"sq", sq, false}});
+                    {"found", found_list, true}, {"grads", grads, false}, {"sq", sq, false}});
+  const bool ok = std::isfinite(norm);
+  if (found.has_value()) found->data_ptr<float>()[0] = ok ? 0.0f : 1.0f;
   if (specs.empty()) return;
+  if (!ok) {
+    save_only(specs, weights[0].element_size());
+    return;
+  }
   dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
-    perturb_impl<decltype(w), decltype(m)>(specs, dir, norm_eps);
+    perturb_impl<decltype(w), decltype(m)>(specs, dir, norm_eps, inv_scale.has_value(), inv);
   });
 }
 
@@ -656,10 +706,12 @@ void restore_(at::TensorList weights, at::TensorList saved) {
 
 TORCH_LIBRARY(fsam_fused, m) {
   m.def("norm_sq(Tensor[] weights, Tensor[] grads, Tensor[] emas, int[] adaptive, "
-        "float[] decay, float[] gain, float sigma, bool paper) -> Tensor");
+        "float[] decay, float[] gain, float sigma, bool paper, Tensor? inv_scale=None) "
+        "-> Tensor");
   m.def("perturb_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] emas, "
         "Tensor(c!)[] saved, Tensor sq, float[] rho, int[] adaptive, float[] decay, "
-        "float[] gain, int[] swap, float sigma, float eps, bool paper) -> ()");
+        "float[] gain, int[] swap, float sigma, float eps, bool paper, "
+        "Tensor? inv_scale=None, Tensor(d!)? found=None) -> ()");
   m.def("restore_(Tensor(a!)[] weights, Tensor[] saved) -> ()");
 }
 

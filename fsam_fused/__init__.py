@@ -7,9 +7,11 @@
 """
 
 from .backends import ForeachBackend, ReferenceBackend
+from .bn import bn_frozen, disable_running_stats, enable_running_stats
 from .engine import BucketSummary
 from .hparams import BACKENDS
 from .optimizer import FSAM, SAM
 
-__all__ = ["FSAM", "SAM", "BACKENDS", "BucketSummary", "ReferenceBackend", "ForeachBackend"]
+__all__ = ["FSAM", "SAM", "BACKENDS", "BucketSummary", "ReferenceBackend", "ForeachBackend",
+           "bn_frozen", "disable_running_stats", "enable_running_stats"]
 __version__ = "0.1.0"

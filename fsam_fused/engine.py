@@ -31,6 +31,22 @@ Failure policy (all-or-nothing):
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
   update, which saw a valid first gradient: rolling it back would need a second EMA-sized
   buffer for every parameter. ``step(closure)`` also gives back the first pass's ``.grad``.
+* A non-finite first pass is not an error (``found`` is a device flag, never read on the
+  host here): the perturb pass *selects* the old values when the global sum of squares is
+  not finite (a non-finite gradient, or finite ones whose squares overflow float32), so the
+  weights and the EMA keep their bits and the saved copy is exact; the step is in flight as
+  usual and its restore is the identity. Whether the base optimizer then steps is the
+  optimizer's rule (``FSAM.second_step``: skipped on the device by a fused base, with a
+  GradScaler, or with ``skip_nonfinite=True``).
+* A GradScaler's ``1/scale`` enters the passes as a device tensor; ``.grad`` is never
+  rewritten by ``first_step``. With a scaler, a non-finite second pass restores the weights
+  bit for bit and leaves the base optimizer's state unchanged; the EMA keeps this step's
+  update, as for any failed second pass (below). The exception kept: ``scaler.step(opt)``
+  after a ``first_step()`` that was not given the scaler restores the weights and raises
+  without a base step, but the EMA has taken that step's *scaled* gradient.
+* ``step(closure)`` with exactly the gradients the previous step left (a sample of them:
+  the same tensors at the same version counters, :meth:`Engine.stale`) is refused before anything is modified (no backward ran: a framework owns the
+  closure).
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
   storage, cast if the dtype changed, with a warning); a parameter given another view of the
@@ -132,6 +148,11 @@ class Engine:
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
         self._held = _Held()
+        # device -> 0-dim float32: set by the perturb pass, 1.0 when the first pass's
+        # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
+        self._found: dict = {}
+        self.found: torch.Tensor | None = None
+        self.left = None  # what the last step left, for stale()
 
     # ------------------------------------------------------------------ plan
 
@@ -171,12 +192,24 @@ class Engine:
 
     # ------------------------------------------------------------------ first_step
 
-    def first_step(self, cfg: Config, groups, state) -> None:
+    def _found_on(self, device) -> torch.Tensor:
+        f = self._found.get(device)
+        if f is None:
+            f = self._found[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return f
+
+    def first_step(self, cfg: Config, groups, state, inv_scale=None) -> None:
+        """``inv_scale``: None, or a 1-element float32 tensor (a GradScaler's 1/scale, on the
+        parameters' device) every first-pass gradient is multiplied by inside the passes."""
         plan = self.plan_for(cfg, groups, state)
+        inv = inv_scale
         try:
+            if inv is not None and any(b.device != inv.device for b in plan.buckets):
+                inv = {d: inv.to(d, non_blocking=True) for d in {b.device for b in plan.buckets}}
             parts = []
             for b in plan.buckets:
-                part, b.carry = b.backend.norm(b)
+                b.inv = inv[b.device] if type(inv) is dict else inv
+                part, b.carry = b.backend.norm(b, b.inv)
                 parts.append(part)
             for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets)):
                 b.sq = sq
@@ -199,7 +232,7 @@ class Engine:
                 for b in plan.commit:
                     if b.backups is not None:
                         torch._foreach_copy_(b.backups, b.emas)
-                    b.backend.perturb(b, b.sq, b.carry)
+                    b.backend.perturb(b, b.sq, b.carry, b.inv, self._found_on(b.device))
                     b.carry = None  # the reference's carry holds full-size tensors
                     done.append(b)
                 b = None
@@ -210,6 +243,10 @@ class Engine:
             if plan.new_emas:
                 plan.key = None  # the next step has no first sights: rebuild then
             self.inflight = done
+            self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
+            # Autocast caches low-precision copies of the weights until its outermost block
+            # exits: a second forward inside the same block would reuse the unperturbed ones.
+            torch.clear_autocast_cache()
         try:
             held.deliver()
         except BaseException:
@@ -225,6 +262,40 @@ class Engine:
         for b in (*done, failed):
             if b is not None and b.backups is not None:
                 torch._foreach_copy_(b.emas, b.backups)
+
+    # ------------------------------------------------------------------ stale gradients
+
+    def leave(self) -> None:
+        """After the base step: remember a sample of the gradients the step leaves (up to
+        four: the first, the last and two between, each tensor with its version counter;
+        host metadata only, O(1) a step) for :meth:`stale`."""
+        plan = self.plan
+        if plan is None:
+            self.left = None
+            return
+        flat = plan.flat
+        n = len(flat)
+        picks = sorted({0, n // 3, (2 * n) // 3, n - 1}) if n else []
+        sample = []
+        for i in picks:
+            p = flat[i]
+            g = p.grad
+            if g is not None:
+                sample.append((p, g, g._version))
+        self.left = sample or None
+
+    def stale(self) -> bool:
+        """True if every sampled parameter still holds the very gradient tensor the last step
+        left, unmodified (same object, same version counter): no backward ran since (a
+        backward writes new tensors or bumps the versions of all of them, as does
+        ``zero_grad``), so a perturbation would follow a stale gradient."""
+        left = self.left
+        if left is None:
+            return False
+        for p, g, v in left:
+            if p.grad is not g or g._version != v:
+                return False
+        return True
 
     # ------------------------------------------------------------------ second_step
 
@@ -251,6 +322,7 @@ class Engine:
         every Engine method, it runs under the caller's ``torch.no_grad()``. SIGINT is held
         meanwhile; if a restore fails, the step stays in flight (restore can be called
         again)."""
+        torch.clear_autocast_cache()  # (copies of the perturbed weights: see first_step)
         changed = []
         held = self._held
         with held:
@@ -350,12 +422,15 @@ class Passes:
 
     @torch.no_grad()
     def norm(self) -> torch.Tensor:
-        sq, self._carry = self._b.backend.norm(self._b)
+        sq, self._carry = self._b.backend.norm(self._b, None)
         return sq
 
     @torch.no_grad()
     def perturb(self, sq: torch.Tensor) -> None:
-        self._b.backend.perturb(self._b, sq, self._carry)
+        found = getattr(self, "_found", None)
+        if found is None:
+            found = self._found = torch.zeros((), dtype=torch.float32, device=self._b.device)
+        self._b.backend.perturb(self._b, sq, self._carry, None, found)
 
     @torch.no_grad()
     def restore(self) -> None:

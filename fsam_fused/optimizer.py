@@ -7,9 +7,39 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from . import checkpoint, hparams
+from . import amp, checkpoint, hparams
 from .buffers import State
 from .engine import Engine
+
+_NO_FIRST_STEP = (
+    "FSAM.step() needs a closure that runs the second forward and backward pass, e.g. "
+    "opt.step(lambda: loss_fn().backward()), or a preceding first_step(). With a GradScaler: "
+    "opt.first_step(zero_grad=True, grad_scaler=scaler) after the first backward, then the "
+    "second backward, then scaler.step(opt). Frameworks that run the only backward inside "
+    "their own closure (Lightning's automatic optimization) need the manual-optimization "
+    "recipe in docs/training-loops.md")
+_STALE = (
+    "FSAM.step(closure) found exactly the gradients the previous step left (no backward "
+    "since): its first_step would perturb along a stale gradient. The closure runs the "
+    "*second* forward and backward; run the first before step(closure). A framework that "
+    "calls step(closure) with the step's only backward in the closure (Lightning's automatic "
+    "optimization) needs manual optimization: docs/training-loops.md")
+_SCALER_CLOSURE = (
+    "scaler.step(opt, closure) is not supported: GradScaler cannot see the closure's "
+    "backward. Use opt.first_step(zero_grad=True, grad_scaler=scaler) after the first "
+    "backward, run the second backward, then scaler.step(opt) and scaler.update()")
+
+
+def _wrapped(opt):
+    """The FSAM inside a wrapper that borrows its class (Lightning's ``LightningOptimizer``
+    has FSAM among its bases but not its ``__dict__``), or None for an FSAM itself: the step
+    methods must run on the optimizer GradScaler and the state know."""
+    if "engine" in opt.__dict__:
+        return None
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, FSAM) and "engine" in inner.__dict__:
+        return inner
+    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
 
 
 class FSAM(Optimizer):
@@ -39,13 +69,23 @@ class FSAM(Optimizer):
             ``w + e`` into a spare buffer and swaps storages (``p.data``, as the authors'
             code does on restore), which moves a third fewer bytes than saving a copy and
             copying it back. Set True when something holds a parameter's address.
+        skip_nonfinite: skip the base optimizer's step when either pass saw a non-finite
+            gradient, for any base optimizer, at the cost of one host synchronisation per
+            step (and one read of the second pass's gradients). Without it a non-finite
+            first pass never perturbs the weights nor enters the EMA (checked on the device),
+            and a base optimizer that can skip on the device (``fused=True`` SGD, Adam,
+            AdamW) skips its step too, with no synchronisation; any other base optimizer then
+            steps on the second gradient, taken at the unperturbed weights.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype`` and ``fixed_addresses`` are
     attributes, ``rho`` and ``adaptive`` live in each param group: all may be changed between
     steps and are checked again at every ``first_step``. ``.grad`` keeps the user's gradient
     (the published code overwrote it with ``d``), so gradients must be zeroed between steps
-    as usual. ``plan_summary()`` and ``backend_for(p)`` report how the last step ran.
+    as usual. ``plan_summary()`` and ``backend_for(p)`` report how the last step ran;
+    ``found_nonfinite()`` whether it saw a non-finite gradient. Mixed precision (fp16 with
+    ``torch.amp.GradScaler``, bf16 autocast), gradient accumulation, BatchNorm and Lightning:
+    ``docs/training-loops.md``.
 
     Example:
         >>> import torch
@@ -69,9 +109,13 @@ class FSAM(Optimizer):
         True
     """
 
+    # torch.amp.GradScaler.step(opt) hands this optimizer the scale and the second pass's
+    # found_inf (opt.grad_scale, opt.found_inf) and calls opt.step(): see fsam_fused.amp.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, base_optimizer, rho=0.05, sigma=1.0, lmbda=0.9, adaptive=False,
                  *, ema_order="official", backend="auto", ema_dtype=None, fixed_addresses=False,
-                 **base_kwargs):
+                 skip_nonfinite=False, **base_kwargs):
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
             if isinstance(base_optimizer, Optimizer):
                 raise TypeError("base_optimizer must be the optimizer class (e.g. "
@@ -85,6 +129,11 @@ class FSAM(Optimizer):
                              [defaults])
         self.sigma, self.lmbda, self.ema_order = cfg.sigma, cfg.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
+        self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
+        # step(closure) refuses the very gradients the previous step left (see step).
+        self.check_stale_grads = True
+        self._scaler = None  # the enabled GradScaler the step in flight was started with
+        self._nonfinite = None
         self.engine = Engine()
         self.base_optimizer = None
         super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
@@ -139,7 +188,8 @@ class FSAM(Optimizer):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in ("engine", "_config")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("engine", "_config", "_scaler", "_nonfinite")}
 
     def __setstate__(self, st):
         super().__setstate__(st)
@@ -147,6 +197,9 @@ class FSAM(Optimizer):
             self.state = State(self.state)
         self.engine = Engine()
         self.__dict__.setdefault("_in_closure", False)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("check_stale_grads", True)
+        self._scaler, self._nonfinite = None, None
         self._config = hparams.ConfigCache()
 
     # ------------------------------------------------------------------ introspection
@@ -161,12 +214,60 @@ class FSAM(Optimizer):
         """The backend that ran ``param`` in the last step (None if it had no gradient)."""
         return self.engine.backend_for(param)
 
+    def found_nonfinite(self) -> torch.Tensor | None:
+        """Whether the last step saw a non-finite gradient: a 0-dim float32 device tensor,
+        1.0 or 0.0 (more than 1.0 when both passes did, with a GradScaler), None before the
+        first step. It covers the first pass always, and the second pass too when a
+        GradScaler or ``skip_nonfinite=True`` checked it. Reading its value (``.item()``,
+        ``bool()``) synchronises with the device; passing it on does not.
+
+        Example:
+            >>> import torch
+            >>> from fsam_fused import FSAM
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+            >>> model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
+            >>> w = model.weight.detach().clone()
+            >>> opt.first_step(zero_grad=True)       # non-finite: the weights are not perturbed
+            >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
+            (True, 1.0)
+        """
+        return self._nonfinite
+
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False):
+    def first_step(self, zero_grad=False, grad_scaler=None):
         """Perturb the weights to ``w + e`` (saving ``w``); call after the first backward.
-        All-or-nothing: if it raises, weights, EMA and base state are as they were."""
+        All-or-nothing: if it raises, weights, EMA and base state are as they were.
+
+        ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the first backward; its
+        1/scale is applied to the gradients inside the passes (``.grad`` is not rewritten).
+        Finish the step with ``scaler.step(opt)`` then ``scaler.update()``. A non-finite
+        first gradient (with or without a scaler) leaves weights and EMA bit for bit as they
+        were; see :meth:`found_nonfinite`.
+
+
+        Example:
+            >>> import torch
+            >>> from fsam_fused import FSAM
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = FSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05)
+            >>> scaler = torch.amp.GradScaler("cpu")
+            >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+            >>> def loss_fn():
+            ...     with torch.autocast("cpu", dtype=torch.float16):
+            ...         return torch.nn.functional.mse_loss(model(x), y)
+            >>> scaler.scale(loss_fn()).backward()
+            >>> opt.first_step(zero_grad=True, grad_scaler=scaler)
+            >>> scaler.scale(loss_fn()).backward()
+            >>> scaler.step(opt)              # restore, unscale, base step (or skip)
+            >>> scaler.update()
+            >>> opt.zero_grad()
+        """
+        inner = _wrapped(self)
+        if inner is not None:
+            return inner.first_step(zero_grad, grad_scaler)
         if self.engine.inflight is not None:
             if self._in_closure:
                 raise RuntimeError("the closure passed to step() must run only the second "
@@ -174,14 +275,30 @@ class FSAM(Optimizer):
                                    "first_step() and second_step() itself)")
             raise RuntimeError("first_step() called twice without second_step(): the weights "
                                "are already perturbed")
-        self.engine.first_step(self._config(self), self.param_groups, self.state)
+        inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, self)
+        self.engine.first_step(self._config(self), self.param_groups, self.state, inv)
+        self._nonfinite = self.engine.found
+        if grad_scaler is not None:
+            self._scaler = grad_scaler if grad_scaler.is_enabled() else None
+            amp.after_first_step(grad_scaler, self, unscaled)
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
         """Restore the saved weights (bit for bit) and step the base optimizer with the
-        gradient taken at the perturbed point; call after the second backward."""
+        gradient taken at the perturbed point; call after the second backward. After
+        ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead (it calls
+        ``opt.step()``, which lands here)."""
+        inner = _wrapped(self)
+        if inner is not None:
+            return inner.second_step(zero_grad)
+        self._second_step(None, None)
+        if zero_grad:
+            self.zero_grad()
+
+    def _second_step(self, grad_scale, found_inf):
+        """``grad_scale``/``found_inf``: what ``scaler.step(opt)`` handed ``step()``."""
         if self._in_closure:
             raise RuntimeError("the closure passed to step() must run only the second "
                                "forward and backward; it called second_step() (step() calls "
@@ -189,14 +306,60 @@ class FSAM(Optimizer):
         if self.engine.inflight is None:
             raise RuntimeError("second_step() called before first_step(): there is no "
                                "perturbation to undo")
+        scaler = self._scaler
+        if scaler is not None and found_inf is None:
+            raise RuntimeError("first_step() took grad_scaler=scaler: finish the step with "
+                               "scaler.step(opt), then scaler.update() (the second pass's "
+                               "gradients are scaled; the weights are still perturbed)")
+        self._scaler = None
         self.engine.restore()
-        self.base_optimizer.step()
+        if scaler is None and found_inf is not None:
+            raise RuntimeError("scaler.step(opt) after a first_step() without grad_scaler: "
+                               "the first pass's gradients were scaled. Pass "
+                               "grad_scaler=scaler to first_step(). The weights are restored "
+                               "and the base optimizer did not step")
+        base = self.base_optimizer
+        first = self.engine.found
+        device_skip = getattr(base, "_step_supports_amp_scaling", False)
+        if scaler is not None:
+            found = self._nonfinite = amp.finish(scaler, self, first, found_inf)
+            if device_skip:
+                self._base_step(grad_scale, found)
+            else:
+                if grad_scale is not None:
+                    amp.unscale_and_check(self._params(),
+                                          grad_scale.double().reciprocal().float())
+                if not found.item():  # the one synchronisation GradScaler itself makes
+                    base.step()
+        elif self.skip_nonfinite:
+            second = amp.unscale_and_check(self._params())
+            found = first if second is None else \
+                second if first is None else second + first.to(second.device)
+            self._nonfinite = found
+            if found is None or not found.item():  # the documented synchronisation
+                base.step()
+        elif device_skip and first is not None:
+            self._base_step(None, first)
+        else:
+            base.step()
+        self.engine.leave()
         # A step taken through first/second_step is a step: tell an LR scheduler attached
         # to this object (torch's warning about scheduler.step() before optimizer.step()
         # looks only at optimizer.step, which this path does not call).
         self._opt_called = True
-        if zero_grad:
-            self.zero_grad()
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _base_step(self, grad_scale, found_inf):
+        """A base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
+        AdamW) unscales and skips on the device: no host synchronisation."""
+        base = self.base_optimizer
+        base.grad_scale, base.found_inf = grad_scale, found_inf
+        try:
+            base.step()
+        finally:
+            del base.grad_scale, base.found_inf
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -206,15 +369,50 @@ class FSAM(Optimizer):
         and its value is returned. If the closure raises, the weights are restored and the
         first pass's ``.grad`` given back before the error propagates (the EMA keeps this
         step's update: see ``fsam_fused.engine``). Without a closure, after ``first_step()``,
-        it finishes the step (as ``second_step()``)."""
+        it finishes the step (as ``second_step()``); with a closure, after ``first_step()``
+        (a framework's wrapper around its hooks, e.g. Lightning's), it runs the closure as
+        it is and finishes the step.
+
+        ``step(closure)`` refuses, before anything changes, a step with exactly the
+        gradients the previous step left (the same tensors at the same version counters, on
+        a sample of four; host metadata only): the first backward did not run, as under a
+        framework that calls ``step(closure)`` with the step's only backward inside the
+        closure (``docs/training-loops.md``). A step without any gradient stays valid (a
+        no-op perturbation, then the closure and the base step). Set the
+        attribute ``check_stale_grads = False`` to replay one set of gradients on purpose.
+        (An explicit ``first_step()`` is not checked: tests and benchmarks replay gradients
+        that way.)"""
+        grad_scale, found_inf = amp.from_scaler_step(self)
+        if found_inf is not None:
+            # Called by scaler.step(opt): it deletes the two attributes once step() returns,
+            # not if it raises; then they must not outlive this call.
+            try:
+                if closure is not None:
+                    raise RuntimeError(_SCALER_CLOSURE)
+                if self.engine.inflight is None:
+                    raise RuntimeError(_NO_FIRST_STEP)
+                return self._second_step(grad_scale, found_inf)
+            except BaseException:
+                amp.forget_scaler_step(self)
+                raise
         if closure is None:
             if self.engine.inflight is not None:
                 return self.second_step()
-            raise RuntimeError("FSAM.step() needs a closure that runs the second forward and "
-                               "backward pass, e.g. opt.step(lambda: loss_fn().backward()), "
-                               "or a preceding first_step()")
+            raise RuntimeError(_NO_FIRST_STEP)
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        if self.engine.inflight is not None and not self._in_closure:
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            except BaseException:
+                self._scaler = None
+                self.engine.restore()
+                raise
+            self.second_step()
+            return loss
+        if self.check_stale_grads and self.engine.stale():
+            raise RuntimeError(_STALE)
         self.first_step()
         self._in_closure = True
         try:

@@ -75,6 +75,7 @@ class Bucket:
     prep: Any = None  # the backend's per-plan data
     sq: Any = None  # this step's: the partials whose sum is the squared global norm
     carry: Any = None  # this step's: what the backend's norm pass hands its perturb pass
+    inv: Any = None  # this step's: the GradScaler's 1/scale on this bucket's device, or None
     # torch.distributed: the optimizer's parameters (DTensors) whose local shards ``params``
     # holds; None for plain tensors, whose ``params`` are the optimizer's own.
     owners: list | None = None

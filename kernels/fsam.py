@@ -145,10 +145,12 @@ def _store(p, offs, x, n, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
+def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
               HAS_EMA: tl.constexpr, PAPER: tl.constexpr, ADAPTIVE: tl.constexpr,
-              MASKED: tl.constexpr):
+              MASKED: tl.constexpr, UNSCALE: tl.constexpr):
     g = _load(g_p, offs, n, MASKED).to(tl.float32)
+    if UNSCALE:
+        g = g * inv  # a GradScaler's 1/scale, as its unscale_ would apply it
     m = g
     if HAS_EMA:
         m = _load(m_p, offs, n, MASKED).to(tl.float32)
@@ -160,17 +162,23 @@ def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
 
 
 @triton.jit
-def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
+def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok, inv,
                    W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
-                   PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr):
+                   PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr,
+                   UNSCALE: tl.constexpr):
     g = _load(g_p, offs, n, MASKED).to(tl.float32)
+    if UNSCALE:
+        g = g * inv
     w_raw = _load(w_p, offs, n, MASKED)
     m = g
     if HAS_EMA:
-        m = _load(m_p, offs, n, MASKED).to(tl.float32)
+        m_raw = _load(m_p, offs, n, MASKED)
+        m = m_raw.to(tl.float32)
     d, m_new = _direction(g, m, decay, gain, sigma, HAS_EMA, PAPER)
+    # ``ok``: the global sum of squares is finite. Otherwise select (never multiply by 0:
+    # 0 * inf is NaN): the EMA and the weights keep their bits, the saved copy is exact.
     if HAS_EMA:
-        _store(m_p, offs, _round(m_new, M_DTYPE), n, MASKED)
+        _store(m_p, offs, tl.where(ok, _round(m_new, M_DTYPE), m_raw), n, MASKED)
     # The saved copy is the raw stored value, so the restore is bit-exact.
     _store(s_p, offs, w_raw, n, MASKED)
     w = w_raw.to(tl.float32)
@@ -178,7 +186,7 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
         e = (scale * tl.where(adapt, w * w, 1.0)) * d
     else:
         e = scale * d
-    _store(w_p, offs, _round(w + e, W_DTYPE), n, MASKED)
+    _store(w_p, offs, tl.where(ok, _round(w + e, W_DTYPE), w_raw), n, MASKED)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -212,10 +220,13 @@ def _chunk(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.con
 
 @triton.jit
 def _norm_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, sigma,
-                 W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+                 inv_ptr, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                  PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr, UNSCALE: tl.constexpr):
     pid = tl.program_id(0)
+    inv = 1.0
+    if UNSCALE:
+        inv = tl.load(inv_ptr)  # once per program
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, _, _, adapt, decay, gain = _chunk(
@@ -224,26 +235,36 @@ def _norm_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
-            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
-                             HAS_EMA, PAPER, ADAPTIVE, False)
+            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
+                             HAS_EMA, PAPER, ADAPTIVE, False, UNSCALE)
         if n_full < n:
             offs = n_full + tl.arange(0, BLOCK)
-            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma,
-                             HAS_EMA, PAPER, ADAPTIVE, True)
+            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
+                             HAS_EMA, PAPER, ADAPTIVE, True, UNSCALE)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def _perturb_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chunks,
-                    sigma, eps, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
+                    sigma, eps, inv_ptr, found_ptr, W_DTYPE: tl.constexpr,
+                    M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
                     PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr,
+                    UNSCALE: tl.constexpr):
     # Global norm: the same loads and the same reduction tree in every program.
     tot = tl.zeros([RBLOCK], dtype=tl.float32)
     for j in range(0, n_sq, RBLOCK):
         o = j + tl.arange(0, RBLOCK)
         tot += tl.load(sq_ptr + o, mask=o < n_sq, other=0.0)
-    norm = tl.sqrt_rn(tl.sum(tot, axis=0))
+    total = tl.sum(tot, axis=0)
+    norm = tl.sqrt_rn(total)
+    # A sum of squares is >= 0 or NaN: finite exactly when below inf (NaN < inf is false).
+    ok = total < float("inf")
+    if tl.program_id(0) == 0:
+        tl.store(found_ptr, tl.where(ok, 0.0, 1.0))
+    inv = 1.0
+    if UNSCALE:
+        inv = tl.load(inv_ptr)
 
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, s_p, rho, adapt, decay, gain = _chunk(
@@ -253,12 +274,12 @@ def _perturb_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
-            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                           W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False)
+            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok,
+                           inv, W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False, UNSCALE)
         if n_full < n:
             offs = n_full + tl.arange(0, BLOCK)
-            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale,
-                           W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True)
+            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok,
+                           inv, W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True, UNSCALE)
 
 
 @triton.jit
@@ -367,24 +388,34 @@ class MultiTensorFSAM:
                     HAS_EMA=self.has_ema, ADAPTIVE=self.any_adaptive, ALIGNED=self.aligned,
                     BLOCK=BLOCK, CHUNK=CHUNK)
 
-    def norm_partials(self, out: torch.Tensor, sigma: float, paper: bool) -> None:
-        """Write ``self.n_programs`` float32 partial sums of squares into ``out``."""
+    def norm_partials(self, out: torch.Tensor, sigma: float, paper: bool,
+                      inv_scale: torch.Tensor | None = None) -> None:
+        """Write ``self.n_programs`` float32 partial sums of squares into ``out``.
+        ``inv_scale``: a 1-element float32 device tensor every gradient is multiplied by
+        (a GradScaler's 1/scale), or None (a separate kernel without the multiply)."""
         if self.n_programs == 0:  # only empty tensors: nothing to launch
             return
         with self._on_device():
             _norm_kernel[(self.n_programs,)](
                 self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out,
-                self.n_chunks, sigma, PAPER=paper, **self._launch_opts(), **self._flags())
+                self.n_chunks, sigma, out if inv_scale is None else inv_scale, PAPER=paper,
+                UNSCALE=inv_scale is not None, **self._launch_opts(), **self._flags())
 
-    def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool) -> None:
+    def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool,
+                found: torch.Tensor, inv_scale: torch.Tensor | None = None) -> None:
         """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
-        squares whose total is the squared global norm."""
+        squares whose total is the squared global norm. If that total is not finite, the
+        weights and the EMA keep their bits (the saved copy is still written). ``found``
+        (1-element float32) gets 1.0 then, else 0.0."""
         if self.n_programs == 0:
+            found.copy_(~torch.isfinite(sq.sum()))
             return
         with self._on_device():
             _perturb_kernel[(self.n_programs,)](
                 self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq,
-                sq.numel(), self.n_chunks, sigma, eps, PAPER=paper, RBLOCK=RBLOCK, **self._launch_opts(), **self._flags())
+                sq.numel(), self.n_chunks, sigma, eps, found if inv_scale is None else inv_scale,
+                found, PAPER=paper, RBLOCK=RBLOCK, UNSCALE=inv_scale is not None,
+                **self._launch_opts(), **self._flags())
 
     def restore(self) -> None:
         """Copy the saved values back into the weights (the tables of the last step)."""

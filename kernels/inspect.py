@@ -42,10 +42,11 @@ _TABLES = {"ptr_tab": "*i64", "grad_tab": "*i64", "numel_tab": "*i64", "chunk_ta
 # (kernel function, runtime signature, stores parameter-sized data)
 KERNELS = {
     "norm": (K._norm_kernel, {**_TABLES, "scal_tab": "*fp32", "part_ptr": "*fp32",
-                              "n_chunks": "i32", "sigma": "fp32"}, False),
+                              "n_chunks": "i32", "sigma": "fp32", "inv_ptr": "*fp32"}, False),
     "perturb": (K._perturb_kernel, {**_TABLES, "scal_tab": "*fp32", "sq_ptr": "*fp32",
                                     "n_sq": "i32", "n_chunks": "i32", "sigma": "fp32",
-                                    "eps": "fp32"}, True),
+                                    "eps": "fp32", "inv_ptr": "*fp32",
+                                    "found_ptr": "*fp32"}, True),
     "restore": (K._restore_kernel, {**_TABLES, "scal_tab": "*fp32", "n_chunks": "i32"}, True),
 }
 
@@ -56,6 +57,8 @@ def _constexprs(kernel: str, dtype) -> dict:
     c = dict(W_DTYPE=dtype, ALIGNED=True, BLOCK=K.BLOCK, CHUNK=K.CHUNK)
     if kernel != "restore":
         c.update(M_DTYPE=tl.float32, HAS_EMA=True, PAPER=False, ADAPTIVE=False)
+        # No GradScaler: FSAM_INSPECT_UNSCALE=1 inspects the variant that multiplies by 1/scale.
+        c["UNSCALE"] = os.environ.get("FSAM_INSPECT_UNSCALE", "0") == "1"
     if kernel == "perturb":
         c["RBLOCK"] = K.RBLOCK
     return c

@@ -7,13 +7,21 @@ settings, built once per plan):
 ``prepare(b)``
     Once per plan: derive whatever the passes reuse (device tables, op arguments, detached
     aliases) and keep it in ``b.prep``. May fail; writes nothing the user can see.
-``norm(b) -> (partials, carry)``
-    A float32 1-D tensor on ``b.device`` whose *sum* is this bucket's share of the squared
+``norm(b, inv) -> (partials, carry)``
+    ``inv``: None, or a 1-element float32 tensor on ``b.device`` (a GradScaler's 1/scale)
+    that every gradient is multiplied by before any other use (EMA, direction, norm); the
+    ``.grad`` tensors themselves are never rewritten. Without it the arithmetic is exactly
+    the unscaled one (a separate code path, not a multiply by 1). A float32 1-D tensor on ``b.device`` whose *sum* is this bucket's share of the squared
     global norm ``sum (a * d)**2``, and anything the perturb pass reuses this step. Writes
     nothing the user can see: the engine combines the buckets' sums of squares (never norms
     of norms) before any weight changes.
-``perturb(b, sq, carry)``
-    ``sq``: float32 1-D tensor on ``b.device`` whose sum is the squared global norm. Updates
+``perturb(b, sq, carry, inv, found)``
+    ``sq``: float32 1-D tensor on ``b.device`` whose sum is the squared global norm; ``inv``
+    as for ``norm``; ``found``: a 1-element float32 tensor on ``b.device`` the pass sets to
+    1.0 if that sum is not finite (a non-finite gradient, or an overflowing sum of squares),
+    else 0.0, on the device (no host synchronisation). When it is not finite the pass
+    *selects* (never multiplies by zero: ``0 * inf`` is NaN): weights and EMA keep their bits
+    and the saved copy is still written, so ``restore`` is the identity. Otherwise it updates
     the EMA (``b.emas``), keeps an exact copy of each weight (``b.saved``, or the weight's own
     storage when double-buffered) and writes ``w + e``. **Atomic**: it checks everything
     before its first write, and a failure after that undoes what it wrote to the weights. The
@@ -52,9 +60,10 @@ class Backend(Protocol):
 
     def prepare(self, b) -> None: ...
 
-    def norm(self, b) -> tuple[torch.Tensor, Any]: ...
+    def norm(self, b, inv: torch.Tensor | None) -> tuple[torch.Tensor, Any]: ...
 
-    def perturb(self, b, sq: torch.Tensor, carry: Any) -> None: ...
+    def perturb(self, b, sq: torch.Tensor, carry: Any, inv: torch.Tensor | None,
+                found: torch.Tensor) -> None: ...
 
     def restore(self, b) -> None: ...
 

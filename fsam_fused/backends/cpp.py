@@ -77,16 +77,16 @@ class CppBackend:
         b.perturbed_ptrs = [s.data_ptr() if w else p.data_ptr()
                             for p, s, w in zip(b.params, b.saved, st.swap)]
 
-    def norm(self, b):
+    def norm(self, b, inv=None):
         st = b.prep
         return cpp_ops.norm_sq(st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain,
-                               b.sigma, b.paper), None
+                               b.sigma, b.paper, inv), None
 
-    def perturb(self, b, sq, carry) -> None:
+    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
         st = b.prep
         # One op for both kinds: it checks everything before it writes anything.
         cpp_ops.perturb_(st.weights, b.grads, st.emas, b.saved, sq, st.rhos, st.adaptive,
-                         st.decay, st.gain, st.swap, b.sigma, EPS, b.paper)
+                         st.decay, st.gain, st.swap, b.sigma, EPS, b.paper, inv, found)
         try:
             for p, _, spare in st.swapped:
                 p.data = spare

@@ -11,20 +11,25 @@ _LIB = "fsam_fused::"
 
 def norm_sq(weights: list[torch.Tensor], grads: list[torch.Tensor], emas: list[torch.Tensor],
             adaptive: list[int], decay: list[float], gain: list[float], sigma: float,
-            paper: bool) -> torch.Tensor:
-    """A 1-element float32 tensor: the sum of ``(a * d)**2`` over every tensor."""
+            paper: bool, inv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1-element float32 tensor: the sum of ``(a * d)**2`` over every tensor. ``inv_scale``
+    (a 1-element float32 CPU tensor, or None): every gradient is multiplied by it first."""
     return torch.ops.fsam_fused.norm_sq(weights, grads, emas, adaptive, decay, gain, sigma,
-                                        paper)
+                                        paper, inv_scale)
 
 
 def perturb_(weights: list[torch.Tensor], grads: list[torch.Tensor], emas: list[torch.Tensor],
              saved: list[torch.Tensor], sq: torch.Tensor, rho: list[float], adaptive: list[int],
              decay: list[float], gain: list[float], swap: list[int], sigma: float, eps: float,
-             paper: bool) -> None:
+             paper: bool, inv_scale: torch.Tensor | None = None,
+             found: torch.Tensor | None = None) -> None:
     """EMA update, then per tensor: ``swap`` 0 saves an exact copy and writes ``w + e`` in
-    place; 1 writes ``w + e`` into ``saved`` and leaves ``w``. Checks before any write."""
+    place; 1 writes ``w + e`` into ``saved`` and leaves ``w``. Checks before any write.
+    If the sum of ``sq`` is not finite, EMA and weights are left as they are and ``saved``
+    gets an exact copy of ``w`` (either kind); ``found`` (1-element float32, optional) gets
+    1.0 then, else 0.0. ``inv_scale`` as for :func:`norm_sq`."""
     torch.ops.fsam_fused.perturb_(weights, grads, emas, saved, sq, rho, adaptive, decay, gain,
-                                  swap, sigma, eps, paper)
+                                  swap, sigma, eps, paper, inv_scale, found)
 
 
 def restore_(weights: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
@@ -50,13 +55,17 @@ def register_fakes() -> None:
     once per process, by the loader, after the library is loaded."""
 
     @torch.library.register_fake(_LIB + "norm_sq")
-    def _(weights, grads, emas, adaptive, decay, gain, sigma, paper):
-        _no_meta("norm_sq", weights=weights, grads=grads, emas=emas)
+    def _(weights, grads, emas, adaptive, decay, gain, sigma, paper, inv_scale=None):
+        _no_meta("norm_sq", weights=weights, grads=grads, emas=emas,
+                 inv_scale=[] if inv_scale is None else [inv_scale])
         return grads[0].new_empty(1, dtype=torch.float32)
 
     @torch.library.register_fake(_LIB + "perturb_")
-    def _(weights, grads, emas, saved, sq, rho, adaptive, decay, gain, swap, sigma, eps, paper):
-        _no_meta("perturb_", weights=weights, grads=grads, emas=emas, saved=saved, sq=sq)
+    def _(weights, grads, emas, saved, sq, rho, adaptive, decay, gain, swap, sigma, eps, paper,
+          inv_scale=None, found=None):
+        _no_meta("perturb_", weights=weights, grads=grads, emas=emas, saved=saved, sq=sq,
+                 inv_scale=[] if inv_scale is None else [inv_scale],
+                 found=[] if found is None else [found])
         return None
 
     @torch.library.register_fake(_LIB + "restore_")

@@ -36,9 +36,11 @@ class ForeachBackend:
         b.prep = d
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
-    def norm(self, b):
+    def norm(self, b, inv=None):
         d = b.prep
         torch._foreach_copy_(d, b.grads)  # d <- g (up-cast)
+        if inv is not None:
+            torch._foreach_mul_(d, inv.reshape(()))  # unscaled g (.grad is not rewritten)
         if b.emas is not None:
             if b.paper:
                 # d <- g - sigma * (decay * m + gain * g), the updated EMA, expanded so that it
@@ -55,28 +57,38 @@ class ForeachBackend:
             ad = [torch.abs(p) * di if a else di for p, di, a in zip(b.params, d, b.adaptive)]
         return torch.stack(torch._foreach_norm(ad, 2)).float().square(), None
 
-    def perturb(self, b, sq, carry) -> None:
+    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
         ct = opmath(b.dtype)
         d = b.prep
+        total = sq.sum()
+        # Not finite (a non-finite gradient): every write below selects the old value, on
+        # the device (never a multiply by zero: 0 * inf is NaN).
+        ok = torch.isfinite(total)
         torch._foreach_copy_(b.saved, b.params)
         try:
-            self._write_weights(b, d, sq, ct)
+            self._write_weights(b, d, total, ok, ct)
         except BaseException:
             self.restore(b)
             raise
+        if found is not None:
+            found.copy_(~ok)
         if b.emas is not None:  # the last write: m <- decay * m + gain * g
             for decay, gain, idx in b.ema_groups():
                 m = [b.emas[i] for i in idx]
-                low = m[0].dtype != ct  # a 16-bit EMA: compute in ct, round once
-                m_ct = [x.to(ct) for x in m] if low else m
-                torch._foreach_mul_(m_ct, decay)
-                torch._foreach_add_(m_ct, [b.grads[i].to(ct) for i in idx], alpha=gain)
-                if low:
-                    torch._foreach_copy_(m, m_ct)
+                g = [b.grads[i].to(ct) for i in idx]
+                if inv is not None:
+                    g = torch._foreach_mul(g, inv.reshape(()))
+                m_new = torch._foreach_mul([x.to(ct) for x in m], decay)
+                torch._foreach_add_(m_new, g, alpha=gain)
+                for x, y in zip(m, m_new):  # computed in ct, rounded once
+                    if x.dtype == ct:
+                        torch.where(ok, y, x, out=x)
+                    else:
+                        x.copy_(torch.where(ok, y, x))
 
     @staticmethod
-    def _write_weights(b, d, sq, ct) -> None:
-        norm_eps = sq.sum().sqrt() + EPS
+    def _write_weights(b, d, total, ok, ct) -> None:
+        norm_eps = total.sqrt() + EPS
         for i, p in enumerate(b.params):
             if b.adaptive[i]:
                 w = p.to(ct)
@@ -87,11 +99,13 @@ class ForeachBackend:
             scale = (rho / norm_eps).to(ct)
             idx = range(len(d)) if len(rhos) == 1 else [i for i, r in enumerate(b.rhos) if r == rho]
             torch._foreach_mul_([d[i] for i in idx], scale)
+        torch._foreach_add_(d, b.saved)  # e + w (== w + e) in the arithmetic dtype ...
         if ct == b.dtype:
-            torch._foreach_add_(b.params, d)
+            for p, x, s in zip(b.params, d, b.saved):
+                torch.where(ok, x, s, out=p)
         else:
-            torch._foreach_add_(d, b.saved)  # w + e in the arithmetic dtype ...
-            torch._foreach_copy_(b.params, d)  # ... rounded once to the storage dtype
+            for p, x, s in zip(b.params, d, b.saved):  # ... rounded once to the storage dtype
+                p.copy_(torch.where(ok, x, s))
 
     def restore(self, b) -> None:
         torch._foreach_copy_(b.homes, b.saved)

@@ -25,11 +25,14 @@ class ReferenceBackend:
     def prepare(self, b) -> None:
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
-    def norm(self, b):
+    def norm(self, b, inv=None):
         directions, m_news, squares = [], [], []
+        inv0 = inv.reshape(()) if inv is not None else None
         for i, (p, g) in enumerate(zip(b.params, b.grads)):
             ct = opmath(p.dtype)
             g = g.to(ct)
+            if inv0 is not None:
+                g = g * inv0  # unscaled, as GradScaler.unscale_ would (.grad is not rewritten)
             m_new = None
             if b.emas is None:  # sigma == 0: plain SAM, no EMA read or written
                 d = g
@@ -48,9 +51,13 @@ class ReferenceBackend:
         sq = torch.stack(squares) if squares else torch.zeros(1, device=b.device)
         return sq, (directions, m_news)
 
-    def perturb(self, b, sq, carry) -> None:
+    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
         directions, m_news = carry
-        norm = sq.sum().sqrt()
+        total = sq.sum()
+        norm = total.sqrt()
+        # A non-finite sum of squares (a non-finite gradient): select the old values, on
+        # the device; never multiply by zero (0 * inf is NaN).
+        ok = torch.isfinite(total)
         for s, p in zip(b.saved, b.params):
             s.copy_(p)
         try:
@@ -59,13 +66,16 @@ class ReferenceBackend:
                 scale = (b.rhos[i] / (norm + EPS)).to(ct)
                 w = p.to(ct)
                 a2 = w * w if b.adaptive[i] else 1.0
-                p.copy_(w + scale * a2 * d)  # computed in opmath, rounded once to storage
+                # computed in opmath, rounded once to storage
+                p.copy_(torch.where(ok, w + scale * a2 * d, w))
         except BaseException:
             self.restore(b)
             raise
+        if found is not None:
+            found.copy_(~ok)
         if b.emas is not None:  # the last write: nothing after it can fail
             for m, m_new in zip(b.emas, m_news):
-                m.copy_(m_new)
+                m.copy_(torch.where(ok, m_new, m))
 
     def restore(self, b) -> None:
         for p, s in zip(b.homes, b.saved):

@@ -75,14 +75,14 @@ class TritonBackend:
         b.prep = _Prep(ln, torch.empty(ln.n_programs, dtype=torch.float32, device=b.device))
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
-    def norm(self, b):
+    def norm(self, b, inv=None):
         ln = b.prep.launcher  # its static tables are this plan's: one plan at a time
         ln.set_grads(b.grads)  # uploads the gradient addresses only when one has moved
-        ln.norm_partials(b.prep.partials, b.sigma, b.paper)
+        ln.norm_partials(b.prep.partials, b.sigma, b.paper, inv)
         return b.prep.partials, None
 
-    def perturb(self, b, sq, carry) -> None:
-        b.prep.launcher.perturb(sq, b.sigma, EPS, b.paper)
+    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
+        b.prep.launcher.perturb(sq, b.sigma, EPS, b.paper, found, inv)
 
     def restore(self, b) -> None:
         b.prep.launcher.restore()
