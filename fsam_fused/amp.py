@@ -130,3 +130,51 @@ def unscale_and_check(params, inv_scale=None) -> torch.Tensor | None:
         if dev != home:
             found.add_(f.to(home, non_blocking=True))
     return found
+
+
+def base_step(opt, scaler, grad_scale, found_inf) -> None:
+    """The base optimizer's step after the restore, skipped on a non-finite gradient.
+
+    With a GradScaler (``scaler``, and ``grad_scale``/``found_inf`` from ``scaler.step``):
+    a base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
+    AdamW) unscales and skips on the device; any other is unscaled here and skipped after
+    the one synchronisation GradScaler itself makes. Without one, ``skip_nonfinite=True``
+    checks the second pass too (one synchronisation), and a fused base skips on the first
+    pass's flag on the device."""
+    base = opt.base_optimizer
+    first = opt.engine.found
+    device_skip = getattr(base, "_step_supports_amp_scaling", False)
+    if scaler is not None:
+        found = opt._nonfinite = finish(scaler, opt, first, found_inf)
+        if device_skip:
+            _device_step(base, grad_scale, found)
+        else:
+            if grad_scale is not None:
+                unscale_and_check(_params(opt), grad_scale.double().reciprocal().float())
+            if not found.item():  # the one synchronisation GradScaler itself makes
+                base.step()
+    elif opt.skip_nonfinite:
+        second = unscale_and_check(_params(opt))
+        found = first if second is None else \
+            second if first is None else second + first.to(second.device)
+        opt._nonfinite = found
+        if found is None or not found.item():  # the documented synchronisation
+            base.step()
+    elif device_skip and first is not None:
+        _device_step(base, None, first)
+    else:
+        base.step()
+
+
+def _params(opt):
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _device_step(base, grad_scale, found_inf) -> None:
+    """A base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
+    AdamW) unscales and skips on the device: no host synchronisation."""
+    base.grad_scale, base.found_inf = grad_scale, found_inf
+    try:
+        base.step()
+    finally:
+        del base.grad_scale, base.found_inf

@@ -7,39 +7,9 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from . import amp, checkpoint, hparams
+from . import checkpoint, hparams, stepping
 from .buffers import State
 from .engine import Engine
-
-_NO_FIRST_STEP = (
-    "FSAM.step() needs a closure that runs the second forward and backward pass, e.g. "
-    "opt.step(lambda: loss_fn().backward()), or a preceding first_step(). With a GradScaler: "
-    "opt.first_step(zero_grad=True, grad_scaler=scaler) after the first backward, then the "
-    "second backward, then scaler.step(opt). Frameworks that run the only backward inside "
-    "their own closure (Lightning's automatic optimization) need the manual-optimization "
-    "recipe in docs/training-loops.md")
-_STALE = (
-    "FSAM.step(closure) found exactly the gradients the previous step left (no backward "
-    "since): its first_step would perturb along a stale gradient. The closure runs the "
-    "*second* forward and backward; run the first before step(closure). A framework that "
-    "calls step(closure) with the step's only backward in the closure (Lightning's automatic "
-    "optimization) needs manual optimization: docs/training-loops.md")
-_SCALER_CLOSURE = (
-    "scaler.step(opt, closure) is not supported: GradScaler cannot see the closure's "
-    "backward. Use opt.first_step(zero_grad=True, grad_scaler=scaler) after the first "
-    "backward, run the second backward, then scaler.step(opt) and scaler.update()")
-
-
-def _wrapped(opt):
-    """The FSAM inside a wrapper that borrows its class (Lightning's ``LightningOptimizer``
-    has FSAM among its bases but not its ``__dict__``), or None for an FSAM itself: the step
-    methods must run on the optimizer GradScaler and the state know."""
-    if "engine" in opt.__dict__:
-        return None
-    inner = getattr(opt, "optimizer", None)
-    if isinstance(inner, FSAM) and "engine" in inner.__dict__:
-        return inner
-    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
 
 
 class FSAM(Optimizer):
@@ -265,24 +235,7 @@ class FSAM(Optimizer):
             >>> scaler.update()
             >>> opt.zero_grad()
         """
-        inner = _wrapped(self)
-        if inner is not None:
-            return inner.first_step(zero_grad, grad_scaler)
-        if self.engine.inflight is not None:
-            if self._in_closure:
-                raise RuntimeError("the closure passed to step() must run only the second "
-                                   "forward and backward; it called first_step() (step() calls "
-                                   "first_step() and second_step() itself)")
-            raise RuntimeError("first_step() called twice without second_step(): the weights "
-                               "are already perturbed")
-        inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, self)
-        self.engine.first_step(self._config(self), self.param_groups, self.state, inv)
-        self._nonfinite = self.engine.found
-        if grad_scaler is not None:
-            self._scaler = grad_scaler if grad_scaler.is_enabled() else None
-            amp.after_first_step(grad_scaler, self, unscaled)
-        if zero_grad:
-            self.zero_grad()
+        stepping.first_step(self, zero_grad, grad_scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
@@ -290,76 +243,7 @@ class FSAM(Optimizer):
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead (it calls
         ``opt.step()``, which lands here)."""
-        inner = _wrapped(self)
-        if inner is not None:
-            return inner.second_step(zero_grad)
-        self._second_step(None, None)
-        if zero_grad:
-            self.zero_grad()
-
-    def _second_step(self, grad_scale, found_inf):
-        """``grad_scale``/``found_inf``: what ``scaler.step(opt)`` handed ``step()``."""
-        if self._in_closure:
-            raise RuntimeError("the closure passed to step() must run only the second "
-                               "forward and backward; it called second_step() (step() calls "
-                               "first_step() and second_step() itself)")
-        if self.engine.inflight is None:
-            raise RuntimeError("second_step() called before first_step(): there is no "
-                               "perturbation to undo")
-        scaler = self._scaler
-        if scaler is not None and found_inf is None:
-            raise RuntimeError("first_step() took grad_scaler=scaler: finish the step with "
-                               "scaler.step(opt), then scaler.update() (the second pass's "
-                               "gradients are scaled; the weights are still perturbed)")
-        self._scaler = None
-        self.engine.restore()
-        if scaler is None and found_inf is not None:
-            raise RuntimeError("scaler.step(opt) after a first_step() without grad_scaler: "
-                               "the first pass's gradients were scaled. Pass "
-                               "grad_scaler=scaler to first_step(). The weights are restored "
-                               "and the base optimizer did not step")
-        base = self.base_optimizer
-        first = self.engine.found
-        device_skip = getattr(base, "_step_supports_amp_scaling", False)
-        if scaler is not None:
-            found = self._nonfinite = amp.finish(scaler, self, first, found_inf)
-            if device_skip:
-                self._base_step(grad_scale, found)
-            else:
-                if grad_scale is not None:
-                    amp.unscale_and_check(self._params(),
-                                          grad_scale.double().reciprocal().float())
-                if not found.item():  # the one synchronisation GradScaler itself makes
-                    base.step()
-        elif self.skip_nonfinite:
-            second = amp.unscale_and_check(self._params())
-            found = first if second is None else \
-                second if first is None else second + first.to(second.device)
-            self._nonfinite = found
-            if found is None or not found.item():  # the documented synchronisation
-                base.step()
-        elif device_skip and first is not None:
-            self._base_step(None, first)
-        else:
-            base.step()
-        self.engine.leave()
-        # A step taken through first/second_step is a step: tell an LR scheduler attached
-        # to this object (torch's warning about scheduler.step() before optimizer.step()
-        # looks only at optimizer.step, which this path does not call).
-        self._opt_called = True
-
-    def _params(self):
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _base_step(self, grad_scale, found_inf):
-        """A base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
-        AdamW) unscales and skips on the device: no host synchronisation."""
-        base = self.base_optimizer
-        base.grad_scale, base.found_inf = grad_scale, found_inf
-        try:
-            base.step()
-        finally:
-            del base.grad_scale, base.found_inf
+        stepping.second_step(self, zero_grad)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -367,60 +251,15 @@ class FSAM(Optimizer):
 
         The caller has already run the first forward/backward; ``closure`` runs the second
         and its value is returned. If the closure raises, the weights are restored and the
-        first pass's ``.grad`` given back before the error propagates (the EMA keeps this
-        step's update: see ``fsam_fused.engine``). Without a closure, after ``first_step()``,
-        it finishes the step (as ``second_step()``); with a closure, after ``first_step()``
-        (a framework's wrapper around its hooks, e.g. Lightning's), it runs the closure as
-        it is and finishes the step.
-
-        ``step(closure)`` refuses, before anything changes, a step with exactly the
-        gradients the previous step left (the same tensors at the same version counters, on
-        a sample of four; host metadata only): the first backward did not run, as under a
-        framework that calls ``step(closure)`` with the step's only backward inside the
-        closure (``docs/training-loops.md``). A step without any gradient stays valid (a
-        no-op perturbation, then the closure and the base step). Set the
-        attribute ``check_stale_grads = False`` to replay one set of gradients on purpose.
-        (An explicit ``first_step()`` is not checked: tests and benchmarks replay gradients
-        that way.)"""
-        grad_scale, found_inf = amp.from_scaler_step(self)
-        if found_inf is not None:
-            # Called by scaler.step(opt): it deletes the two attributes once step() returns,
-            # not if it raises; then they must not outlive this call.
-            try:
-                if closure is not None:
-                    raise RuntimeError(_SCALER_CLOSURE)
-                if self.engine.inflight is None:
-                    raise RuntimeError(_NO_FIRST_STEP)
-                return self._second_step(grad_scale, found_inf)
-            except BaseException:
-                amp.forget_scaler_step(self)
-                raise
-        if closure is None:
-            if self.engine.inflight is not None:
-                return self.second_step()
-            raise RuntimeError(_NO_FIRST_STEP)
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        if self.engine.inflight is not None and not self._in_closure:
-            try:
-                with torch.enable_grad():
-                    loss = closure()
-            except BaseException:
-                self._scaler = None
-                self.engine.restore()
-                raise
-            self.second_step()
-            return loss
-        if self.check_stale_grads and self.engine.stale():
-            raise RuntimeError(_STALE)
-        self.first_step()
-        self._in_closure = True
-        try:
-            loss = self.engine.second_pass(self.param_groups, closure)
-        finally:
-            self._in_closure = False
-        self.second_step()
-        return loss
+        first pass's ``.grad`` given back (the EMA keeps this step's update: see
+        ``fsam_fused.engine``). After ``first_step()`` it finishes the step: without a
+        closure as ``second_step()`` (this is what ``scaler.step(opt)`` calls), with one (a
+        framework's wrapper, e.g. Lightning's) running it first. It refuses, before anything
+        changes, a step with exactly the gradients the previous step left (a sample of four,
+        by version counter; host metadata only): the first backward did not run, as under
+        Lightning's automatic optimization (``docs/training-loops.md``);
+        ``check_stale_grads = False`` allows replaying gradients on purpose."""
+        return stepping.step(self, closure)
 
 
 class SAM(FSAM):
