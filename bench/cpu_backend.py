@@ -29,10 +29,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
-    records = suite.run(torch.device("cpu"), ["resnet18"], [torch.float32], reps=args.reps,
-                        names={"reference", "foreach", "cpp", "cpp-fixed", "po-foreach",
-                               "po-loop"},
-                        log=lambda msg="", end="\n": print(msg, end=end, flush=True))
+    records = suite.run(
+        torch.device("cpu"),
+        ["resnet18"],
+        [torch.float32],
+        reps=args.reps,
+        names={"reference", "foreach", "cpp", "cpp-fixed", "po-foreach", "po-loop"},
+        log=lambda msg="", end="\n": print(msg, end=end, flush=True),
+    )
     print()
     print(report.terminal_table(records))
     rows = {r["backend"]: r for r in records}
@@ -43,14 +47,20 @@ def main(argv=None):
     best = min(peers, key=lambda r: r["ms"])
     auto = rows["cpp"]
     speedup = best["ms"] / auto["ms"]
-    print(f"\nauto (cpp, double-buffered): {auto['ms']:.2f} ms; best pytorch_optimizer path "
-          f"({best['backend']}): {best['ms']:.2f} ms -> {speedup:.2f}x (goal >= 3x)")
-    print(f"auto: {auto['gbps']:.1f} GB/s of counted traffic = {auto['pct_copy']:.0f}% of the "
-          f"{auto['copy_gbps']:.1f} GB/s copy measured beside it (goal >= 60%)")
+    print(
+        f"\nauto (cpp, double-buffered): {auto['ms']:.2f} ms; best pytorch_optimizer path "
+        f"({best['backend']}): {best['ms']:.2f} ms -> {speedup:.2f}x (goal >= 3x)"
+    )
+    print(
+        f"auto: {auto['gbps']:.1f} GB/s of counted traffic = {auto['pct_copy']:.0f}% of the "
+        f"{auto['copy_gbps']:.1f} GB/s copy measured beside it (goal >= 60%)"
+    )
     fixed = rows["cpp-fixed"]
-    print(f"exact copy (fixed_addresses=True): {fixed['ms']:.2f} ms, "
-          f"{best['ms'] / fixed['ms']:.2f}x the best peer; the double buffer is "
-          f"{fixed['ms'] / auto['ms']:.2f}x faster")
+    print(
+        f"exact copy (fixed_addresses=True): {fixed['ms']:.2f} ms, "
+        f"{best['ms'] / fixed['ms']:.2f}x the best peer; the double buffer is "
+        f"{fixed['ms'] / auto['ms']:.2f}x faster"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -41,8 +41,10 @@ def measure(shapes, moving_grads, reps=200):
 
 
 if __name__ == "__main__":
-    for name, shapes in [("resnet18 (62 tensors)", resnet18_cifar_shapes()),
-                         ("2000 tiny tensors", [(7,)] * 2000)]:
+    for name, shapes in [
+        ("resnet18 (62 tensors)", resnet18_cifar_shapes()),
+        ("2000 tiny tensors", [(7,)] * 2000),
+    ]:
         for moving in (False, True):
             us = measure(shapes, moving)
             print(f"{name:<24} gradients {'move' if moving else 'stay'}: {us:8.0f} us per step")

@@ -32,9 +32,12 @@ def section(paths=None) -> str:
             records = json.load(f)
         r = records[0]
         rel = os.path.relpath(path, os.path.dirname(HERE))
-        parts.append(f"\n**{r['device_name']}** ({r['device']}), torch {r['torch']}, "
-                     f"Triton {r['triton']}, Python {r['python']}"
-                     + (f", {r['date']}" if r.get("date") else "") + f": `{rel}`\n")
+        parts.append(
+            f"\n**{r['device_name']}** ({r['device']}), torch {r['torch']}, "
+            f"Triton {r['triton']}, Python {r['python']}"
+            + (f", {r['date']}" if r.get("date") else "")
+            + f": `{rel}`\n"
+        )
         summary = auto_summary(records)
         if summary:
             parts.append(summary + "\n")
@@ -46,10 +49,12 @@ def section(paths=None) -> str:
             parts.append(f"\n![{rel}]({os.path.relpath(png, os.path.dirname(HERE))})")
         e2e = markdown_e2e(records)
         if e2e:
-            parts.append("\nEnd-to-end F-SAM training step, CIFAR ResNet-18, synthetic batch "
-                         f"({records[-1]['preset']}), SGD base, the two optimizers taking turns "
-                         "step by step; optimizer ms is first_step + second_step, the SGD step "
-                         "included:\n")
+            parts.append(
+                "\nEnd-to-end F-SAM training step, CIFAR ResNet-18, synthetic batch "
+                f"({records[-1]['preset']}), SGD base, the two optimizers taking turns "
+                "step by step; optimizer ms is first_step + second_step, the SGD step "
+                "included:\n"
+            )
             parts.append(e2e)
     parts.append(END)
     return "\n".join(parts)
@@ -75,8 +80,10 @@ def main(argv=None):
         with open(args.check) as f:
             text = f.read()
         if replace(text, new) != text:
-            print(f"{args.check}: the generated section is stale; run "
-                  f"python bench/readme_section.py --write {args.check}")
+            print(
+                f"{args.check}: the generated section is stale; run "
+                f"python bench/readme_section.py --write {args.check}"
+            )
             return 1
     else:
         print(new)

@@ -45,8 +45,9 @@ def _get(preset, dtype, name):
 
 def _record(benchmark, c, shapes, dtype, what):
     nbytes = c.bytes(shapes, dtype) if what == "step" else None
-    benchmark.extra_info.update(device=DEVICE.type, params=sum(map(numel, shapes)),
-                                counted_bytes=nbytes)
+    benchmark.extra_info.update(
+        device=DEVICE.type, params=sum(map(numel, shapes)), counted_bytes=nbytes
+    )
     if nbytes and benchmark.stats:
         benchmark.extra_info["gbps"] = nbytes / benchmark.stats.stats.median / 1e9
 
@@ -59,6 +60,7 @@ def _synced(fn):
         out = fn(*a, **k)
         sync(DEVICE)
         return out
+
     return run
 
 
@@ -72,9 +74,11 @@ def test_step(benchmark, name, preset, dtype):
     if b.prepare is None:
         benchmark(step)
     else:  # a peer whose gradients are reset, untimed, before each step
+
         def setup():
             b.prepare()
             sync(DEVICE)
+
         benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=1)
     _record(benchmark, c, shapes, DTYPES[dtype], "step")
 
@@ -92,6 +96,7 @@ def test_pass(benchmark, name, what, preset, dtype):
         args = setup()
         sync(DEVICE)
         return args
+
     try:
         benchmark.pedantic(_synced(run), setup=synced_setup, rounds=10, warmup_rounds=1)
     finally:

@@ -41,8 +41,10 @@ def progress(total, desc):
     """tqdm if installed (it is not a dependency), else a counter on one line."""
     try:
         from tqdm import tqdm
+
         return tqdm(total=total, desc=desc)
     except ImportError:
+
         class Counter:
             n = 0
 
@@ -52,6 +54,7 @@ def progress(total, desc):
 
             def close(self):
                 print(file=sys.stderr)
+
         return Counter()
 
 
@@ -61,7 +64,7 @@ def split(seed):
     y = torch.tensor(y)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_tr, n_va = int(0.6 * len(y)), int(0.2 * len(y))
-    parts = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
+    parts = perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]
     return [(x[i], y[i]) for i in parts]
 
 
@@ -92,8 +95,13 @@ def run(data, name, noise, seed, epochs, rho=None, lmbda=None, backend="auto"):
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data
     y_noisy = corrupt(y_tr, noise, seed=1000 + seed)
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                              torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
     opt = make_opt(name, net.parameters(), rho, lmbda, backend)
     steps = epochs * -(-len(y_tr) // BATCH)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -111,10 +119,18 @@ def run(data, name, noise, seed, epochs, rho=None, lmbda=None, backend="auto"):
                 loss_fn(net(x), y).backward()
                 opt.second_step(zero_grad=True)
             sched.step()
-    return dict(optimizer=name, noise=noise, seed=seed, rho=rho, lmbda=lmbda, epochs=epochs,
-                train_acc_noisy_labels=accuracy(net, x_tr, y_noisy),
-                train_acc_clean_labels=accuracy(net, x_tr, y_tr),
-                val_acc=accuracy(net, x_va, y_va), test_acc=accuracy(net, x_te, y_te))
+    return dict(
+        optimizer=name,
+        noise=noise,
+        seed=seed,
+        rho=rho,
+        lmbda=lmbda,
+        epochs=epochs,
+        train_acc_noisy_labels=accuracy(net, x_tr, y_noisy),
+        train_acc_clean_labels=accuracy(net, x_tr, y_tr),
+        val_acc=accuracy(net, x_va, y_va),
+        test_acc=accuracy(net, x_te, y_te),
+    )
 
 
 def tune(data, tune_noise, seed, epochs, backend, bar):
@@ -128,7 +144,11 @@ def tune(data, tune_noise, seed, epochs, backend, bar):
             bar.update()
     best = {}
     for name, rho, lmbda in grid:
-        val = [r["val_acc"] for r in runs if (r["optimizer"], r["rho"], r["lmbda"]) == (name, rho, lmbda)]
+        val = [
+            r["val_acc"]
+            for r in runs
+            if (r["optimizer"], r["rho"], r["lmbda"]) == (name, rho, lmbda)
+        ]
         score = sum(val) / len(val)
         if name not in best or score > best[name]["mean_val_acc"]:
             best[name] = dict(rho=rho, lmbda=lmbda, mean_val_acc=score)
@@ -146,8 +166,9 @@ def table(runs, noises, names):
     for name in names:
         cells = []
         for n in noises:
-            m, s = mean_std([100 * r["test_acc"] for r in runs
-                             if r["optimizer"] == name and r["noise"] == n])
+            m, s = mean_std(
+                [100 * r["test_acc"] for r in runs if r["optimizer"] == name and r["noise"] == n]
+            )
             cells.append(f"{m:.2f} ± {s:.2f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -155,14 +176,26 @@ def table(runs, noises, names):
 
 def plot(runs, noises, names, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in names:
-        stats = [mean_std([100 * r["test_acc"] for r in runs
-                           if r["optimizer"] == name and r["noise"] == n]) for n in noises]
-        ax.errorbar([100 * n for n in noises], [m for m, _ in stats], yerr=[s for _, s in stats],
-                    marker="o", capsize=3, label=name)
+        stats = [
+            mean_std(
+                [100 * r["test_acc"] for r in runs if r["optimizer"] == name and r["noise"] == n]
+            )
+            for n in noises
+        ]
+        ax.errorbar(
+            [100 * n for n in noises],
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label=name,
+        )
     ax.set_xlabel("symmetric label noise on the training set (%)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title("digits, MLP: SGD vs SAM vs F-SAM")
@@ -181,8 +214,11 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--backend", default="auto")
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 seed, 2 noise levels, 3 epochs, a 1-point grid")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 seed, 2 noise levels, 3 epochs, a 1-point grid",
+    )
     args = p.parse_args(argv)
     if args.quick:
         global RHO_GRID, LMBDA_GRID
@@ -197,31 +233,50 @@ def main(argv=None):
 
     n_grid = len(args.tune_noise) * len(RHO_GRID) * (1 + len(LMBDA_GRID))
     bar = progress(n_grid + len(args.noise) * len(names) * args.seeds, "runs")
-    tune_runs, best = tune(data, args.tune_noise, seed=100, epochs=args.epochs,
-                           backend=args.backend, bar=bar)
+    tune_runs, best = tune(
+        data, args.tune_noise, seed=100, epochs=args.epochs, backend=args.backend, bar=bar
+    )
     runs = []
     for noise in args.noise:
         for name in names:
             hp = best.get(name, dict(rho=None, lmbda=None))
             for seed in range(args.seeds):
-                runs.append(run(data, name, noise, seed, args.epochs, hp["rho"], hp["lmbda"],
-                                args.backend))
+                runs.append(
+                    run(data, name, noise, seed, args.epochs, hp["rho"], hp["lmbda"], args.backend)
+                )
                 bar.update()
     bar.close()
     elapsed = time.time() - start
 
     md = table(runs, args.noise, names)
     with open(os.path.join(args.out, "label_noise.json"), "w") as f:
-        json.dump(dict(args=vars(args), sigma=SIGMA, lr=LR, momentum=MOMENTUM, weight_decay=WD,
-                       batch=BATCH, rho_grid=RHO_GRID, lmbda_grid=LMBDA_GRID, chosen=best,
-                       tuning_runs=tune_runs, runs=runs, seconds=elapsed,
-                       machine=platform.processor() or platform.machine(),
-                       torch=torch.__version__), f, indent=1)
+        json.dump(
+            dict(
+                args=vars(args),
+                sigma=SIGMA,
+                lr=LR,
+                momentum=MOMENTUM,
+                weight_decay=WD,
+                batch=BATCH,
+                rho_grid=RHO_GRID,
+                lmbda_grid=LMBDA_GRID,
+                chosen=best,
+                tuning_runs=tune_runs,
+                runs=runs,
+                seconds=elapsed,
+                machine=platform.processor() or platform.machine(),
+                torch=torch.__version__,
+            ),
+            f,
+            indent=1,
+        )
     with open(os.path.join(args.out, "label_noise.md"), "w") as f:
-        f.write(f"Test accuracy (%), mean ± std over {args.seeds} seed(s), final epoch.\n"
-                f"Chosen on validation: SAM rho={best['SAM']['rho']}, "
-                f"F-SAM rho={best['F-SAM']['rho']} lmbda={best['F-SAM']['lmbda']} "
-                f"sigma={SIGMA}.\n\n{md}")
+        f.write(
+            f"Test accuracy (%), mean ± std over {args.seeds} seed(s), final epoch.\n"
+            f"Chosen on validation: SAM rho={best['SAM']['rho']}, "
+            f"F-SAM rho={best['F-SAM']['rho']} lmbda={best['F-SAM']['lmbda']} "
+            f"sigma={SIGMA}.\n\n{md}"
+        )
     plot(runs, args.noise, names, os.path.join(args.out, "label_noise.png"))
     print(md)
     print(f"chosen: {best}\n{len(tune_runs) + len(runs)} runs in {elapsed:.0f} s -> {args.out}")

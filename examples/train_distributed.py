@@ -27,9 +27,13 @@ from fsam_fused import FSAM
 
 
 def make_model(width):
-    return torch.nn.Sequential(torch.nn.Linear(32, width), torch.nn.GELU(),
-                               torch.nn.Linear(width, width), torch.nn.GELU(),
-                               torch.nn.Linear(width, 10))
+    return torch.nn.Sequential(
+        torch.nn.Linear(32, width),
+        torch.nn.GELU(),
+        torch.nn.Linear(width, width),
+        torch.nn.GELU(),
+        torch.nn.Linear(width, 10),
+    )
 
 
 def global_batch(step, batch_size, device):
@@ -48,9 +52,13 @@ def seq(groups):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["ddp", "ddp-local", "fsdp"], default="fsdp",
-                    help="ddp: both passes all-reduced; ddp-local: first pass under no_sync() "
-                         "(per-replica perturbation); fsdp: FSDP2 fully_shard")
+    ap.add_argument(
+        "--mode",
+        choices=["ddp", "ddp-local", "fsdp"],
+        default="fsdp",
+        help="ddp: both passes all-reduced; ddp-local: first pass under no_sync() "
+        "(per-replica perturbation); fsdp: FSDP2 fully_shard",
+    )
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=256, help="global batch per step")
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per pass")
@@ -58,7 +66,9 @@ def main():
     ap.add_argument("--backend", default="auto", help="FSAM backend")
     ap.add_argument("--rho", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--checkpoint", default=None, help="directory: save a DCP checkpoint at the end")
+    ap.add_argument(
+        "--checkpoint", default=None, help="directory: save a DCP checkpoint at the end"
+    )
     ap.add_argument("--resume", action="store_true", help="load --checkpoint first")
     args = ap.parse_args()
 
@@ -69,13 +79,13 @@ def main():
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)  # the same initial weights on every rank
     net = make_model(args.width).to(device)
     model, groups = net, [dist.group.WORLD]
     if args.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
+
         for layer in net:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer)
@@ -83,16 +93,27 @@ def main():
         groups += [next(net.parameters()).device_mesh.get_group(0)]
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         model = DDP(net, device_ids=[device.index] if use_cuda else None)
     groups = list({id(g): g for g in groups}.values())
-    opt = FSAM(net.parameters(), torch.optim.SGD, rho=args.rho, sigma=1.0, lmbda=0.9,
-               backend=args.backend, lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    opt = FSAM(
+        net.parameters(),
+        torch.optim.SGD,
+        rho=args.rho,
+        sigma=1.0,
+        lmbda=0.9,
+        backend=args.backend,
+        lr=args.lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
 
     start = 0
     if args.resume:
         import torch.distributed.checkpoint as dcp
 
         from fsam_fused.distributed import init_state
+
         init_state(opt)  # the template the checkpoint is loaded into
         sd = {"model": net.state_dict(), "optim": opt.state_dict(), "step": 0}
         dcp.load(sd, checkpoint_id=args.checkpoint)
@@ -131,17 +152,25 @@ def main():
         ours[-1] += seq(groups) - before
         every.append(seq(groups) - at_start)
         if rank == 0 and (step % 10 == 0 or step == start + args.steps - 1):
-            print(f"step {step:4d}  loss {loss.item():.4f}  optimizer collectives this step: "
-                  f"{ours[-1]}", flush=True)
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  optimizer collectives this step: "
+                f"{ours[-1]}",
+                flush=True,
+            )
     if rank == 0:
-        print(f"{args.mode}, {ws} ranks, backend {[s.backend for s in opt.plan_summary()]}: "
-              f"{args.steps} steps in {time.perf_counter() - t0:.2f} s; collectives issued by "
-              f"FSAM per step: {sorted(set(ours))}, by everything (DDP/FSDP included): "
-              f"{sorted(set(every))}")
+        print(
+            f"{args.mode}, {ws} ranks, backend {[s.backend for s in opt.plan_summary()]}: "
+            f"{args.steps} steps in {time.perf_counter() - t0:.2f} s; collectives issued by "
+            f"FSAM per step: {sorted(set(ours))}, by everything (DDP/FSDP included): "
+            f"{sorted(set(every))}"
+        )
     if args.checkpoint:
         import torch.distributed.checkpoint as dcp
-        dcp.save({"model": net.state_dict(), "optim": opt.state_dict(),
-                  "step": start + args.steps}, checkpoint_id=args.checkpoint)
+
+        dcp.save(
+            {"model": net.state_dict(), "optim": opt.state_dict(), "step": start + args.steps},
+            checkpoint_id=args.checkpoint,
+        )
     dist.barrier()  # every rank done (gloo: no rank may leave while a peer still sends)
     dist.destroy_process_group()
 

@@ -12,6 +12,15 @@ from .engine import BucketSummary
 from .hparams import BACKENDS
 from .optimizer import FSAM, SAM
 
-__all__ = ["FSAM", "SAM", "BACKENDS", "BucketSummary", "ReferenceBackend", "ForeachBackend",
-           "bn_frozen", "disable_running_stats", "enable_running_stats"]
+__all__ = [
+    "FSAM",
+    "SAM",
+    "BACKENDS",
+    "BucketSummary",
+    "ReferenceBackend",
+    "ForeachBackend",
+    "bn_frozen",
+    "disable_running_stats",
+    "enable_running_stats",
+]
 __version__ = "0.1.0"

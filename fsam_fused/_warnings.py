@@ -10,8 +10,10 @@ import warnings
 
 import torch
 
-_SKIP = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-         os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+_SKIP = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
 
 
 def warn_at_caller(message: str, category=RuntimeWarning) -> None:

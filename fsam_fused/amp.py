@@ -46,19 +46,22 @@ def begin(scaler, opt):
     ``scaler.unscale_(opt)`` after the first backward (then the stage is reset once the first
     step succeeded, so the second pass can be unscaled too)."""
     if not isinstance(scaler, GradScaler):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got "
-                        f"{type(scaler).__name__}")
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if not scaler.is_enabled():
         return None, False
     scale = scaler._scale
     if scale is None:
-        raise RuntimeError("grad_scaler: the scaler has no scale yet; call "
-                           "scaler.scale(loss).backward() before opt.first_step(grad_scaler="
-                           "scaler)")
+        raise RuntimeError(
+            "grad_scaler: the scaler has no scale yet; call "
+            "scaler.scale(loss).backward() before opt.first_step(grad_scaler="
+            "scaler)"
+        )
     stage = scaler._per_optimizer_states[id(opt)]["stage"]
     if stage is OptState.STEPPED:
-        raise RuntimeError("grad_scaler: scaler.step() has already been called since the last "
-                           "scaler.update(); call scaler.update() at the end of each step")
+        raise RuntimeError(
+            "grad_scaler: scaler.step() has already been called since the last "
+            "scaler.update(); call scaler.update() at the end of each step"
+        )
     if stage is OptState.UNSCALED:
         return None, True
     return scale.double().reciprocal().float(), False
@@ -69,8 +72,10 @@ def after_first_step(scaler, opt, unscaled: bool) -> None:
     ``scaler.unscale_(opt)`` is forgotten by the scaler (FSAM's own found flag carries its
     inf check to :func:`finish`), so ``unscale_`` may run again for the second pass."""
     if unscaled:
-        scaler._per_optimizer_states[id(opt)] = {"stage": OptState.READY,
-                                                 "found_inf_per_device": {}}
+        scaler._per_optimizer_states[id(opt)] = {
+            "stage": OptState.READY,
+            "found_inf_per_device": {},
+        }
 
 
 def from_scaler_step(opt):
@@ -123,8 +128,11 @@ def unscale_and_check(params, inv_scale=None) -> torch.Tensor | None:
         f = per_dev.get(dev)
         if f is None:
             f = per_dev[dev] = torch.zeros((), dtype=torch.float32, device=dev)
-        inv = (torch.ones((), dtype=torch.float32, device=dev) if inv_scale is None
-               else inv_scale.reshape(()).to(dev, non_blocking=True))
+        inv = (
+            torch.ones((), dtype=torch.float32, device=dev)
+            if inv_scale is None
+            else inv_scale.reshape(()).to(dev, non_blocking=True)
+        )
         torch._amp_foreach_non_finite_check_and_unscale_(grads, f, inv)
     for dev, f in per_dev.items():
         if dev != home:
@@ -155,8 +163,13 @@ def base_step(opt, scaler, grad_scale, found_inf) -> None:
                 base.step()
     elif opt.skip_nonfinite:
         second = unscale_and_check(_params(opt))
-        found = first if second is None else \
-            second if first is None else second + first.to(second.device)
+        found = (
+            first
+            if second is None
+            else second
+            if first is None
+            else second + first.to(second.device)
+        )
         opt._nonfinite = found
         if found is None or not found.item():  # the documented synchronisation
             base.step()

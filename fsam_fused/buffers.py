@@ -46,12 +46,21 @@ def _bumps(name):
     def bumped(self, *args, **kwargs):
         _version[0] += 1
         return method(self, *args, **kwargs)
+
     bumped.__name__ = name
     return bumped
 
 
-_MUTATORS = ("__setitem__", "__delitem__", "clear", "pop", "popitem", "setdefault", "update",
-             "__ior__")
+_MUTATORS = (
+    "__setitem__",
+    "__delitem__",
+    "clear",
+    "pop",
+    "popitem",
+    "setdefault",
+    "update",
+    "__ior__",
+)
 
 
 class Slot(dict):
@@ -77,8 +86,12 @@ class State(defaultdict):
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.device == b.device and a.shape == b.shape
-            and a.stride() == b.stride())
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
 
 
 class Buffers:
@@ -119,10 +132,12 @@ class Buffers:
             check_sharded_ema(m, p)
             ml = m._local_tensor
             if ml.shape != local.shape or ml.device != local.device:
-                raise ValueError(f"the EMA of the DTensor parameter of shape {tuple(p.shape)} "
-                                 f"has a local shard of shape {tuple(ml.shape)} on "
-                                 f"{ml.device}, the parameter's is {tuple(local.shape)} on "
-                                 f"{local.device}")
+                raise ValueError(
+                    f"the EMA of the DTensor parameter of shape {tuple(p.shape)} "
+                    f"has a local shard of shape {tuple(ml.shape)} on "
+                    f"{ml.device}, the parameter's is {tuple(local.shape)} on "
+                    f"{local.device}"
+                )
             if ml.dtype != dtype or ml.stride() != local.stride():
                 ml = torch.empty_like(local, dtype=dtype).copy_(ml)
                 return ml, False, distributed.like(ml, p)
@@ -151,26 +166,40 @@ def check_sharded_ema(m, p, where: str = "") -> None:
     plain tensor is not a DTensor."""
     if distributed.is_dtensor(p):
         if not distributed.is_dtensor(m):
-            raise ValueError(f"the EMA of the DTensor parameter {where or tuple(p.shape)} is a "
-                             f"{type(m).__name__}; it must be a DTensor with the parameter's "
-                             f"placements {tuple(p.placements)} (save and load sharded state "
-                             "with torch.distributed.checkpoint)")
+            raise ValueError(
+                f"the EMA of the DTensor parameter {where or tuple(p.shape)} is a "
+                f"{type(m).__name__}; it must be a DTensor with the parameter's "
+                f"placements {tuple(p.placements)} (save and load sharded state "
+                "with torch.distributed.checkpoint)"
+            )
         if m.device_mesh != p.device_mesh or tuple(m.placements) != tuple(p.placements):
-            raise ValueError(f"the EMA of the DTensor parameter {where or tuple(p.shape)} has "
-                             f"placements {tuple(m.placements)} on {m.device_mesh}, the "
-                             f"parameter {tuple(p.placements)} on {p.device_mesh}")
+            raise ValueError(
+                f"the EMA of the DTensor parameter {where or tuple(p.shape)} has "
+                f"placements {tuple(m.placements)} on {m.device_mesh}, the "
+                f"parameter {tuple(p.placements)} on {p.device_mesh}"
+            )
     elif distributed.is_dtensor(m):
-        raise ValueError(f"the EMA of the plain-tensor parameter {where or tuple(p.shape)} "
-                         "is a DTensor")
+        raise ValueError(
+            f"the EMA of the plain-tensor parameter {where or tuple(p.shape)} is a DTensor"
+        )
 
 
 def check_ema(m, p, where: str = "") -> None:
     """An EMA must be a tensor of its parameter's shape and device, of an EMA dtype."""
     if not torch.is_tensor(m):
-        raise TypeError(f"the EMA of parameter {where or tuple(p.shape)} must be a tensor, got "
-                        f"{type(m).__name__}")
-    if m.shape != p.shape or m.device != p.device or m.dtype not in EMA_DTYPES \
-            or m.layout != torch.strided or m.requires_grad:
-        raise ValueError(f"the EMA of parameter {where or ''} (shape {tuple(p.shape)}, "
-                         f"{p.device}) is a {m.layout} {m.dtype} tensor of shape "
-                         f"{tuple(m.shape)} on {m.device}")
+        raise TypeError(
+            f"the EMA of parameter {where or tuple(p.shape)} must be a tensor, got "
+            f"{type(m).__name__}"
+        )
+    if (
+        m.shape != p.shape
+        or m.device != p.device
+        or m.dtype not in EMA_DTYPES
+        or m.layout != torch.strided
+        or m.requires_grad
+    ):
+        raise ValueError(
+            f"the EMA of parameter {where or ''} (shape {tuple(p.shape)}, "
+            f"{p.device}) is a {m.layout} {m.dtype} tensor of shape "
+            f"{tuple(m.shape)} on {m.device}"
+        )

@@ -16,8 +16,10 @@ def check_new_group(groups, group) -> None:
     """A param group's own rho/adaptive, and no parameter twice (torch only warns about a
     parameter repeated inside one group, whose EMA would then be updated twice)."""
     if "rho" in group or "adaptive" in group:
-        hparams.check_group({"rho": group.get("rho", 0.0),
-                             "adaptive": group.get("adaptive", False)}, " in param group")
+        hparams.check_group(
+            {"rho": group.get("rho", 0.0), "adaptive": group.get("adaptive", False)},
+            " in param group",
+        )
     params = group["params"]
     if isinstance(params, torch.Tensor):
         params = [params]
@@ -28,8 +30,10 @@ def check_new_group(groups, group) -> None:
         ids.update(id(p) for p in g["params"])
     for i, p in enumerate(params):
         if id(p) in ids:
-            raise ValueError(f"parameter {i} of the new param group (shape {tuple(p.shape)}) "
-                             "appears twice in the optimizer; pass each parameter once")
+            raise ValueError(
+                f"parameter {i} of the new param group (shape {tuple(p.shape)}) "
+                "appears twice in the optimizer; pass each parameter once"
+            )
         ids.add(id(p))
 
 
@@ -61,13 +65,17 @@ def check_loadable(opt, sd):
             raise ValueError(f"state_dict has no {key!r} entry: not an FSAM state_dict")
     saved_groups = sd["param_groups"]
     if len(saved_groups) != len(opt.param_groups):
-        raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
-                         f"has {len(opt.param_groups)}")
+        raise ValueError(
+            f"state_dict has {len(saved_groups)} param groups, the optimizer "
+            f"has {len(opt.param_groups)}"
+        )
     id_map, group_of = {}, {}
     for i, (g, sg) in enumerate(zip(opt.param_groups, saved_groups)):
         if len(g["params"]) != len(sg["params"]):
-            raise ValueError(f"param group {i} has {len(g['params'])} parameters, the "
-                             f"state_dict's has {len(sg['params'])}")
+            raise ValueError(
+                f"param group {i} has {len(g['params'])} parameters, the "
+                f"state_dict's has {len(sg['params'])}"
+            )
         hparams.check_group(sg, f" in the state_dict's param group {i}")
         id_map.update(zip(sg["params"], g["params"]))
         group_of.update((pid, i) for pid in sg["params"])
@@ -80,13 +88,16 @@ def check_loadable(opt, sd):
     state = State()
     for pid, s in sd["state"].items():
         if pid not in id_map:
-            raise ValueError(f"state_dict has state for parameter index {pid}, which no "
-                             "param group holds")
+            raise ValueError(
+                f"state_dict has state for parameter index {pid}, which no param group holds"
+            )
         p = id_map[pid]
         where = f"index {pid} (shape {tuple(p.shape)})"
         if not isinstance(s, dict) or set(s) - {"ema"}:
-            raise ValueError(f"the state of parameter {where} must be a dict with at most an "
-                             f"'ema' entry, got {s!r:.200}")
+            raise ValueError(
+                f"the state of parameter {where} must be a dict with at most an "
+                f"'ema' entry, got {s!r:.200}"
+            )
         if "ema" in s:
             check_ema(s["ema"], p, where)
             check_sharded_ema(s["ema"], p, where)
@@ -103,16 +114,20 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
     tensor."""
     if not isinstance(bsd, dict) or "state" not in bsd or "param_groups" not in bsd:
         raise ValueError("state_dict['base_optimizer'] is not an optimizer state_dict")
-    if [len(g["params"]) for g in bsd["param_groups"]] != \
-            [len(g["params"]) for g in opt.param_groups]:
-        raise ValueError("state_dict['base_optimizer'] has param groups of other sizes than "
-                         "the optimizer's")
+    if [len(g["params"]) for g in bsd["param_groups"]] != [
+        len(g["params"]) for g in opt.param_groups
+    ]:
+        raise ValueError(
+            "state_dict['base_optimizer'] has param groups of other sizes than the optimizer's"
+        )
     base_cls = type(opt.base_optimizer)
     structures = {}
     for pid, s in bsd["state"].items():
         if pid not in id_map:
-            raise ValueError(f"state_dict['base_optimizer'] has state for parameter index "
-                             f"{pid}, which no param group holds")
+            raise ValueError(
+                f"state_dict['base_optimizer'] has state for parameter index "
+                f"{pid}, which no param group holds"
+            )
         p = id_map[pid]
         where = f"base optimizer state of parameter index {pid} (shape {tuple(p.shape)})"
         if not isinstance(s, dict):
@@ -122,9 +137,11 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
             structures[gi] = _structure(base_cls, opt.param_groups[gi])
         want = structures[gi]
         if want is not None and set(s) != set(want):
-            raise ValueError(f"the {where} has entries {sorted(s)}, but {base_cls.__name__} "
-                             f"with these settings keeps {sorted(want)}: a state_dict of "
-                             "another optimizer?")
+            raise ValueError(
+                f"the {where} has entries {sorted(s)}, but {base_cls.__name__} "
+                f"with these settings keeps {sorted(want)}: a state_dict of "
+                "another optimizer?"
+            )
         for k, v in s.items():
             if torch.is_tensor(v):
                 if v.device.type == "meta":
@@ -133,8 +150,10 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
                 if full and v.shape != p.shape:
                     raise ValueError(f"the {where} has {k!r} of shape {tuple(v.shape)}")
             elif v is not None and not isinstance(v, (int, float, bool)):
-                raise ValueError(f"the {where} has {k!r} of type {type(v).__name__}, where a "
-                                 "tensor or a number belongs")
+                raise ValueError(
+                    f"the {where} has {k!r} of type {type(v).__name__}, where a "
+                    "tensor or a number belongs"
+                )
 
 
 def load(opt, sd) -> None:

@@ -96,8 +96,10 @@ def build_directory() -> str:
     the CPU capability: a build for a newer CPU must not be reused on an older one, and
     builds for different setups sharing a root never collide."""
     root = os.environ.get("FSAM_FUSED_BUILD_DIR") or os.path.join(
-        os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-            os.path.expanduser("~"), ".cache", "torch_extensions"), "fsam_fused")
+        os.environ.get("TORCH_EXTENSIONS_DIR")
+        or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions"),
+        "fsam_fused",
+    )
     cap = torch.backends.cpu.get_cpu_capability()
     tag = f"torch{torch.__version__}-py{platform.python_version()}-{cap}"
     tag = "".join(c if c.isalnum() or c in ".-_" else "_" for c in tag)
@@ -110,8 +112,10 @@ def _cflags():
     # (the module links the libgomp.so.1 torch has already loaded). -ffp-contract=off: no
     # fused multiply-add, so float32 results match the reference's separately rounded ops.
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    if platform.machine() in ("x86_64", "AMD64") and \
-            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2",
+        "AVX512",
+    ):
         # at::vec's 256-bit implementation (the build tag names the capability, so a cache
         # shared with an older CPU is never reused). Without it Vectorized<float> is a plain
         # array loop and the bfloat16 conversions are scalar: the passes become compute bound.
@@ -133,10 +137,13 @@ def _sha256(path):
 def _fingerprint():
     """What a build depends on. Not the compiler's name: a complete build must stay usable
     with CXX unset or pointing nowhere."""
-    return {"sources": {os.path.basename(s): _sha256(s) for s in _sources()},
-            "cflags": _cflags(), "ldflags": _LDFLAGS,
-            "torch": f"{torch.__version__} {torch.version.git_version}",
-            "python": platform.python_version()}
+    return {
+        "sources": {os.path.basename(s): _sha256(s) for s in _sources()},
+        "cflags": _cflags(),
+        "ldflags": _LDFLAGS,
+        "torch": f"{torch.__version__} {torch.version.git_version}",
+        "python": platform.python_version(),
+    }
 
 
 def _env_seconds(name, default):
@@ -154,6 +161,7 @@ def _env_seconds(name, default):
 
 # ------------------------------------------------------------------ verification
 
+
 def _check(directory):
     """("ok", None), ("missing", None) when nothing was ever built here, or ("bad", what is
     wrong). Reads only: it runs before any lock, in read-only directories too."""
@@ -166,12 +174,18 @@ def _check(directory):
         with open(manifest, encoding="utf-8") as f:
             m = json.load(f)
     except FileNotFoundError:
-        return "bad", (f"cached build {so} has no manifest {_MANIFEST} (an interrupted build, "
-                       "or one by an older fsam_fused)")
+        return "bad", (
+            f"cached build {so} has no manifest {_MANIFEST} (an interrupted build, "
+            "or one by an older fsam_fused)"
+        )
     except (OSError, ValueError) as e:
         return "bad", f"the manifest of cached build {so} is unreadable ({e})"
-    if not (isinstance(m, dict) and isinstance(m.get("size"), int)
-            and isinstance(m.get("sha256"), str) and isinstance(m.get("fingerprint"), dict)):
+    if not (
+        isinstance(m, dict)
+        and isinstance(m.get("size"), int)
+        and isinstance(m.get("sha256"), str)
+        and isinstance(m.get("fingerprint"), dict)
+    ):
         return "bad", f"the manifest of cached build {so} is malformed"
     want = _fingerprint()
     changed = [k for k in want if m["fingerprint"].get(k) != want[k]]
@@ -218,8 +232,7 @@ def _ensure_built() -> str:
         lock = _BuildLock(directory)
         lock.open()
     except OSError as e:
-        raise cannot(f"the build directory {directory} is not writable "
-                     f"({e.strerror or e})") from e
+        raise cannot(f"the build directory {directory} is not writable ({e.strerror or e})") from e
     with lock:
         # Whoever held the lock before may have built it meanwhile; a problem seen before
         # the lock may also have been a build being installed (new .so, manifest not yet).
@@ -259,15 +272,23 @@ def _build_env():
 def _run(args, env, timeout):
     """Runs the child in its own process group, so a timeout kills ninja and the compilers
     with it. Returns (exit status, output)."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, errors="replace",
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the build did not finish within {timeout:g} s "
-                           "(FSAM_FUSED_BUILD_TIMEOUT); stopped it") from None
+        raise RuntimeError(
+            f"the build did not finish within {timeout:g} s (FSAM_FUSED_BUILD_TIMEOUT); stopped it"
+        ) from None
     finally:
         if proc.poll() is None:  # timed out or interrupted
             try:
@@ -290,17 +311,29 @@ def _build(directory):
     fingerprint = _fingerprint()
     staging = tempfile.mkdtemp(prefix=_STAGING, dir=directory)
     try:
-        args = {"name": _NAME, "sources": _sources(), "directory": staging,
-                "cflags": fingerprint["cflags"], "ldflags": fingerprint["ldflags"]}
+        args = {
+            "name": _NAME,
+            "sources": _sources(),
+            "directory": staging,
+            "cflags": fingerprint["cflags"],
+            "ldflags": fingerprint["ldflags"],
+        }
         timeout = _env_seconds("FSAM_FUSED_BUILD_TIMEOUT", 900.0)
         rc, out = _run([sys.executable, "-c", _CHILD, json.dumps(args)], _build_env(), timeout)
         built = os.path.join(staging, _SO)
         if rc != 0 or not os.path.exists(built):
             tail = "\n".join(out.strip().splitlines()[-30:])
-            raise RuntimeError(f"compiling {os.path.basename(args['sources'][0])} failed "
-                               f"(exit status {rc})\n{tail}")
-        manifest = {"format": 1, "so": _SO, "size": os.stat(built).st_size,
-                    "sha256": _sha256(built), "fingerprint": fingerprint}
+            raise RuntimeError(
+                f"compiling {os.path.basename(args['sources'][0])} failed "
+                f"(exit status {rc})\n{tail}"
+            )
+        manifest = {
+            "format": 1,
+            "so": _SO,
+            "size": os.stat(built).st_size,
+            "sha256": _sha256(built),
+            "fingerprint": fingerprint,
+        }
         tmp = os.path.join(staging, _MANIFEST)
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -362,14 +395,20 @@ class _BuildLock:
             if waited >= wait:
                 holder = self._holder()
                 self._close()
-                raise TimeoutError(f"the build lock {self.path} is still held by {holder} "
-                                   f"after {waited:.0f} s (FSAM_FUSED_BUILD_WAIT={wait:g}); "
-                                   "not building")
+                raise TimeoutError(
+                    f"the build lock {self.path} is still held by {holder} "
+                    f"after {waited:.0f} s (FSAM_FUSED_BUILD_WAIT={wait:g}); "
+                    "not building"
+                )
             if not noticed and waited >= self.NOTICE_S:
                 noticed = True
-                warnings.warn(f"fsam_fused: waiting for the C++ build lock {self.path}, held "
-                              f"by {self._holder()}; giving up after {wait:g} s "
-                              "(FSAM_FUSED_BUILD_WAIT)", BuildLockWarning, stacklevel=3)
+                warnings.warn(
+                    f"fsam_fused: waiting for the C++ build lock {self.path}, held "
+                    f"by {self._holder()}; giving up after {wait:g} s "
+                    "(FSAM_FUSED_BUILD_WAIT)",
+                    BuildLockWarning,
+                    stacklevel=3,
+                )
             time.sleep(min(self.POLL_S, max(0.0, wait - waited)))
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
@@ -394,6 +433,7 @@ class _BuildLock:
 
 
 # ------------------------------------------------------------------ loading
+
 
 def load() -> str | None:
     """Load the verified cached build of the extension, building it first if need be, and
@@ -427,6 +467,9 @@ def fallback_warning(reason: str) -> None:
         _warned = True
         from ._warnings import warn_at_caller
 
-        warn_at_caller(f"fsam_fused: the C++ CPU backend is unavailable "
-                       f"({reason.splitlines()[0]}); CPU parameters use backend='foreach' "
-                       "instead", RuntimeWarning)
+        warn_at_caller(
+            f"fsam_fused: the C++ CPU backend is unavailable "
+            f"({reason.splitlines()[0]}); CPU parameters use backend='foreach' "
+            "instead",
+            RuntimeWarning,
+        )

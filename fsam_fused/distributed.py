@@ -53,9 +53,11 @@ def shard_spec(p, where: str = ""):
         if pl.is_shard():  # Shard and FSDP2's _StridedShard
             dims.append(d)
         elif not pl.is_replicate():
-            raise RuntimeError(f"FSAM needs DTensor parameters sharded or replicated on each "
-                               f"mesh dimension, got placements {tuple(placements)} for the "
-                               f"parameter {where}")
+            raise RuntimeError(
+                f"FSAM needs DTensor parameters sharded or replicated on each "
+                f"mesh dimension, got placements {tuple(placements)} for the "
+                f"parameter {where}"
+            )
     groups = tuple(mesh.get_group(d) for d in dims)
     return (mesh, tuple(dims)), groups
 
@@ -64,13 +66,16 @@ def check_grad(p, g, where: str) -> None:
     """A DTensor parameter's gradient must be a DTensor of the same mesh and placements (what
     FSDP2 leaves after its reduce-scatter)."""
     if not is_dtensor(g):
-        raise RuntimeError(f"the gradient of the DTensor parameter {where} is a "
-                           f"{type(g).__name__}, not a DTensor")
+        raise RuntimeError(
+            f"the gradient of the DTensor parameter {where} is a {type(g).__name__}, not a DTensor"
+        )
     if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
-        raise RuntimeError(f"the gradient of the DTensor parameter {where} has placements "
-                           f"{tuple(g.placements)} on {g.device_mesh}, the parameter "
-                           f"{tuple(p.placements)} on {p.device_mesh}: redistribute it to the "
-                           "parameter's placements (a Partial gradient must be reduced first)")
+        raise RuntimeError(
+            f"the gradient of the DTensor parameter {where} has placements "
+            f"{tuple(g.placements)} on {g.device_mesh}, the parameter "
+            f"{tuple(p.placements)} on {p.device_mesh}: redistribute it to the "
+            "parameter's placements (a Partial gradient must be reduced first)"
+        )
 
 
 def like(local: torch.Tensor, p):
@@ -81,8 +86,9 @@ def like(local: torch.Tensor, p):
     ``local``'s."""
     from torch.distributed.tensor import DTensor
 
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 def all_reduce_sum(t: torch.Tensor, groups) -> None:
@@ -124,8 +130,10 @@ def init_state(opt) -> None:
     if opt.engine.inflight is not None:
         raise RuntimeError("init_state(opt) called between first_step() and second_step()")
     if any(len(s) for s in opt.state.values()) or any(opt.base_optimizer.state.values()):
-        raise RuntimeError("init_state(opt) needs an optimizer without state: it makes the "
-                           "template a checkpoint is loaded into")
+        raise RuntimeError(
+            "init_state(opt) needs an optimizer without state: it makes the "
+            "template a checkpoint is loaded into"
+        )
     params = [p for g in opt.param_groups for p in g["params"]]
     if opt.sigma > 0:
         for p in params:

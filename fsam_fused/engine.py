@@ -27,7 +27,8 @@ Failure policy (all-or-nothing):
   KeyboardInterrupt), the weights are restored first, as after a failed second pass (below);
   a handler that only sets a flag, or an ignored SIGINT, lets the step complete. An
   interrupt anywhere else leaves everything as it was.
-* A failed second pass (the closure raising, a non-finite second gradient) restores the
+* A failed second pass (the closure raising; a non-finite second gradient under a GradScaler
+  or ``skip_nonfinite=True``) restores the
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
   update, which saw a valid first gradient: rolling it back would need a second EMA-sized
   buffer for every parameter. ``step(closure)`` also gives back the first pass's ``.grad``.
@@ -165,6 +166,7 @@ class Engine:
     def _select(self, cfg: Config):
         def select(cfg_, device, dtype, ema_dtype, dense):
             return self._backend(backends.select(cfg.backend, device, dtype, ema_dtype, dense))
+
         return select
 
     def plan_for(self, cfg: Config, groups, state) -> Plan:
@@ -174,14 +176,17 @@ class Engine:
             grads = list(map(_GRAD, plan.flat))
             if plan.every:
                 # (take_grads also turns down a None: a parameter without a gradient)
-                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs and \
-                        plan.take_grads(grads):
+                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs and plan.take_grads(
+                    grads
+                ):
                     return plan
             else:
                 have = [i for i, g in enumerate(grads) if g is not None]
-                if have == plan.have and \
-                        [plan.flat[i].data_ptr() for i in have] == plan.ptrs and \
-                        plan.take_grads(grads):
+                if (
+                    have == plan.have
+                    and [plan.flat[i].data_ptr() for i in have] == plan.ptrs
+                    and plan.take_grads(grads)
+                ):
                     return plan
         self.plan = None
         self.buffers.state = state
@@ -316,7 +321,6 @@ class Engine:
                 p.grad = g
             raise
 
-
     def restore(self) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring). Like
         every Engine method, it runs under the caller's ``torch.no_grad()``. SIGINT is held
@@ -340,7 +344,8 @@ class Engine:
             raise RuntimeError(
                 "second_step(): the shape of " + "; ".join(changed) + " changed between "
                 "first_step() and second_step(); every other parameter was restored and the "
-                "base optimizer did not step")
+                "base optimizer did not step"
+            )
         held.deliver()
 
     @staticmethod
@@ -363,15 +368,18 @@ class Engine:
                     else:
                         p.data.as_strided(orig.shape, orig.stride()).copy_(orig)
                 else:
-                    changed.append(f"the parameter planned as shape {tuple(orig.shape)} (now "
-                                   f"{tuple(p.shape)})")
+                    changed.append(
+                        f"the parameter planned as shape {tuple(orig.shape)} (now {tuple(p.shape)})"
+                    )
             elif swapped[i] and (same_place or same_kind):
                 p.data = orig  # the double buffer: the untouched home storage goes back
             else:
                 if not same_kind:
-                    warn_at_caller(f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
-                                   f"{p.dtype} on {p.device} between first_step() and "
-                                   f"second_step(); its saved {orig.dtype} value was cast")
+                    warn_at_caller(
+                        f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
+                        f"{p.dtype} on {p.device} between first_step() and "
+                        f"second_step(); its saved {orig.dtype} value was cast"
+                    )
                 p.data.copy_(orig)
         return changed
 
@@ -387,12 +395,23 @@ class Engine:
             m_dtype = b.emas[0].dtype if b.emas else None
             w = b.dtype.itemsize
             m = m_dtype.itemsize if m_dtype else 0
-            traffic = sum(bytes_per_step(p.numel(), w, m, b.emas is not None, a, s)
-                          for p, a, s in zip(b.params, b.adaptive, swap))
-            out.append(BucketSummary(
-                device=b.device, dtype=b.dtype, backend=b.backend.name, tensors=len(b.params),
-                numel=b.numel, ema_dtype=m_dtype, double_buffered=swap, bytes_per_step=traffic,
-                aligned=getattr(b.prep, "aligned", None)))
+            traffic = sum(
+                bytes_per_step(p.numel(), w, m, b.emas is not None, a, s)
+                for p, a, s in zip(b.params, b.adaptive, swap)
+            )
+            out.append(
+                BucketSummary(
+                    device=b.device,
+                    dtype=b.dtype,
+                    backend=b.backend.name,
+                    tensors=len(b.params),
+                    numel=b.numel,
+                    ema_dtype=m_dtype,
+                    double_buffered=swap,
+                    bytes_per_step=traffic,
+                    aligned=getattr(b.prep, "aligned", None),
+                )
+            )
         return out
 
     def backend_for(self, p) -> str | None:

@@ -57,8 +57,10 @@ def check_ema_order(order) -> str:
 
 def check_ema_dtype(dtype) -> torch.dtype | None:
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in EMA_DTYPES):
-        raise ValueError(f"Invalid ema_dtype: {dtype!r} (None for the default, or one of "
-                         "torch.float32, torch.bfloat16, torch.float16, torch.float64)")
+        raise ValueError(
+            f"Invalid ema_dtype: {dtype!r} (None for the default, or one of "
+            "torch.float32, torch.bfloat16, torch.float16, torch.float64)"
+        )
     return dtype
 
 
@@ -70,8 +72,10 @@ def check_flag(name: str, value) -> bool:
 
 def check_group(group: dict, where: str = "") -> tuple[float, bool]:
     """(rho, adaptive) of a param group (or of the defaults when ``where`` is empty)."""
-    return (number(f"rho{where}", group["rho"], 0.0),
-            check_flag(f"adaptive{where}", group["adaptive"]))
+    return (
+        number(f"rho{where}", group["rho"], 0.0),
+        check_flag(f"adaptive{where}", group["adaptive"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,8 @@ def config(sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, groups)
         backend=check_backend(backend),
         ema_dtype=check_ema_dtype(ema_dtype),
         fixed_addresses=check_flag("fixed_addresses", fixed_addresses),
-        groups=tuple(check_group(g, f" in param group {i}") for i, g in enumerate(groups)))
+        groups=tuple(check_group(g, f" in param group {i}") for i, g in enumerate(groups)),
+    )
 
 
 class ConfigCache:
@@ -116,12 +121,16 @@ class ConfigCache:
         self._raw, self._cfg = None, None
 
     def __call__(self, opt) -> Config:
-        a = (opt.sigma, opt.lmbda, opt.ema_order, opt.backend, opt.ema_dtype,
-             opt.fixed_addresses)
+        a = (opt.sigma, opt.lmbda, opt.ema_order, opt.backend, opt.ema_dtype, opt.fixed_addresses)
         # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
-        raw = (a, tuple(map(type, a)),
-               [(g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
-                for g in opt.param_groups])
+        raw = (
+            a,
+            tuple(map(type, a)),
+            [
+                (g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
+                for g in opt.param_groups
+            ],
+        )
         try:
             same = raw == self._raw
         except (RuntimeError, TypeError, ValueError):  # e.g. a tensor compared with a float

@@ -83,20 +83,38 @@ class FSAM(Optimizer):
     # found_inf (opt.grad_scale, opt.found_inf) and calls opt.step(): see fsam_fused.amp.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, base_optimizer, rho=0.05, sigma=1.0, lmbda=0.9, adaptive=False,
-                 *, ema_order="official", backend="auto", ema_dtype=None, fixed_addresses=False,
-                 skip_nonfinite=False, **base_kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho=0.05,
+        sigma=1.0,
+        lmbda=0.9,
+        adaptive=False,
+        *,
+        ema_order="official",
+        backend="auto",
+        ema_dtype=None,
+        fixed_addresses=False,
+        skip_nonfinite=False,
+        **base_kwargs,
+    ):
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
             if isinstance(base_optimizer, Optimizer):
-                raise TypeError("base_optimizer must be the optimizer class (e.g. "
-                                "torch.optim.SGD), not an instance: FSAM builds it on its own "
-                                "param groups")
+                raise TypeError(
+                    "base_optimizer must be the optimizer class (e.g. "
+                    "torch.optim.SGD), not an instance: FSAM builds it on its own "
+                    "param groups"
+                )
             if not callable(base_optimizer):
-                raise TypeError("base_optimizer must be a torch.optim.Optimizer class such as "
-                                f"torch.optim.SGD, got {base_optimizer!r}")
+                raise TypeError(
+                    "base_optimizer must be a torch.optim.Optimizer class such as "
+                    f"torch.optim.SGD, got {base_optimizer!r}"
+                )
         defaults = {"rho": rho, "adaptive": adaptive}
-        cfg = hparams.config(sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses,
-                             [defaults])
+        cfg = hparams.config(
+            sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, [defaults]
+        )
         self.sigma, self.lmbda, self.ema_order = cfg.sigma, cfg.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
@@ -109,8 +127,10 @@ class FSAM(Optimizer):
         super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(base, Optimizer):
-            raise TypeError(f"base_optimizer(...) must return a torch.optim.Optimizer, "
-                            f"got {type(base).__name__}")
+            raise TypeError(
+                f"base_optimizer(...) must return a torch.optim.Optimizer, "
+                f"got {type(base).__name__}"
+            )
         self.base_optimizer = base
         self.state = State()  # records changes, so a plan sees an EMA set by hand
         # One list of group dicts for both: schedulers and add_param_group act on both.
@@ -133,8 +153,10 @@ class FSAM(Optimizer):
 
     def _refuse_mid_step(self, what):
         if self.engine.inflight is not None:
-            raise RuntimeError(f"{what} between first_step() and second_step(): the weights are "
-                               "perturbed; call second_step() first")
+            raise RuntimeError(
+                f"{what} between first_step() and second_step(): the weights are "
+                "perturbed; call second_step() first"
+            )
 
     def state_dict(self):
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
@@ -144,8 +166,12 @@ class FSAM(Optimizer):
         # Plain dicts, so torch.load(weights_only=True) reads them (Slot is an internal type).
         sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
         sd["base_optimizer"] = self.base_optimizer.state_dict()
-        sd["fsam"] = {"version": checkpoint.VERSION, "sigma": self.sigma, "lmbda": self.lmbda,
-                      "ema_order": self.ema_order}
+        sd["fsam"] = {
+            "version": checkpoint.VERSION,
+            "sigma": self.sigma,
+            "lmbda": self.lmbda,
+            "ema_order": self.ema_order,
+        }
         return sd
 
     def load_state_dict(self, state_dict):
@@ -158,8 +184,11 @@ class FSAM(Optimizer):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("engine", "_config", "_scaler", "_nonfinite")}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("engine", "_config", "_scaler", "_nonfinite")
+        }
 
     def __setstate__(self, st):
         super().__setstate__(st)
@@ -281,8 +310,25 @@ class SAM(FSAM):
         >>> loss = opt.step(closure)
     """
 
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *, backend="auto",
-                 fixed_addresses=False, **base_kwargs):
-        super().__init__(params, base_optimizer, rho=rho, sigma=0.0, lmbda=0.0,
-                         adaptive=adaptive, backend=backend, fixed_addresses=fixed_addresses,
-                         **base_kwargs)
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho=0.05,
+        adaptive=False,
+        *,
+        backend="auto",
+        fixed_addresses=False,
+        **base_kwargs,
+    ):
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            sigma=0.0,
+            lmbda=0.0,
+            adaptive=adaptive,
+            backend=backend,
+            fixed_addresses=fixed_addresses,
+            **base_kwargs,
+        )

@@ -104,12 +104,15 @@ class Bucket:
             if self.owners is not None:
                 # DTensor gradients: their local shards, if the placements are the planned
                 # ones and every parameter still has the local shard it was planned with.
-                if list(map(_PLACEMENTS, grads)) != self.grad_placements \
-                        or not all(map(is_, map(_LOCAL, self.owners), self.params)):
+                if list(map(_PLACEMENTS, grads)) != self.grad_placements or not all(
+                    map(is_, map(_LOCAL, self.owners), self.params)
+                ):
                     return False
                 grads = list(map(_LOCAL, grads))
-            if set(map(_DTYPE, grads)) != self._dtype_set \
-                    or list(map(torch.Tensor.size, grads)) != self.sizes:
+            if (
+                set(map(_DTYPE, grads)) != self._dtype_set
+                or list(map(torch.Tensor.size, grads)) != self.sizes
+            ):
                 return False
             if self.contiguous:
                 if not all(map(torch.Tensor.is_contiguous, grads)):
@@ -190,22 +193,24 @@ def check_param(gi, pi, p, g) -> None:
     if p.layout != torch.strided:
         raise RuntimeError(f"FSAM needs dense (strided) parameters {where}")
     if p.is_complex():
-        raise RuntimeError(f"FSAM does not support complex parameters {where}; "
-                           "use torch.view_as_real")
+        raise RuntimeError(
+            f"FSAM does not support complex parameters {where}; use torch.view_as_real"
+        )
     if not p.is_floating_point():
         raise RuntimeError(f"FSAM needs floating-point parameters {where}")
     if p.device.type == "meta":
         raise RuntimeError(f"FSAM cannot step meta parameters {where}")
     if torch._debug_has_internal_overlap(p) == 1:
-        raise RuntimeError(f"parameter {where} has overlapping elements (e.g. made by expand()); "
-                           "an in-place update of it is ill-defined")
+        raise RuntimeError(
+            f"parameter {where} has overlapping elements (e.g. made by expand()); "
+            "an in-place update of it is ill-defined"
+        )
     if g.is_sparse or g.layout != torch.strided:
         raise RuntimeError(f"FSAM does not support sparse gradients {where}")
     if g.dtype != p.dtype:
         raise RuntimeError(f"gradient dtype {g.dtype} does not match the parameter {where}")
     if g.shape != p.shape:
-        raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match the parameter "
-                           f"{where}")
+        raise RuntimeError(f"gradient shape {tuple(g.shape)} does not match the parameter {where}")
     if g.device != p.device:
         raise RuntimeError(f"gradient device {g.device} does not match the parameter {where}")
 
@@ -232,8 +237,10 @@ def check_no_aliasing(named) -> None:
     spans.sort(key=lambda x: (str(x[2]), x[0]))
     for a, b in zip(spans, spans[1:]):
         if a[2] == b[2] and b[0] < a[1]:
-            raise RuntimeError(f"{a[3]} and {b[3]} share memory; FSAM needs every parameter "
-                               "(and gradient) in storage of its own")
+            raise RuntimeError(
+                f"{a[3]} and {b[3]} share memory; FSAM needs every parameter "
+                "(and gradient) in storage of its own"
+            )
 
 
 def build(cfg: Config, groups, select, buffers) -> Plan:
@@ -249,8 +256,10 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
     for gi, (group, (rho, adaptive)) in enumerate(zip(groups, cfg.groups)):
         for pi, p in enumerate(group["params"]):
             if id(p) in seen:
-                raise RuntimeError(f"parameter {_where(gi, pi, p)} is also {seen[id(p)]}: a "
-                                   "parameter may appear only once in an FSAM optimizer")
+                raise RuntimeError(
+                    f"parameter {_where(gi, pi, p)} is also {seen[id(p)]}: a "
+                    "parameter may appear only once in an FSAM optimizer"
+                )
             seen[id(p)] = f"param group {gi}, parameter {pi}"
             flat.append(p)
             g = p.grad
@@ -268,8 +277,9 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
                 key, groups = distributed.shard_spec(p, where)
                 p, g = p._local_tensor, g._local_tensor
             elif distributed.is_dtensor(g):
-                raise RuntimeError(f"the gradient of the plain-tensor parameter "
-                                   f"{_where(gi, pi, p)} is a DTensor")
+                raise RuntimeError(
+                    f"the gradient of the plain-tensor parameter {_where(gi, pi, p)} is a DTensor"
+                )
             check_param(gi, pi, p, g)
             named.append((f"parameter {_where(gi, pi, p)}", p))
             named.append((f"the gradient of parameter {_where(gi, pi, p)}", g))
@@ -277,11 +287,16 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             b = buckets.get(bkey)
             if b is None:
                 b = buckets[bkey] = Bucket(
-                    device=p.device, dtype=p.dtype, sigma=cfg.sigma, paper=cfg.paper,
+                    device=p.device,
+                    dtype=p.dtype,
+                    sigma=cfg.sigma,
+                    paper=cfg.paper,
                     emas=[] if cfg.has_ema else None,
                     # FSDP2 all-gathers from the local shards' storage: never swap it.
                     fixed_addresses=cfg.fixed_addresses or key is not None,
-                    groups=groups, reduce_key=key)
+                    groups=groups,
+                    reduce_key=key,
+                )
                 if key is not None:
                     b.owners, b.grad_placements = [], []
             if b.owners is not None:
@@ -295,9 +310,10 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             b.adaptive.append(adaptive)
     buckets = list(buckets.values())
     for b in buckets:
-        dense = all(dense_format(p) is not None and
-                    g.is_contiguous(memory_format=dense_format(p))
-                    for p, g in zip(b.params, b.grads))
+        dense = all(
+            dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
+            for p, g in zip(b.params, b.grads)
+        )
         b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
     new_emas = {}
     for b in buckets:
@@ -326,7 +342,13 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
     for b in buckets:
         b.homes = [p.detach() for p in b.params]
         b.backend.prepare(b)
-    return Plan(key=(), flat=flat, have=have, ptrs=[flat[i].data_ptr() for i in have],
-                buckets=buckets, commit=commit, new_emas=new_emas,
-                every=len(buckets) == 1 and len(have) == len(flat))
-
+    return Plan(
+        key=(),
+        flat=flat,
+        have=have,
+        ptrs=[flat[i].data_ptr() for i in have],
+        buckets=buckets,
+        commit=commit,
+        new_emas=new_emas,
+        every=len(buckets) == 1 and len(have) == len(flat),
+    )

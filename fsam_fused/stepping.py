@@ -34,11 +34,14 @@ def first_step(opt, zero_grad, grad_scaler):
         return inner.first_step(zero_grad, grad_scaler)
     if opt.engine.inflight is not None:
         if opt._in_closure:
-            raise RuntimeError("the closure passed to step() must run only the second "
-                               "forward and backward; it called first_step() (step() calls "
-                               "first_step() and second_step() itself)")
-        raise RuntimeError("first_step() called twice without second_step(): the weights "
-                           "are already perturbed")
+            raise RuntimeError(
+                "the closure passed to step() must run only the second "
+                "forward and backward; it called first_step() (step() calls "
+                "first_step() and second_step() itself)"
+            )
+        raise RuntimeError(
+            "first_step() called twice without second_step(): the weights are already perturbed"
+        )
     inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, opt)
     opt.engine.first_step(opt._config(opt), opt.param_groups, opt.state, inv)
     opt._nonfinite = opt.engine.found
@@ -63,24 +66,31 @@ def finish(opt, grad_scale, found_inf):
     """Restore, then the base step (or its skip); ``grad_scale``/``found_inf``: what
     ``scaler.step(opt)`` handed ``step()``, or None."""
     if opt._in_closure:
-        raise RuntimeError("the closure passed to step() must run only the second "
-                           "forward and backward; it called second_step() (step() calls "
-                           "first_step() and second_step() itself)")
+        raise RuntimeError(
+            "the closure passed to step() must run only the second "
+            "forward and backward; it called second_step() (step() calls "
+            "first_step() and second_step() itself)"
+        )
     if opt.engine.inflight is None:
-        raise RuntimeError("second_step() called before first_step(): there is no "
-                           "perturbation to undo")
+        raise RuntimeError(
+            "second_step() called before first_step(): there is no perturbation to undo"
+        )
     scaler = opt._scaler
     if scaler is not None and found_inf is None:
-        raise RuntimeError("first_step() took grad_scaler=scaler: finish the step with "
-                           "scaler.step(opt), then scaler.update() (the second pass's "
-                           "gradients are scaled; the weights are still perturbed)")
+        raise RuntimeError(
+            "first_step() took grad_scaler=scaler: finish the step with "
+            "scaler.step(opt), then scaler.update() (the second pass's "
+            "gradients are scaled; the weights are still perturbed)"
+        )
     opt._scaler = None
     opt.engine.restore()
     if scaler is None and found_inf is not None:
-        raise RuntimeError("scaler.step(opt) after a first_step() without grad_scaler: "
-                           "the first pass's gradients were scaled. Pass "
-                           "grad_scaler=scaler to first_step(). The weights are restored "
-                           "and the base optimizer did not step")
+        raise RuntimeError(
+            "scaler.step(opt) after a first_step() without grad_scaler: "
+            "the first pass's gradients were scaled. Pass "
+            "grad_scaler=scaler to first_step(). The weights are restored "
+            "and the base optimizer did not step"
+        )
     amp.base_step(opt, scaler, grad_scale, found_inf)
     opt.engine.leave()
     # A step taken through first/second_step is a step: tell an LR scheduler attached

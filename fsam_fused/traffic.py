@@ -16,8 +16,14 @@ weights: 26 and 20.
 from __future__ import annotations
 
 
-def bytes_per_step(numel: int, w_bytes: int, m_bytes: int = 4, has_ema: bool = True,
-                   adaptive: bool = False, double_buffered: bool = False) -> int:
+def bytes_per_step(
+    numel: int,
+    w_bytes: int,
+    m_bytes: int = 4,
+    has_ema: bool = True,
+    adaptive: bool = False,
+    double_buffered: bool = False,
+) -> int:
     """Bytes one F-SAM step moves for ``numel`` parameters of one bucket."""
     ema = m_bytes if has_ema else 0
     norm = w_bytes + ema + (w_bytes if adaptive else 0)

@@ -85,8 +85,7 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
 @triton.jit
-def _ptr(tab, t, NCOL: tl.constexpr, COL: tl.constexpr, DT: tl.constexpr,
-         ALIGNED: tl.constexpr):
+def _ptr(tab, t, NCOL: tl.constexpr, COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
     p = tl.load(tab + t * NCOL + COL).to(tl.pointer_type(DT))
     if ALIGNED:
         # The hint must sit on the pointer itself: a hint on the integer is lost in the cast.
@@ -145,9 +144,23 @@ def _store(p, offs, x, n, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
-              HAS_EMA: tl.constexpr, PAPER: tl.constexpr, ADAPTIVE: tl.constexpr,
-              MASKED: tl.constexpr, UNSCALE: tl.constexpr):
+def _sq_block(
+    g_p,
+    m_p,
+    w_p,
+    offs,
+    n,
+    decay,
+    gain,
+    adapt,
+    sigma,
+    inv,
+    HAS_EMA: tl.constexpr,
+    PAPER: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE: tl.constexpr,
+):
     g = _load(g_p, offs, n, MASKED).to(tl.float32)
     if UNSCALE:
         g = g * inv  # a GradScaler's 1/scale, as its unscale_ would apply it
@@ -162,10 +175,28 @@ def _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
 
 
 @triton.jit
-def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok, inv,
-                   W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
-                   PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, MASKED: tl.constexpr,
-                   UNSCALE: tl.constexpr):
+def _perturb_block(
+    g_p,
+    m_p,
+    w_p,
+    s_p,
+    offs,
+    n,
+    decay,
+    gain,
+    adapt,
+    sigma,
+    scale,
+    ok,
+    inv,
+    W_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    HAS_EMA: tl.constexpr,
+    PAPER: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    MASKED: tl.constexpr,
+    UNSCALE: tl.constexpr,
+):
     g = _load(g_p, offs, n, MASKED).to(tl.float32)
     if UNSCALE:
         g = g * inv
@@ -196,9 +227,19 @@ def _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale
 
 
 @triton.jit
-def _chunk(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.constexpr,
-           M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr, ALIGNED: tl.constexpr,
-           CHUNK: tl.constexpr):
+def _chunk(
+    ptr_tab,
+    grad_tab,
+    numel_tab,
+    chunk_tab,
+    scal_tab,
+    c,
+    W_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    HAS_EMA: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Everything a pass needs of chunk ``c``: its length, the pointers to its first element
     in w, g, m and saved, and its tensor's scalars. (A pass that ignores some of them costs
     nothing: unused loads are dead code.)"""
@@ -219,10 +260,26 @@ def _chunk(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE: tl.con
 
 
 @triton.jit
-def _norm_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_chunks, sigma,
-                 inv_ptr, W_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
-                 PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr, UNSCALE: tl.constexpr):
+def _norm_kernel(
+    ptr_tab,
+    grad_tab,
+    numel_tab,
+    chunk_tab,
+    scal_tab,
+    part_ptr,
+    n_chunks,
+    sigma,
+    inv_ptr,
+    W_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    HAS_EMA: tl.constexpr,
+    PAPER: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    UNSCALE: tl.constexpr,
+):
     pid = tl.program_id(0)
     inv = 1.0
     if UNSCALE:
@@ -230,27 +287,85 @@ def _norm_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, part_ptr, n_
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(pid, n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, _, _, adapt, decay, gain = _chunk(
-            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA,
-            ALIGNED, CHUNK)
+            ptr_tab,
+            grad_tab,
+            numel_tab,
+            chunk_tab,
+            scal_tab,
+            c,
+            W_DTYPE,
+            M_DTYPE,
+            HAS_EMA,
+            ALIGNED,
+            CHUNK,
+        )
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
-            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
-                             HAS_EMA, PAPER, ADAPTIVE, False, UNSCALE)
+            acc += _sq_block(
+                g_p,
+                m_p,
+                w_p,
+                offs,
+                n,
+                decay,
+                gain,
+                adapt,
+                sigma,
+                inv,
+                HAS_EMA,
+                PAPER,
+                ADAPTIVE,
+                False,
+                UNSCALE,
+            )
         if n_full < n:
             offs = n_full + tl.arange(0, BLOCK)
-            acc += _sq_block(g_p, m_p, w_p, offs, n, decay, gain, adapt, sigma, inv,
-                             HAS_EMA, PAPER, ADAPTIVE, True, UNSCALE)
+            acc += _sq_block(
+                g_p,
+                m_p,
+                w_p,
+                offs,
+                n,
+                decay,
+                gain,
+                adapt,
+                sigma,
+                inv,
+                HAS_EMA,
+                PAPER,
+                ADAPTIVE,
+                True,
+                UNSCALE,
+            )
     tl.store(part_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _perturb_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n_sq, n_chunks,
-                    sigma, eps, inv_ptr, found_ptr, W_DTYPE: tl.constexpr,
-                    M_DTYPE: tl.constexpr, HAS_EMA: tl.constexpr,
-                    PAPER: tl.constexpr, ADAPTIVE: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, RBLOCK: tl.constexpr,
-                    UNSCALE: tl.constexpr):
+def _perturb_kernel(
+    ptr_tab,
+    grad_tab,
+    numel_tab,
+    chunk_tab,
+    scal_tab,
+    sq_ptr,
+    n_sq,
+    n_chunks,
+    sigma,
+    eps,
+    inv_ptr,
+    found_ptr,
+    W_DTYPE: tl.constexpr,
+    M_DTYPE: tl.constexpr,
+    HAS_EMA: tl.constexpr,
+    PAPER: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    UNSCALE: tl.constexpr,
+):
     # Global norm: the same loads and the same reduction tree in every program.
     tot = tl.zeros([RBLOCK], dtype=tl.float32)
     for j in range(0, n_sq, RBLOCK):
@@ -268,28 +383,97 @@ def _perturb_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, sq_ptr, n
 
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         n, w_p, g_p, m_p, s_p, rho, adapt, decay, gain = _chunk(
-            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, M_DTYPE, HAS_EMA,
-            ALIGNED, CHUNK)
+            ptr_tab,
+            grad_tab,
+            numel_tab,
+            chunk_tab,
+            scal_tab,
+            c,
+            W_DTYPE,
+            M_DTYPE,
+            HAS_EMA,
+            ALIGNED,
+            CHUNK,
+        )
         scale = tl.div_rn(rho, norm + eps)
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
-            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok,
-                           inv, W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, False, UNSCALE)
+            _perturb_block(
+                g_p,
+                m_p,
+                w_p,
+                s_p,
+                offs,
+                n,
+                decay,
+                gain,
+                adapt,
+                sigma,
+                scale,
+                ok,
+                inv,
+                W_DTYPE,
+                M_DTYPE,
+                HAS_EMA,
+                PAPER,
+                ADAPTIVE,
+                False,
+                UNSCALE,
+            )
         if n_full < n:
             offs = n_full + tl.arange(0, BLOCK)
-            _perturb_block(g_p, m_p, w_p, s_p, offs, n, decay, gain, adapt, sigma, scale, ok,
-                           inv, W_DTYPE, M_DTYPE, HAS_EMA, PAPER, ADAPTIVE, True, UNSCALE)
+            _perturb_block(
+                g_p,
+                m_p,
+                w_p,
+                s_p,
+                offs,
+                n,
+                decay,
+                gain,
+                adapt,
+                sigma,
+                scale,
+                ok,
+                inv,
+                W_DTYPE,
+                M_DTYPE,
+                HAS_EMA,
+                PAPER,
+                ADAPTIVE,
+                True,
+                UNSCALE,
+            )
 
 
 @triton.jit
-def _restore_kernel(ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, n_chunks,
-                    W_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def _restore_kernel(
+    ptr_tab,
+    grad_tab,
+    numel_tab,
+    chunk_tab,
+    scal_tab,
+    n_chunks,
+    W_DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     for c in range(tl.program_id(0), n_chunks, tl.num_programs(0)):
         n, w_p, _, _, s_p, _, _, _, _ = _chunk(
-            ptr_tab, grad_tab, numel_tab, chunk_tab, scal_tab, c, W_DTYPE, W_DTYPE, False,
-            ALIGNED, CHUNK)
+            ptr_tab,
+            grad_tab,
+            numel_tab,
+            chunk_tab,
+            scal_tab,
+            c,
+            W_DTYPE,
+            W_DTYPE,
+            False,
+            ALIGNED,
+            CHUNK,
+        )
         n_full = (n // BLOCK) * BLOCK
         for i in range(0, n_full, BLOCK):
             offs = i + tl.arange(0, BLOCK)
@@ -330,7 +514,9 @@ class MultiTensorFSAM:
         if w_dtype not in _TL_DTYPES:
             raise TypeError(f"Triton F-SAM kernels support {SUPPORTED_DTYPES}, got {w_dtype}")
         if m_dtype not in _TL_DTYPES:
-            raise TypeError(f"Triton F-SAM kernels keep the EMA in {SUPPORTED_DTYPES}, got {m_dtype}")
+            raise TypeError(
+                f"Triton F-SAM kernels keep the EMA in {SUPPORTED_DTYPES}, got {m_dtype}"
+            )
         self.device = torch.device(device)
         self.w_dtype, self.m_dtype = w_dtype, m_dtype
         self.max_programs = max_programs(self.device)
@@ -340,8 +526,10 @@ class MultiTensorFSAM:
 
     def set_static(self, weights, emas, saved, scalars) -> None:
         has_ema = emas is not None
-        ptrs = [[w.data_ptr(), m.data_ptr() if has_ema else 0, s.data_ptr()]
-                for w, m, s in zip(weights, emas if has_ema else weights, saved)]
+        ptrs = [
+            [w.data_ptr(), m.data_ptr() if has_ema else 0, s.data_ptr()]
+            for w, m, s in zip(weights, emas if has_ema else weights, saved)
+        ]
         numels = [w.numel() for w in weights]
         key = (ptrs, numels, scalars)
         if key == self._static_key:
@@ -384,12 +572,19 @@ class MultiTensorFSAM:
         return dict(num_warps=NUM_WARPS, maxnreg=MAXNREG, enable_fp_fusion=False)
 
     def _flags(self):
-        return dict(W_DTYPE=_TL_DTYPES[self.w_dtype], M_DTYPE=_TL_DTYPES[self.m_dtype],
-                    HAS_EMA=self.has_ema, ADAPTIVE=self.any_adaptive, ALIGNED=self.aligned,
-                    BLOCK=BLOCK, CHUNK=CHUNK)
+        return dict(
+            W_DTYPE=_TL_DTYPES[self.w_dtype],
+            M_DTYPE=_TL_DTYPES[self.m_dtype],
+            HAS_EMA=self.has_ema,
+            ADAPTIVE=self.any_adaptive,
+            ALIGNED=self.aligned,
+            BLOCK=BLOCK,
+            CHUNK=CHUNK,
+        )
 
-    def norm_partials(self, out: torch.Tensor, sigma: float, paper: bool,
-                      inv_scale: torch.Tensor | None = None) -> None:
+    def norm_partials(
+        self, out: torch.Tensor, sigma: float, paper: bool, inv_scale: torch.Tensor | None = None
+    ) -> None:
         """Write ``self.n_programs`` float32 partial sums of squares into ``out``.
         ``inv_scale``: a 1-element float32 device tensor every gradient is multiplied by
         (a GradScaler's 1/scale), or None (a separate kernel without the multiply)."""
@@ -397,12 +592,30 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _norm_kernel[(self.n_programs,)](
-                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, out,
-                self.n_chunks, sigma, out if inv_scale is None else inv_scale, PAPER=paper,
-                UNSCALE=inv_scale is not None, **self._launch_opts(), **self._flags())
+                self.ptr_tab,
+                self.grad_tab,
+                self.numel_tab,
+                self.chunk_tab,
+                self.scal_tab,
+                out,
+                self.n_chunks,
+                sigma,
+                out if inv_scale is None else inv_scale,
+                PAPER=paper,
+                UNSCALE=inv_scale is not None,
+                **self._launch_opts(),
+                **self._flags(),
+            )
 
-    def perturb(self, sq: torch.Tensor, sigma: float, eps: float, paper: bool,
-                found: torch.Tensor, inv_scale: torch.Tensor | None = None) -> None:
+    def perturb(
+        self,
+        sq: torch.Tensor,
+        sigma: float,
+        eps: float,
+        paper: bool,
+        found: torch.Tensor,
+        inv_scale: torch.Tensor | None = None,
+    ) -> None:
         """Update the EMA, save the weights and write ``w + e``; ``sq`` holds partial sums of
         squares whose total is the squared global norm. If that total is not finite, the
         weights and the EMA keep their bits (the saved copy is still written). ``found``
@@ -412,10 +625,24 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _perturb_kernel[(self.n_programs,)](
-                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab, sq,
-                sq.numel(), self.n_chunks, sigma, eps, found if inv_scale is None else inv_scale,
-                found, PAPER=paper, RBLOCK=RBLOCK, UNSCALE=inv_scale is not None,
-                **self._launch_opts(), **self._flags())
+                self.ptr_tab,
+                self.grad_tab,
+                self.numel_tab,
+                self.chunk_tab,
+                self.scal_tab,
+                sq,
+                sq.numel(),
+                self.n_chunks,
+                sigma,
+                eps,
+                found if inv_scale is None else inv_scale,
+                found,
+                PAPER=paper,
+                RBLOCK=RBLOCK,
+                UNSCALE=inv_scale is not None,
+                **self._launch_opts(),
+                **self._flags(),
+            )
 
     def restore(self) -> None:
         """Copy the saved values back into the weights (the tables of the last step)."""
@@ -423,6 +650,15 @@ class MultiTensorFSAM:
             return
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
-                self.ptr_tab, self.grad_tab, self.numel_tab, self.chunk_tab, self.scal_tab,
-                self.n_chunks, W_DTYPE=_TL_DTYPES[self.w_dtype], ALIGNED=self.aligned, BLOCK=BLOCK,
-                CHUNK=CHUNK, **self._launch_opts())
+                self.ptr_tab,
+                self.grad_tab,
+                self.numel_tab,
+                self.chunk_tab,
+                self.scal_tab,
+                self.n_chunks,
+                W_DTYPE=_TL_DTYPES[self.w_dtype],
+                ALIGNED=self.aligned,
+                BLOCK=BLOCK,
+                CHUNK=CHUNK,
+                **self._launch_opts(),
+            )

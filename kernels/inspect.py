@@ -41,12 +41,33 @@ _ELEM_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
 _TABLES = {"ptr_tab": "*i64", "grad_tab": "*i64", "numel_tab": "*i64", "chunk_tab": "*i32"}
 # (kernel function, runtime signature, stores parameter-sized data)
 KERNELS = {
-    "norm": (K._norm_kernel, {**_TABLES, "scal_tab": "*fp32", "part_ptr": "*fp32",
-                              "n_chunks": "i32", "sigma": "fp32", "inv_ptr": "*fp32"}, False),
-    "perturb": (K._perturb_kernel, {**_TABLES, "scal_tab": "*fp32", "sq_ptr": "*fp32",
-                                    "n_sq": "i32", "n_chunks": "i32", "sigma": "fp32",
-                                    "eps": "fp32", "inv_ptr": "*fp32",
-                                    "found_ptr": "*fp32"}, True),
+    "norm": (
+        K._norm_kernel,
+        {
+            **_TABLES,
+            "scal_tab": "*fp32",
+            "part_ptr": "*fp32",
+            "n_chunks": "i32",
+            "sigma": "fp32",
+            "inv_ptr": "*fp32",
+        },
+        False,
+    ),
+    "perturb": (
+        K._perturb_kernel,
+        {
+            **_TABLES,
+            "scal_tab": "*fp32",
+            "sq_ptr": "*fp32",
+            "n_sq": "i32",
+            "n_chunks": "i32",
+            "sigma": "fp32",
+            "eps": "fp32",
+            "inv_ptr": "*fp32",
+            "found_ptr": "*fp32",
+        },
+        True,
+    ),
     "restore": (K._restore_kernel, {**_TABLES, "scal_tab": "*fp32", "n_chunks": "i32"}, True),
 }
 
@@ -69,8 +90,9 @@ def compile_kernel(kernel: str, dtype_name: str, target: str):
     constexprs = _constexprs(kernel, DTYPES[dtype_name])
     signature = {**sig, **{k: "constexpr" for k in constexprs}}
     src = ASTSource(fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
-                          options=K.MultiTensorFSAM._launch_opts())
+    return triton.compile(
+        src, target=GPUTarget("cuda", TARGETS[target], 32), options=K.MultiTensorFSAM._launch_opts()
+    )
 
 
 _ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[A-Za-z0-9_:]+)*?(?:\.v(\d))?\.(?:b|f|u|s)(\d+)\b")
@@ -95,8 +117,9 @@ def widest(ptx: str, op: str, elem_bits: int):
 def _cuobjdump() -> str:
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"cuobjdump not found at {path}: Triton's NVIDIA backend "
-                                "binaries are missing")
+        raise FileNotFoundError(
+            f"cuobjdump not found at {path}: Triton's NVIDIA backend binaries are missing"
+        )
     return path
 
 
@@ -105,8 +128,12 @@ def resources(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:\d+\s+LOCAL:(\d+)", out)
     if not m:
         raise RuntimeError(f"unexpected cuobjdump output:\n{out}")
@@ -121,26 +148,33 @@ def inspect_all() -> list[dict]:
                 c = compile_kernel(kernel, dtype_name, target)
                 ptx = c.asm["ptx"]
                 regs, spills = resources(c.asm["cubin"])
-                records.append({
-                    "kernel": kernel,
-                    "target": target,
-                    "dtype": dtype_name,
-                    "hot_load_bits": widest(ptx, "ld", _ELEM_BITS[dtype_name]),
-                    "hot_store_bits": widest(ptx, "st", _ELEM_BITS[dtype_name]) if stores else None,
-                    "registers": regs,
-                    "spills": spills,
-                })
+                records.append(
+                    {
+                        "kernel": kernel,
+                        "target": target,
+                        "dtype": dtype_name,
+                        "hot_load_bits": widest(ptx, "ld", _ELEM_BITS[dtype_name]),
+                        "hot_store_bits": widest(ptx, "st", _ELEM_BITS[dtype_name])
+                        if stores
+                        else None,
+                        "registers": regs,
+                        "spills": spills,
+                    }
+                )
     return records
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fsam_fused.kernels.inspect",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m fsam_fused.kernels.inspect", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--json", action="store_true", help="print JSON records (default: a table)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("inspect: unset TRITON_INTERPRET; the interpreter cannot compile kernels",
-              file=sys.stderr)
+        print(
+            "inspect: unset TRITON_INTERPRET; the interpreter cannot compile kernels",
+            file=sys.stderr,
+        )
         return 2
     records = inspect_all()
     if args.json:

@@ -11,8 +11,9 @@ if not torch.cuda.is_available():
 
 # The CUDA parameter carries the `cuda` marker, so `pytest -m cuda` (bench/gpu_check.sh) runs
 # every test on CUDA tensors and nothing else.
-DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)]
-                     if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + (
+    [pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else []
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,4 +36,5 @@ def _double_buffer_small_tensors(monkeypatch):
     the whole matrix runs that path ("cpp-fixed" runs the exact copy); test_cpp checks the
     size threshold itself."""
     from fsam_fused.backends import cpp
+
     monkeypatch.setattr(cpp, "SWAP_MIN_NUMEL", 1)

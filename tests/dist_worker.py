@@ -91,6 +91,7 @@ class Recorder:
 
     def close(self):
         import fsam_fused.reduce as reduce
+
         reduce.combine = self._orig
 
 
@@ -120,6 +121,7 @@ class DTensorOps:
 
 def full(t):
     from fsam_fused.distributed import is_dtensor
+
     return (t.full_tensor() if is_dtensor(t) else t).detach().cpu().clone()
 
 
@@ -149,12 +151,10 @@ def run_errors(job, rank, ws, device, out):
         msgs["ema"] = str(e)
     # A DTensor parameter given a new local shard between steps (FSDP2's
     # reset_sharded_param does this): the next step perturbs the new one, not the old.
-    v = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2, device=device), mesh,
-                                             [Shard(0)]))
+    v = torch.nn.Parameter(distribute_tensor(torch.ones(4, 2, device=device), mesh, [Shard(0)]))
     opt = make_opt([v], dict(job))
     for i in range(3):
-        v.grad = distribute_tensor(torch.full((4, 2), i + 1.0, device=device), mesh,
-                                   v.placements)
+        v.grad = distribute_tensor(torch.full((4, 2), i + 1.0, device=device), mesh, v.placements)
         opt.first_step()
         opt.second_step()
     old = v._local_tensor
@@ -190,8 +190,7 @@ def run_job(job, rank, ws, device, out):
             fully_shard(net, mesh=mesh)  # fc2 and scale sharded by the root
     elif mode in ("ddp_sync", "ddp_local"):
         model = DDP(net)
-    plain = [p for p in net.parameters()
-             if not hasattr(p, "placements")] if mode == "fsdp" else []
+    plain = [p for p in net.parameters() if not hasattr(p, "placements")] if mode == "fsdp" else []
     opt = make_opt(net.parameters(), job)
     start = 0
     if job.get("load"):
@@ -209,8 +208,11 @@ def run_job(job, rank, ws, device, out):
                 for i, (a, b) in enumerate(zip(mx, my)):
                     last = i == accum - 1
                     synced = mode != "ddp_local" or second
-                    ctx = model.no_sync() if isinstance(model, DDP) and not (synced and last) \
+                    ctx = (
+                        model.no_sync()
+                        if isinstance(model, DDP) and not (synced and last)
                         else _null()
+                    )
                     if mode == "fsdp" and accum > 1:  # FSDP2: reduce-scatter the last only
                         net.set_requires_gradient_sync(last)
                     with ctx:
@@ -239,12 +241,23 @@ def run_job(job, rank, ws, device, out):
                 save_checkpoint(job["save"], net, opt, step + 1)
     finally:
         rec.close()
-    ema = {n: full(opt.state[p]["ema"]) for n, p in net.named_parameters()
-           if "ema" in opt.state.get(p, {})}
-    torch.save({"traj": traj, "norms": rec.norms, "collectives": collectives, "ema": ema,
-                "dtensor_ops": dtensor_ops, "plans": plans,
-                "summary": [(s.backend, s.tensors) for s in opt.plan_summary()]},
-               os.path.join(out, f"{job['name']}.rank{rank}.pt"))
+    ema = {
+        n: full(opt.state[p]["ema"])
+        for n, p in net.named_parameters()
+        if "ema" in opt.state.get(p, {})
+    }
+    torch.save(
+        {
+            "traj": traj,
+            "norms": rec.norms,
+            "collectives": collectives,
+            "ema": ema,
+            "dtensor_ops": dtensor_ops,
+            "plans": plans,
+            "summary": [(s.backend, s.tensors) for s in opt.plan_summary()],
+        },
+        os.path.join(out, f"{job['name']}.rank{rank}.pt"),
+    )
 
 
 class _null:
@@ -257,14 +270,17 @@ class _null:
 
 def save_checkpoint(path, net, opt, step):
     import torch.distributed.checkpoint as dcp
-    dcp.save({"model": net.state_dict(), "optim": opt.state_dict(), "step": step},
-             checkpoint_id=path)
+
+    dcp.save(
+        {"model": net.state_dict(), "optim": opt.state_dict(), "step": step}, checkpoint_id=path
+    )
 
 
 def load_checkpoint(path, net, opt):
     import torch.distributed.checkpoint as dcp
 
     from fsam_fused.distributed import init_state
+
     init_state(opt)
     sd = {"model": net.state_dict(), "optim": opt.state_dict(), "step": 0}
     dcp.load(sd, checkpoint_id=path)
@@ -283,16 +299,21 @@ def main():
     # As tests/conftest.py does in-process: the C++ backend would double-buffer tensors of
     # any size, so the sharded buckets' forced exact-copy path is what keeps FSDP2 working.
     from fsam_fused.backends import cpp
+
     cpp.SWAP_MIN_NUMEL = 1
     if kind == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    dist.init_process_group("nccl" if kind == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
-                            rank=rank, world_size=ws, timeout=datetime.timedelta(seconds=60),
-                            **({"device_id": device} if kind == "cuda" else {}))
+    dist.init_process_group(
+        "nccl" if kind == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+        rank=rank,
+        world_size=ws,
+        timeout=datetime.timedelta(seconds=60),
+        **({"device_id": device} if kind == "cuda" else {}),
+    )
     try:
         for job in json.load(open(jobs_file)):
             run_job(job, rank, ws, device, out)

@@ -30,6 +30,7 @@ def backend_available(backend: str, device) -> None:
         if device.type != "cpu":
             pytest.skip("the C++ backend takes CPU tensors")
         from fsam_fused import cpp_build
+
         # A compiler and ninja are part of the test set-up: a failed build is a failure.
         reason = cpp_build.load()
         assert reason is None, f"the C++ backend did not build: {reason}"
@@ -44,6 +45,7 @@ def require_triton():
     numpy) is a failure, not a reason to skip. Elsewhere the Triton tests are skipped."""
     if sys.platform.startswith("linux"):
         import triton  # noqa: F401
+
         if os.environ.get("TRITON_INTERPRET") == "1":
             import numpy  # noqa: F401
     else:
@@ -67,8 +69,7 @@ class SmallNet(torch.nn.Module):
         """Two param groups with different rho."""
         return [
             {"params": [*self.fc1.parameters(), *self.norm.parameters()]},
-            {"params": [*self.fc2.parameters(), self.unused], "rho": 2 * rho,
-             "adaptive": adaptive},
+            {"params": [*self.fc2.parameters(), self.unused], "rho": 2 * rho, "adaptive": adaptive},
         ]
 
 
@@ -81,24 +82,48 @@ def batches(seed, steps, dtype=torch.float32, device="cpu"):
     """Fresh random data for every step."""
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        yield (torch.randn(16, 10, generator=g).to(device, dtype),
-               torch.randn(16, 5, generator=g).to(device, dtype))
+        yield (
+            torch.randn(16, 10, generator=g).to(device, dtype),
+            torch.randn(16, 5, generator=g).to(device, dtype),
+        )
 
 
 def loss_of(net, x, y):
     return torch.nn.functional.mse_loss(net(x).float(), y.float())
 
 
-def trajectory(backend, *, seed=0, steps=5, dtype=torch.float32, device="cpu", base="sgd",
-               rho=0.1, sigma=1.0, lmbda=0.6, adaptive=False, ema_order="official",
-               net=None, opt_kwargs=None):
+def trajectory(
+    backend,
+    *,
+    seed=0,
+    steps=5,
+    dtype=torch.float32,
+    device="cpu",
+    base="sgd",
+    rho=0.1,
+    sigma=1.0,
+    lmbda=0.6,
+    adaptive=False,
+    ema_order="official",
+    net=None,
+    opt_kwargs=None,
+):
     """Run `steps` F-SAM steps with the explicit first/second-step API; return a snapshot per
     step: the perturbed weights, the final weights and the EMA of every parameter."""
     net = net if net is not None else make_net(seed, dtype, device)
     cls, kw = BASES[base]
-    opt = FSAM(net.groups(rho, adaptive), cls, rho=rho, sigma=sigma, lmbda=lmbda,
-               adaptive=adaptive, ema_order=ema_order, **opt_args(backend),
-               **(opt_kwargs or {}), **kw)
+    opt = FSAM(
+        net.groups(rho, adaptive),
+        cls,
+        rho=rho,
+        sigma=sigma,
+        lmbda=lmbda,
+        adaptive=adaptive,
+        ema_order=ema_order,
+        **opt_args(backend),
+        **(opt_kwargs or {}),
+        **kw,
+    )
     snaps = []
     for x, y in batches(seed + 1, steps, dtype, device):
         loss_of(net, x, y).backward()
@@ -106,12 +131,16 @@ def trajectory(backend, *, seed=0, steps=5, dtype=torch.float32, device="cpu", b
         perturbed = [p.detach().clone() for p in net.parameters()]
         loss_of(net, x, y).backward()
         opt.second_step(zero_grad=True)
-        snaps.append({
-            "perturbed": perturbed,
-            "weights": [p.detach().clone() for p in net.parameters()],
-            "ema": [opt.state[p]["ema"].clone() if "ema" in opt.state.get(p, {}) else None
-                    for p in net.parameters()],
-        })
+        snaps.append(
+            {
+                "perturbed": perturbed,
+                "weights": [p.detach().clone() for p in net.parameters()],
+                "ema": [
+                    opt.state[p]["ema"].clone() if "ema" in opt.state.get(p, {}) else None
+                    for p in net.parameters()
+                ],
+            }
+        )
     return snaps, net, opt
 
 
@@ -125,8 +154,12 @@ def assert_snapshots_close(got, want, rtol, atol, what=""):
                     continue
                 assert a is not None, f"{what} step {step} {key}[{i}]: missing EMA"
                 torch.testing.assert_close(
-                    a.float(), b.float(), rtol=rtol, atol=atol,
-                    msg=lambda m: f"{what} step {step} {key}[{i}]: {m}")
+                    a.float(),
+                    b.float(),
+                    rtol=rtol,
+                    atol=atol,
+                    msg=lambda m: f"{what} step {step} {key}[{i}]: {m}",
+                )
 
 
 def close_to_reference(got, want, dtype, what):
@@ -136,12 +169,14 @@ def close_to_reference(got, want, dtype, what):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
     else:
         eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=1e-30,
-                                   msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=eps, atol=1e-30, msg=lambda m: f"{what}: {m}"
+        )
 
 
-def check_against_reference(make_params, dtype, backend, device="cpu", steps=3,
-                            adaptive=False, seed=0):
+def check_against_reference(
+    make_params, dtype, backend, device="cpu", steps=3, adaptive=False, seed=0
+):
     """Step a fused optimizer and a reference twin on the same fresh gradients, comparing
     after each half step. The saved-copy buffers are poisoned with NaN first, so an element
     a kernel fails to write shows up; the weights' own bits must survive the perturbation
@@ -168,11 +203,11 @@ def check_against_reference(make_params, dtype, backend, device="cpu", steps=3,
         opt_r.first_step()
         for i, (p, r) in enumerate(zip(ps, ps_r)):
             close_to_reference(p.detach(), r.detach(), dtype, f"step {step} perturbed[{i}]")
-            kept = homes[i] if p.data_ptr() != homes[i].data_ptr() else \
-                opt.engine.buffers.saved[p]
+            kept = homes[i] if p.data_ptr() != homes[i].data_ptr() else opt.engine.buffers.saved[p]
             assert torch.equal(kept, before[i]), f"step {step}: weights [{i}] not kept exactly"
-            close_to_reference(opt.state[p]["ema"], opt_r.state[r]["ema"], torch.float32,
-                               f"step {step} ema[{i}]")
+            close_to_reference(
+                opt.state[p]["ema"], opt_r.state[r]["ema"], torch.float32, f"step {step} ema[{i}]"
+            )
         fresh_grads()
         opt.second_step()
         opt_r.second_step()
@@ -189,5 +224,6 @@ def lowp_yardstick(got, ref32, lowp, dtype, scale):
     torch_err = (lowp.float() - ref32.float()).abs().max().item()
     floor = torch.finfo(dtype).eps * scale
     assert err <= 2 * torch_err + floor, (
-        f"{dtype}: error {err:.3g} > 2 x torch's {torch_err:.3g} + floor {floor:.3g}")
+        f"{dtype}: error {err:.3g} > 2 x torch's {torch_err:.3g} + floor {floor:.3g}"
+    )
     return err, torch_err

@@ -31,8 +31,9 @@ def _backend_for(backend, device):
 
 def _opt(net, backend, base, **kw):
     cls, args = BASES[base]
-    return FSAM(net.parameters(), cls, rho=0.1, sigma=1.0, lmbda=0.6, **opt_args(backend),
-                **args, **kw)
+    return FSAM(
+        net.parameters(), cls, rho=0.1, sigma=1.0, lmbda=0.6, **opt_args(backend), **args, **kw
+    )
 
 
 def _autocast(device, dtype):
@@ -51,8 +52,10 @@ def _weights(net):
 
 
 def _same_bits(a, b):
-    return all(torch.equal(x.view(torch.uint8) if x.dim() else x, y.view(torch.uint8)
-                           if y.dim() else y) for x, y in zip(a, b))
+    return all(
+        torch.equal(x.view(torch.uint8) if x.dim() else x, y.view(torch.uint8) if y.dim() else y)
+        for x, y in zip(a, b)
+    )
 
 
 def _state(opt):
@@ -116,13 +119,14 @@ def test_fp16_scaler_recipe_matches_unscaled_and_fp32_runs(backend, base, device
     opt = _opt(net, backend, base)
     opt_ref = _opt(ref, "reference", base)
     opt_32 = _opt(f32, "reference", base)
-    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 10,
-                                  growth_interval=1000)
+    scaler = torch.amp.GradScaler(
+        torch.device(device).type, init_scale=2.0**10, growth_interval=1000
+    )
     for x, y in batches(2, steps, device=device):
         recipe_step(net, opt, scaler, x, y, device, torch.float16)
         plain_step(ref, opt_ref, x, y, device, torch.float16)
         plain_step(f32, opt_32, x, y, device, None)
-    assert scaler.get_scale() == 2.0 ** 10, "no step may have been skipped"
+    assert scaler.get_scale() == 2.0**10, "no step may have been skipped"
     for p, q, r in zip(net.parameters(), ref.parameters(), f32.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p, r, rtol=0, atol=5e-4)  # fp16 forward vs fp32 (3e-5)
@@ -143,8 +147,10 @@ def test_unscale_after_each_backward_is_the_same_recipe(backend, device):
     a, b = make_net(3, device=device), make_net(3, device=device)
     oa, ob = _opt(a, backend, "sgd"), _opt(b, backend, "sgd")
     dev = torch.device(device).type
-    sa, sb = torch.amp.GradScaler(dev, init_scale=256.0), torch.amp.GradScaler(dev,
-                                                                               init_scale=256.0)
+    sa, sb = (
+        torch.amp.GradScaler(dev, init_scale=256.0),
+        torch.amp.GradScaler(dev, init_scale=256.0),
+    )
     for x, y in batches(4, 3, device=device):
         recipe_step(a, oa, sa, x, y, device, torch.float16)
         recipe_step(b, ob, sb, x, y, device, torch.float16, unscale=True)
@@ -167,7 +173,7 @@ def test_nonfinite_pass_with_scaler_skips_the_step(which, backend, base, value, 
     net = make_net(5, device=device)
     opt = _opt(net, backend, base)
     dev = torch.device(device).type
-    scaler = torch.amp.GradScaler(dev, init_scale=2.0 ** 10, backoff_factor=0.5)
+    scaler = torch.amp.GradScaler(dev, init_scale=2.0**10, backoff_factor=0.5)
     data = list(batches(6, 3, device=device))
     recipe_step(net, opt, scaler, *data[0], device, torch.float16)  # EMA, momentum exist
     w0, st0, scale0 = _weights(net), _state(opt), scaler.get_scale()
@@ -193,23 +199,25 @@ def test_nonfinite_pass_with_scaler_skips_the_step(which, backend, base, value, 
         # The base optimizer's state is unchanged; the EMA kept this step's update, from
         # the valid first gradient (docs/training-loops.md).
         base_keys = {k for k in st0 if k[0] == "base"}
-        assert all(torch.equal(st[k], st0[k]) if torch.is_tensor(st0[k]) else st[k] == st0[k]
-                   for k in base_keys)
+        assert all(
+            torch.equal(st[k], st0[k]) if torch.is_tensor(st0[k]) else st[k] == st0[k]
+            for k in base_keys
+        )
         params = list(net.parameters())
         for key, m0 in st0.items():
             i, k = key[0], key[-1]
             if key[0] != "base" and k == "ema":
                 p = list(opt.state)[i]
                 g = next(g for q, g in zip(params, g_first) if q is p).float() / scale0
-                torch.testing.assert_close(st[key], 0.6 * m0 + 0.4 * g, rtol=1e-6,
-                                           atol=1e-7)
+                torch.testing.assert_close(st[key], 0.6 * m0 + 0.4 * g, rtol=1e-6, atol=1e-7)
     assert opt.found_nonfinite().item() >= 1.0
     scaler.update()
     assert scaler.get_scale() == scale0 * 0.5, "the scale must back off exactly once"
     opt.zero_grad()
     recipe_step(net, opt, scaler, *data[2], device, torch.float16)
-    assert not _same_bits(_weights(net), w0) and all(torch.isfinite(p).all()
-                                                     for p in net.parameters())
+    assert not _same_bits(_weights(net), w0) and all(
+        torch.isfinite(p).all() for p in net.parameters()
+    )
     assert scaler.get_scale() == scale0 * 0.5
 
 
@@ -220,9 +228,13 @@ def test_nonfinite_first_pass_without_scaler(backend, value, device):
     steps on the second gradient (taken at w), skip_nonfinite=True skips any base."""
     _backend_for(backend, device)
     data = list(batches(8, 2, device=device))
-    for base, skip, steps_base in [("sgd_fused", False, False), ("adamw_fused", False, False),
-                                   ("sgd", False, True), ("sgd", True, False),
-                                   ("adam", True, False)]:
+    for base, skip, steps_base in [
+        ("sgd_fused", False, False),
+        ("adamw_fused", False, False),
+        ("sgd", False, True),
+        ("sgd", True, False),
+        ("adam", True, False),
+    ]:
         net = make_net(7, device=device)
         opt = _opt(net, backend, base, skip_nonfinite=skip)
         plain_step(net, opt, *data[0], device, None)
@@ -298,6 +310,7 @@ class _NoSync:
 
         def boom(*a, **k):
             raise AssertionError("host synchronisation (a tensor's value read on the host)")
+
         for n in self.NAMES:
             setattr(torch.Tensor, n, boom)
         return self
@@ -314,7 +327,7 @@ def test_no_host_sync_with_a_device_skipping_base(backend, device):
     net = make_net(12, device=device)
     opt = _opt(net, backend, "adamw_fused")
     dev = torch.device(device).type
-    scaler = torch.amp.GradScaler(dev, init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler(dev, init_scale=2.0**10)
     data = list(batches(13, 3, device=device))
     recipe_step(net, opt, scaler, *data[0], device, torch.float16)  # plans, builds, warms up
     x, y = data[1]
@@ -356,7 +369,7 @@ def test_scaler_misuse_is_a_clear_error(device):
     net = make_net(14, device=device)
     opt = _opt(net, "auto", "sgd")
     scaler = torch.amp.GradScaler(dev)
-    (x, y), = batches(15, 1, device=device)
+    ((x, y),) = batches(15, 1, device=device)
     scaler.scale(loss_of(net, x, y)).backward()
     w0, st0 = _weights(net), _state(opt)
     with pytest.raises(RuntimeError, match="is not supported"):
@@ -405,6 +418,7 @@ def test_gradscaler_internals_we_rely_on():
     import inspect
 
     from torch.amp.grad_scaler import OptState
+
     s = torch.amp.GradScaler("cpu", init_scale=4.0)
     p = torch.nn.Parameter(torch.ones(2))
     o = torch.optim.SGD([p], lr=0.1)

@@ -43,7 +43,7 @@ def test_inv_scale_inside_the_passes(backend, dtype, device):
     _skip(backend, device, dtype)
     ps, gen = _params(dtype, device, 0)
     opt = FSAM(ps, torch.optim.SGD, rho=0.3, sigma=0.7, lmbda=0.8, lr=0.0, **opt_args(backend))
-    scale = 2.0 ** 12
+    scale = 2.0**12
     inv = torch.tensor(1 / scale, device=device)
     for step in range(3):
         raw = [torch.randn(p.shape, generator=gen) for p in ps]
@@ -51,13 +51,20 @@ def test_inv_scale_inside_the_passes(backend, dtype, device):
             p.grad = (r * scale).to(device, dtype)  # what a scaled backward leaves
         grads = [p.grad.clone() for p in ps]
         ws = [p.detach().clone() for p in ps]
-        ms = [opt.state[p]["ema"].clone() if "ema" in opt.state.get(p, {}) else
-              torch.zeros_like(p, dtype=torch.float32) for p in ps]
+        ms = [
+            opt.state[p]["ema"].clone()
+            if "ema" in opt.state.get(p, {})
+            else torch.zeros_like(p, dtype=torch.float32)
+            for p in ps
+        ]
         with torch.no_grad():  # the engine under the public first_step(grad_scaler=...)
             opt.engine.first_step(opt._config(opt), opt.param_groups, opt.state, inv)
         want_w, want_m = _oracle(ws, grads, ms, 1 / scale, 0.3, 0.7, 0.8, step == 0)
-        tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else \
-            dict(rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
+        tol = (
+            dict(rtol=0, atol=1e-6)
+            if dtype == torch.float32
+            else dict(rtol=1e-2 if dtype == torch.bfloat16 else 2e-3, atol=1e-3)
+        )
         for p, w in zip(ps, want_w):
             torch.testing.assert_close(p.double(), w, **tol)
         for p, m in zip(ps, want_m):
@@ -88,8 +95,9 @@ def test_nonfinite_sum_selects_the_old_values(backend, dtype, value, device):
     ms = [opt.state[p]["ema"].clone() for p in ps]
     opt.first_step()
     for p, w in zip(ps, ws):
-        assert torch.equal(p.view(torch.uint8 if p.dim() else p.dtype), w.view(
-            torch.uint8 if w.dim() else w.dtype)), "weights must keep their bits"
+        assert torch.equal(
+            p.view(torch.uint8 if p.dim() else p.dtype), w.view(torch.uint8 if w.dim() else w.dtype)
+        ), "weights must keep their bits"
     assert all(torch.equal(opt.state[p]["ema"], m) for p, m in zip(ps, ms))
     assert opt.found_nonfinite().item() == 1.0
     with torch.no_grad():
@@ -117,31 +125,95 @@ def test_cpp_opcheck_with_inv_scale_and_found():
     found = torch.zeros(())
     sq = ops.norm_sq(ws, gs, ms, ad, dec, gain, 1.0, False, inv)
     # The 1/scale multiplies each gradient: the same as the op on pre-unscaled gradients.
-    torch.testing.assert_close(sq, ops.norm_sq(ws, [g * 0.25 for g in gs], ms, ad, dec, gain,
-                                               1.0, False), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        sq,
+        ops.norm_sq(ws, [g * 0.25 for g in gs], ms, ad, dec, gain, 1.0, False),
+        rtol=1e-6,
+        atol=0,
+    )
     saved = [torch.empty_like(w) for w in ws]
-    for args in [(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 1, 0], 1.0, 1e-12, False,
-                  inv, found),
-                 (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True,
-                  None, found),
-                 (ws, gs, ms, saved, torch.tensor([float("nan")]), rho, ad, dec, gain,
-                  [0, 1, 0], 0.5, 1e-12, False, inv, found)]:
+    for args in [
+        (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 1, 0], 1.0, 1e-12, False, inv, found),
+        (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True, None, found),
+        (
+            ws,
+            gs,
+            ms,
+            saved,
+            torch.tensor([float("nan")]),
+            rho,
+            ad,
+            dec,
+            gain,
+            [0, 1, 0],
+            0.5,
+            1e-12,
+            False,
+            inv,
+            found,
+        ),
+    ]:
         torch.library.opcheck(ops.perturb_.default, args)
     torch.library.opcheck(ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True, inv))
     # Bad arguments are refused by name before any write.
     w0 = [w.clone() for w in ws]
     with pytest.raises(RuntimeError, match="inv_scale"):
-        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False,
-                     torch.ones(2), found)
+        ops.perturb_(
+            ws,
+            gs,
+            ms,
+            saved,
+            sq,
+            rho,
+            ad,
+            dec,
+            gain,
+            [0, 0, 0],
+            1.0,
+            1e-12,
+            False,
+            torch.ones(2),
+            found,
+        )
     with pytest.raises(RuntimeError, match="found"):
-        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False,
-                     inv, torch.zeros(2, dtype=torch.float64))
+        ops.perturb_(
+            ws,
+            gs,
+            ms,
+            saved,
+            sq,
+            rho,
+            ad,
+            dec,
+            gain,
+            [0, 0, 0],
+            1.0,
+            1e-12,
+            False,
+            inv,
+            torch.zeros(2, dtype=torch.float64),
+        )
     assert all(torch.equal(a, b) for a, b in zip(ws, w0))
     # A non-finite sum: EMA and weights untouched, saved = w for either kind, flag set.
     m0 = [m.clone() for m in ms]
     saved = [torch.full_like(w, float("nan")) for w in ws]
-    ops.perturb_(ws, gs, ms, saved, torch.tensor([1.0, float("inf")]), rho, ad, dec, gain,
-                 [0, 1, 0], 1.0, 1e-12, False, None, found)
+    ops.perturb_(
+        ws,
+        gs,
+        ms,
+        saved,
+        torch.tensor([1.0, float("inf")]),
+        rho,
+        ad,
+        dec,
+        gain,
+        [0, 1, 0],
+        1.0,
+        1e-12,
+        False,
+        None,
+        found,
+    )
     assert found.item() == 1.0
     assert all(torch.equal(a, b) for a, b in zip(ws, w0))
     assert all(torch.equal(a, b) for a, b in zip(ms, m0))

@@ -15,8 +15,22 @@ from fsam_fused.bench.suite import make_params
 from helpers import backend_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = {"backend", "preset", "dtype", "device", "ms", "gbps", "bytes", "speedup_vs_reference",
-        "device_name", "torch", "triton", "copy_gbps", "pct_copy", "speedup_vs"}
+KEYS = {
+    "backend",
+    "preset",
+    "dtype",
+    "device",
+    "ms",
+    "gbps",
+    "bytes",
+    "speedup_vs_reference",
+    "device_name",
+    "torch",
+    "triton",
+    "copy_gbps",
+    "pct_copy",
+    "speedup_vs",
+}
 HAVE_PO = importlib.util.find_spec("pytorch_optimizer") is not None
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -24,13 +38,24 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 def test_command_writes_records_table_and_plot(tmp_path, capsys):
     backend_available("cpp", "cpu")
     out, png = tmp_path / "out.json", tmp_path / "out.png"
-    args = ["--device", "cpu", "--presets", "tiny2000", "--dtypes", "float32,bfloat16",
-            "--reps", "2", "--json", str(out)] + (["--plot", str(png)] if HAVE_MPL else [])
+    args = [
+        "--device",
+        "cpu",
+        "--presets",
+        "tiny2000",
+        "--dtypes",
+        "float32,bfloat16",
+        "--reps",
+        "2",
+        "--json",
+        str(out),
+    ] + (["--plot", str(png)] if HAVE_MPL else [])
     assert main(args) == 0
     text = capsys.readouterr().out
     records = json.loads(out.read_text())
-    want = {"reference", "foreach", "cpp", "cpp-fixed"} | ({"po-foreach", "po-loop"}
-                                                           if HAVE_PO else set())
+    want = {"reference", "foreach", "cpp", "cpp-fixed"} | (
+        {"po-foreach", "po-loop"} if HAVE_PO else set()
+    )
     for dtype in ("float32", "bfloat16"):
         got = {r["backend"] for r in records if r["dtype"] == dtype}
         # pytorch_optimizer's foreach path takes float32/float64 only
@@ -40,8 +65,9 @@ def test_command_writes_records_table_and_plot(tmp_path, capsys):
         assert KEYS <= set(r), KEYS - set(r)
         assert r["device"] == "cpu" and r["preset"] == "tiny2000" and r["params"] == n
         assert r["ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / r["ms"] / 1e6)
-        ref = next(x["ms"] for x in records if x["backend"] == "reference"
-                   and x["dtype"] == r["dtype"])
+        ref = next(
+            x["ms"] for x in records if x["backend"] == "reference" and x["dtype"] == r["dtype"]
+        )
         assert r["speedup_vs_reference"] == pytest.approx(ref / r["ms"])
         assert r["torch"] == torch.__version__
         # The yardstick is the streaming copy (the C++ restore_ op), torch's copy_ beside it.
@@ -49,7 +75,7 @@ def test_command_writes_records_table_and_plot(tmp_path, capsys):
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
     assert "x ref" in text and "copy bandwidth" in text and "streaming copy" in text
     if HAVE_PO:
-        assert "\nsummary: tiny2000 float32: backend=\"auto\" (cpp) takes" in text, text
+        assert '\nsummary: tiny2000 float32: backend="auto" (cpp) takes' in text, text
     if not HAVE_PO:
         assert "pytorch-optimizer is not installed" in text
     if HAVE_MPL:
@@ -117,8 +143,9 @@ def test_compiled_peer_computes_fsam(dtype):
     with torch.no_grad():
         foreach_first_step(params, [p.grad for p in params], emas, saved, d, 0.05, 1.0, 0.9)
     for p, t in zip(params, twin):
-        torch.testing.assert_close(p.detach(), t.detach(), rtol=1e-5 if dtype == torch.float32
-                                   else 8e-3, atol=1e-6)
+        torch.testing.assert_close(
+            p.detach(), t.detach(), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6
+        )
     for m, t in zip(emas, twin):
         torch.testing.assert_close(m, opt.state[t]["ema"], rtol=1e-6, atol=1e-7)
     opt.second_step()
@@ -140,7 +167,8 @@ def test_end_to_end_step_runs_and_reports_the_optimizer_share():
 
 def test_readme_figures_come_from_a_committed_result_file():
     spec = importlib.util.spec_from_file_location(
-        "readme_section", os.path.join(ROOT, "bench", "readme_section.py"))
+        "readme_section", os.path.join(ROOT, "bench", "readme_section.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--check", os.path.join(ROOT, "README.md")]) == 0

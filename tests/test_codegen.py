@@ -21,8 +21,13 @@ KEYS = {"kernel", "target", "dtype", "hot_load_bits", "hot_store_bits", "registe
 @pytest.fixture(scope="module")
 def records():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fsam_fused.kernels.inspect", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "fsam_fused.kernels.inspect", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -30,8 +35,12 @@ def records():
 def test_every_kernel_target_and_dtype_compiles(records):
     assert all(set(r) == KEYS for r in records)
     got = {(r["kernel"], r["target"], r["dtype"]) for r in records}
-    want = {(k, t, d) for k in ("norm", "perturb", "restore") for t in ("sm_80", "sm_90")
-            for d in ("float32", "bfloat16", "float16")}
+    want = {
+        (k, t, d)
+        for k in ("norm", "perturb", "restore")
+        for t in ("sm_80", "sm_90")
+        for d in ("float32", "bfloat16", "float16")
+    }
     assert got == want
 
 
@@ -51,6 +60,7 @@ def test_hot_path_is_128_bit_with_no_spills_on_sm90(records, dtype):
 
 def test_widest_access_parser():
     from fsam_fused.kernels.inspect import widest
+
     ptx = """
         ld.global.b64 { %rd7 }, [ %rd8 + 0 ];
         @%p1 ld.global.L1::evict_last.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];

@@ -42,9 +42,16 @@ class CNN(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Tanh(),
-            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.Tanh(),
-            torch.nn.AvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 10))
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.Tanh(),
+            torch.nn.Conv2d(8, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.Tanh(),
+            torch.nn.AvgPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(16 * 4 * 4, 10),
+        )
 
     def forward(self, x):
         return self.body(x.view(-1, 1, 8, 8))
@@ -98,8 +105,9 @@ def train(model, make_opt, steps, dtype=torch.float32, seed=0):
             opt.second_step(zero_grad=True)
             losses.append(loss.item())
             step += 1
-    return torch.tensor(losses), [t.detach().float().clone() for t in net.state_dict().values()
-                                  if t.is_floating_point()]
+    return torch.tensor(losses), [
+        t.detach().float().clone() for t in net.state_dict().values() if t.is_floating_point()
+    ]
 
 
 def ours(backend, **over):
@@ -156,13 +164,14 @@ def test_trains_like_published_code(model, backend):
 
 def test_triton_interpreter_trains_like_published_code():
     backend_available("triton", "cpu")
-    assert_same_run(train("mlp", ours("triton"), TRITON_STEPS),
-                    published_run("mlp", TRITON_STEPS), "mlp/triton")
+    assert_same_run(
+        train("mlp", ours("triton"), TRITON_STEPS), published_run("mlp", TRITON_STEPS), "mlp/triton"
+    )
 
 
 def rel_l2(weights, weights32):
     num = sum(((a - b) ** 2).sum() for a, b in zip(weights, weights32))
-    return (num / sum((b ** 2).sum() for b in weights32)).sqrt().item()
+    return (num / sum((b**2).sum() for b in weights32)).sqrt().item()
 
 
 @pytest.mark.parametrize("backend", ["auto", "foreach", "reference"])
@@ -190,4 +199,5 @@ def test_bf16_weights_drift_no_more_than_plain_sgd(backend):
     torch_err = (sgd_loss - sgd_loss32).abs().mean().item()
     floor = eps * loss32.abs().mean().item()
     assert err <= 2 * torch_err + floor, (
-        f"loss curve: {err:.3g} > 2 x SGD's {torch_err:.3g} + {floor:.3g}")
+        f"loss curve: {err:.3g} > 2 x SGD's {torch_err:.3g} + {floor:.3g}"
+    )

@@ -23,8 +23,6 @@ def ops():
     return torch.ops.fsam_fused
 
 
-
-
 def _check_against_reference(make_params, dtype, backend, **kw):
     backend_available(backend, "cpu")
     return check_against_reference(make_params, dtype, backend, **kw)
@@ -40,6 +38,7 @@ def test_awkward_sizes_across_chunks(dtype, backend):
     def make():
         torch.manual_seed(1)
         return [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
+
     _check_against_reference(make, dtype, backend, adaptive=True)
 
 
@@ -53,6 +52,7 @@ def test_swapped_and_copied_tensors_in_one_bucket(dtype, monkeypatch):
     def make():
         torch.manual_seed(6)
         return [torch.nn.Parameter(torch.randn(n).to(dtype)) for n in sizes]
+
     opt = _check_against_reference(make, dtype, "cpp", adaptive=True)
     (bucket,) = opt.plan_summary()
     assert bucket.double_buffered == (False, False, False, True, False, True)
@@ -65,6 +65,7 @@ def test_many_tiny_tensors_beside_a_large_one(dtype, backend):
         torch.manual_seed(2)
         shapes = [(int(n),) for n in torch.randint(1, 20, (500,))] + [(300, 1001)]
         return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+
     _check_against_reference(make, dtype, backend, steps=2)
 
 
@@ -72,8 +73,10 @@ def _flat_views():
     """Parameters that view one flat buffer at odd offsets (unaligned, not owning storage)."""
     torch.manual_seed(3)
     storage = torch.randn(5000)
-    return storage, [torch.nn.Parameter(storage[1:1 + 777]),
-                     torch.nn.Parameter(storage[901:4000])]
+    return storage, [
+        torch.nn.Parameter(storage[1 : 1 + 777]),
+        torch.nn.Parameter(storage[901:4000]),
+    ]
 
 
 def test_views_of_a_flat_buffer_keep_their_addresses_and_stay_exact():
@@ -133,6 +136,7 @@ def test_closure_error_restores_the_home_storage():
 
     def closure():
         raise KeyError("boom")
+
     with pytest.raises(KeyError):
         opt.step(closure)
     assert ps[0].data_ptr() == home and torch.equal(ps[0].detach(), w)
@@ -141,16 +145,24 @@ def test_closure_error_restores_the_home_storage():
 def test_channels_last_weights():
     def make():
         torch.manual_seed(5)
-        return [torch.nn.Parameter(torch.randn(4, 3, 5, 7).contiguous(
-            memory_format=torch.channels_last)), torch.nn.Parameter(torch.randn(9))]
+        return [
+            torch.nn.Parameter(
+                torch.randn(4, 3, 5, 7).contiguous(memory_format=torch.channels_last)
+            ),
+            torch.nn.Parameter(torch.randn(9)),
+        ]
+
     backend_available("cpp", "cpu")
     ps, ref = make(), make()
     opt = FSAM(ps, torch.optim.SGD, backend="cpp", lr=0.1)
     opt_r = FSAM(ref, torch.optim.SGD, backend="reference", lr=0.1)
     for _ in range(3):
         for p, r in zip(ps, ref):
-            g = torch.randn(p.shape).contiguous(memory_format=torch.channels_last) \
-                if p.dim() == 4 else torch.randn(p.shape)
+            g = (
+                torch.randn(p.shape).contiguous(memory_format=torch.channels_last)
+                if p.dim() == 4
+                else torch.randn(p.shape)
+            )
             p.grad, r.grad = g, g.clone()
         for o in (opt, opt_r):
             o.first_step()
@@ -162,8 +174,15 @@ def test_channels_last_weights():
     assert ps[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("dtype,want", [(torch.float32, "cpp"), (torch.bfloat16, "cpp"),
-                                        (torch.float16, "cpp"), (torch.float64, "foreach")])
+@pytest.mark.parametrize(
+    "dtype,want",
+    [
+        (torch.float32, "cpp"),
+        (torch.bfloat16, "cpp"),
+        (torch.float16, "cpp"),
+        (torch.float64, "foreach"),
+    ],
+)
 def test_auto_picks_cpp_for_what_it_supports(dtype, want):
     backend_available("cpp", "cpu")
     p = torch.nn.Parameter(torch.randn(50, dtype=dtype))
@@ -190,6 +209,7 @@ def test_explicit_cpp_rejects_what_it_cannot_run():
 
 # ------------------------------------------------------------------ the ops themselves
 
+
 def _op_args(dtype=torch.float32, sizes=(5, 40_000, 33), adaptive=(0, 1, 0), seed=0):
     gen = torch.Generator().manual_seed(seed)
     ws = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
@@ -208,10 +228,14 @@ def test_opcheck(ops, dtype):
     saved = [torch.empty_like(w) for w in ws]
     cases = [
         (ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True)),
-        (ops.perturb_.default,
-         (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False)),
-        (ops.perturb_.default,
-         (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True)),
+        (
+            ops.perturb_.default,
+            (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False),
+        ),
+        (
+            ops.perturb_.default,
+            (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True),
+        ),
         (ops.restore_.default, (ws, saved)),
     ]
     for op, args in cases:
@@ -225,15 +249,17 @@ def test_norm_is_deterministic_and_independent_of_thread_count(ops):
         got = {}
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            got[n] = [ops.norm_sq(ws, gs, ms, ad, dec, gain, 0.7, paper).item()
-                      for paper in (False, True)]
+            got[n] = [
+                ops.norm_sq(ws, gs, ms, ad, dec, gain, 0.7, paper).item() for paper in (False, True)
+            ]
     finally:
         torch.set_num_threads(threads)
     assert got[1] == got[2] == got[3]
     # ... and it is the right number: float64 from the statement.
     d = [g.double() - 0.7 * m.double() for g, m in zip(gs, ms)]
-    want = sum(((w.double().abs() if a else 1.0) * x).pow(2).sum().item()
-               for w, x, a in zip(ws, d, ad))
+    want = sum(
+        ((w.double().abs() if a else 1.0) * x).pow(2).sum().item() for w, x, a in zip(ws, d, ad)
+    )
     assert abs(got[1][0] - want) <= 1e-6 * want
 
 
@@ -262,17 +288,31 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
         assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
 
 
-@pytest.mark.parametrize("bad,match", [
-    (lambda a: a.update(gs=a["gs"][:2]), "grads has 2 tensors"),
-    (lambda a: a.update(gs=[g.double() for g in a["gs"]]), "grads must have the weights' dtype"),
-    (lambda a: a.update(ms=[m[:-1] for m in a["ms"]]), r"emas\[0\] has sizes"),
-    (lambda a: a.update(ws=[w.double() for w in a["ws"]],
-                        gs=[g.double() for g in a["gs"]]), "weights must be float32"),
-    (lambda a: a.update(ad=a["ad"][:1]), "adaptive has 1 entries"),
-    (lambda a: a.update(swap=[1]), "swap has 1 entries"),
-    (lambda a: a.update(ws=[w[::2] for w in a["ws"]], gs=[g[::2] for g in a["gs"]],
-                        ms=[m[::2] for m in a["ms"]]), "must be dense"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (lambda a: a.update(gs=a["gs"][:2]), "grads has 2 tensors"),
+        (
+            lambda a: a.update(gs=[g.double() for g in a["gs"]]),
+            "grads must have the weights' dtype",
+        ),
+        (lambda a: a.update(ms=[m[:-1] for m in a["ms"]]), r"emas\[0\] has sizes"),
+        (
+            lambda a: a.update(ws=[w.double() for w in a["ws"]], gs=[g.double() for g in a["gs"]]),
+            "weights must be float32",
+        ),
+        (lambda a: a.update(ad=a["ad"][:1]), "adaptive has 1 entries"),
+        (lambda a: a.update(swap=[1]), "swap has 1 entries"),
+        (
+            lambda a: a.update(
+                ws=[w[::2] for w in a["ws"]],
+                gs=[g[::2] for g in a["gs"]],
+                ms=[m[::2] for m in a["ms"]],
+            ),
+            "must be dense",
+        ),
+    ],
+)
 def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
     ws, gs, ms, ad, dec, gain, rho = _op_args()
     a = dict(ws=ws, gs=gs, ms=ms, ad=ad, swap=[0, 1, 0])
@@ -284,7 +324,20 @@ def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
         with pytest.raises(RuntimeError, match=match):
             ops.norm_sq(a["ws"], a["gs"], a["ms"], a["ad"], dec, gain, 1.0, False)
     with pytest.raises(RuntimeError, match=match):
-        ops.perturb_(a["ws"], a["gs"], a["ms"], saved, torch.ones(1), rho, a["ad"], dec, gain,
-                     a["swap"], 1.0, 1e-12, False)
+        ops.perturb_(
+            a["ws"],
+            a["gs"],
+            a["ms"],
+            saved,
+            torch.ones(1),
+            rho,
+            a["ad"],
+            dec,
+            gain,
+            a["swap"],
+            1.0,
+            1e-12,
+            False,
+        )
     assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
     assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))

@@ -29,13 +29,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = os.path.basename(cpp_build.build_directory())
 SO, MANIFEST, LOCK = "fsam_fused_cpu.so", "fsam_fused_cpu.json", ".fsam_fused.lock"
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
-                                reason="the build tests need Linux (fcntl, g++)")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the build tests need Linux (fcntl, g++)"
+)
 
 
 def _python(code, env=None, timeout=300, **kw):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
 
 
 def _env(**kw):
@@ -69,7 +77,7 @@ except ValueError as e:
 
 
 def _lines(out, prefix):
-    return [line[len(prefix):] for line in out.splitlines() if line.startswith(prefix)]
+    return [line[len(prefix) :] for line in out.splitlines() if line.startswith(prefix)]
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +121,24 @@ def test_real_build_clears_leftovers_and_writes_a_manifest(built):
 
 def test_nothing_is_built_at_import_or_construction(tmp_path):
     build = tmp_path / "build"
-    r = _python("""
+    r = _python(
+        """
         import torch, fsam_fused
         from fsam_fused import FSAM, cpp_build
         p = torch.nn.Parameter(torch.randn(3))
         FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
         assert not cpp_build.attempted()
         print("ok")
-    """, _env(FSAM_FUSED_BUILD_DIR=str(build)))
+    """,
+        _env(FSAM_FUSED_BUILD_DIR=str(build)),
+    )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     assert not build.exists()
 
 
 def test_without_a_compiler_auto_warns_once_and_uses_foreach(tmp_path):
-    r = _python("""
+    r = _python(
+        """
         import warnings, torch
         from fsam_fused import FSAM
         warnings.simplefilter("always")
@@ -145,11 +157,15 @@ def test_without_a_compiler_auto_warns_once_and_uses_foreach(tmp_path):
             FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp").first_step()
         except ValueError as e:
             print("explicit:", e)
-    """, _env(CXX="/nonexistent/c++", FSAM_FUSED_BUILD_DIR=str(tmp_path / "b")))
+    """,
+        _env(CXX="/nonexistent/c++", FSAM_FUSED_BUILD_DIR=str(tmp_path / "b")),
+    )
     assert r.returncode == 0, r.stderr
     assert "no C++ compiler" in r.stdout and "foreach" in r.stdout
-    assert "explicit: backend='cpp' cannot run these parameters: RuntimeError: no C++ " \
-           "compiler" in r.stdout
+    assert (
+        "explicit: backend='cpp' cannot run these parameters: RuntimeError: no C++ "
+        "compiler" in r.stdout
+    )
 
 
 def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeypatch):
@@ -167,11 +183,11 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
 
     def fake_run(args, env, timeout):
         a = json.loads(args[-1])
-        seen.append(dict(a, jobs=env.get("MAX_JOBS"), timeout=timeout,
-                         left=sorted(os.listdir(d))))
+        seen.append(dict(a, jobs=env.get("MAX_JOBS"), timeout=timeout, left=sorted(os.listdir(d))))
         with open(os.path.join(a["directory"], SO), "wb") as f:
             f.write(b"\x7fELF built %d" % len(seen))
         return 0, ""
+
     monkeypatch.setattr(cpp_build, "_run", fake_run)
     assert cpp_build._ensure_built() == os.path.join(d, SO)
     s = seen[0]
@@ -198,6 +214,7 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
 
 # ------------------------------------------------------------------ the reported failures
 
+
 def test_a_truncated_cache_is_never_loaded_and_is_rebuilt(built, tmp_path):
     """(a) Mapping a truncated library raised SIGBUS. Now its size is checked against the
     manifest first: without a compiler "auto" falls back naming it and "cpp" raises; with
@@ -209,14 +226,18 @@ def test_a_truncated_cache_is_never_loaded_and_is_rebuilt(built, tmp_path):
     r = _python(STEPS, _env(FSAM_FUSED_BUILD_DIR=str(root), CXX="/nonexistent/c++"))
     assert r.returncode == 0, (r.returncode, r.stderr)  # SIGBUS: returncode -7
     assert _lines(r.stdout, "backend: ") == ["foreach"]
-    reason = f"RuntimeError: {damaged} and cannot be rebuilt: no C++ compiler: " \
-             "'/nonexistent/c++' is not on PATH (set CXX)"
+    reason = (
+        f"RuntimeError: {damaged} and cannot be rebuilt: no C++ compiler: "
+        "'/nonexistent/c++' is not on PATH (set CXX)"
+    )
     assert _lines(r.stdout, "warning: ") == [
         f"RuntimeWarning: fsam_fused: the C++ CPU backend is unavailable ({reason}); CPU "
-        "parameters use backend='foreach' instead"], r.stdout
+        "parameters use backend='foreach' instead"
+    ], r.stdout
     assert _lines(r.stdout, "explicit: ") == [
         f"backend='cpp' cannot run these parameters: {reason}; use backend='auto', "
-        "'foreach' or 'reference'"]
+        "'foreach' or 'reference'"
+    ]
 
     fake_compile = f"""
         import json, os, shutil
@@ -229,8 +250,9 @@ def test_a_truncated_cache_is_never_loaded_and_is_rebuilt(built, tmp_path):
     """
     r = _python(textwrap.dedent(fake_compile) + STEPS, _env(FSAM_FUSED_BUILD_DIR=str(root)))
     assert r.returncode == 0, (r.returncode, r.stderr)
-    assert _lines(r.stdout, "warning: ") == [f"CachedBuildWarning: fsam_fused: {damaged}; "
-                                             "rebuilding"], r.stdout
+    assert _lines(r.stdout, "warning: ") == [
+        f"CachedBuildWarning: fsam_fused: {damaged}; rebuilding"
+    ], r.stdout
     assert _lines(r.stdout, "backend: ") == ["cpp"]
     assert _lines(r.stdout, "explicit: ") == ["ok 4.0"]
     assert os.path.getsize(so) == want
@@ -247,7 +269,8 @@ def test_b_an_empty_or_garbage_cache_is_rebuilt(built, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _lines(r.stdout, "warning: ") == [
         f"CachedBuildWarning: fsam_fused: cached build {so} is damaged (its sha256 is not "
-        "the manifest's); rebuilding"], r.stdout
+        "the manifest's); rebuilding"
+    ], r.stdout
     assert _lines(r.stdout, "backend: ") == ["cpp"]
     assert _lines(r.stdout, "explicit: ") == ["ok 4.0"]
     assert cpp_build._check(root / TAG) == ("ok", None)
@@ -263,8 +286,10 @@ def test_b_an_empty_or_garbage_cache_is_rebuilt(built, tmp_path):
     assert r.returncode == 0, r.stderr
     assert _lines(r.stdout, "backend: ") == ["foreach"]
     (w,) = _lines(r.stdout, "warning: ")
-    assert f"unavailable (RuntimeError: cached build {so} is damaged (0 bytes, expected " \
-           f"{want}) and cannot be rebuilt: no C++ compiler" in w
+    assert (
+        f"unavailable (RuntimeError: cached build {so} is damaged (0 bytes, expected "
+        f"{want}) and cannot be rebuilt: no C++ compiler" in w
+    )
 
 
 # Imports first, so that "loading" means the lock is a moment away.
@@ -295,8 +320,12 @@ def test_c_a_held_lock_is_named_and_the_wait_is_bounded(built, tmp_path):
     d = root / TAG
     os.makedirs(d)
     lock = d / LOCK
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d), str(built)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(d), str(built)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         timed = """
@@ -306,28 +335,40 @@ def test_c_a_held_lock_is_named_and_the_wait_is_bounded(built, tmp_path):
             cpp_build.load()  # builds nothing: gives up waiting
             print("waited:", time.monotonic() - t0)
         """
-        r = _python(textwrap.dedent(timed) + STEPS,
-                    _env(FSAM_FUSED_BUILD_DIR=str(root), FSAM_FUSED_BUILD_WAIT="4"))
+        r = _python(
+            textwrap.dedent(timed) + STEPS,
+            _env(FSAM_FUSED_BUILD_DIR=str(root), FSAM_FUSED_BUILD_WAIT="4"),
+        )
         assert r.returncode == 0, r.stderr
         waited = float(_lines(r.stdout, "waited: ")[0])
         assert 4 <= waited < 15, waited
         # The notice went to stderr as it happened (the load ran before STEPS recorded).
-        assert f"BuildLockWarning: fsam_fused: waiting for the C++ build lock {lock}, held " \
-               f"by PID {holder.pid}; giving up after 4 s (FSAM_FUSED_BUILD_WAIT)" in r.stderr
-        reason = f"TimeoutError: the build lock {lock} is still held by PID {holder.pid} " \
-                 "after 4 s (FSAM_FUSED_BUILD_WAIT=4); not building"
+        assert (
+            f"BuildLockWarning: fsam_fused: waiting for the C++ build lock {lock}, held "
+            f"by PID {holder.pid}; giving up after 4 s (FSAM_FUSED_BUILD_WAIT)" in r.stderr
+        )
+        reason = (
+            f"TimeoutError: the build lock {lock} is still held by PID {holder.pid} "
+            "after 4 s (FSAM_FUSED_BUILD_WAIT=4); not building"
+        )
         assert _lines(r.stdout, "backend: ") == ["foreach"]
         assert _lines(r.stdout, "warning: ") == [
             f"RuntimeWarning: fsam_fused: the C++ CPU backend is unavailable ({reason}); "
-            "CPU parameters use backend='foreach' instead"], r.stdout
+            "CPU parameters use backend='foreach' instead"
+        ], r.stdout
         assert _lines(r.stdout, "explicit: ") == [
             f"backend='cpp' cannot run these parameters: {reason}; use backend='auto', "
-            "'foreach' or 'reference'"]
+            "'foreach' or 'reference'"
+        ]
 
         waiter = subprocess.Popen(
-            [sys.executable, "-c", LOADING + STEPS], cwd=ROOT,
+            [sys.executable, "-c", LOADING + STEPS],
+            cwd=ROOT,
             env=_env(FSAM_FUSED_BUILD_DIR=str(root), FSAM_FUSED_BUILD_WAIT="120"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert waiter.stdout.readline().strip() == "loading"
         time.sleep(1.0)  # let it reach the lock
         holder.stdin.write("go\n")
@@ -386,8 +427,7 @@ def test_d_a_complete_cache_works_read_only_and_without_a_compiler(built, tmp_pa
     for p in (root / TAG / SO, root / TAG / MANIFEST, root / TAG, root):
         os.chmod(p, os.stat(p).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     try:
-        r = _python(READ_ONLY + STEPS,
-                    _env(FSAM_FUSED_BUILD_DIR=str(root), CXX="/nonexistent/c++"))
+        r = _python(READ_ONLY + STEPS, _env(FSAM_FUSED_BUILD_DIR=str(root), CXX="/nonexistent/c++"))
         assert r.returncode == 0, r.stderr
         assert _lines(r.stdout, "backend: ") == ["cpp"] and not _lines(r.stdout, "warning: ")
         assert _lines(r.stdout, "explicit: ") == ["ok 4.0"]
@@ -409,15 +449,38 @@ def test_d_a_read_only_mounted_cache(built, tmp_path):
     (``unshare -m``; skipped where mount namespaces are not allowed)."""
     root = _copy(built, tmp_path)
     os.remove(root / TAG / LOCK)
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", RO_MOUNT, "sh", str(root),
-                            sys.executable, f"open({str(root / 'x')!r}, 'w')"],
-                           capture_output=True, text=True) if shutil.which("unshare") else None
+    probe = (
+        subprocess.run(
+            [
+                "unshare",
+                "-m",
+                "sh",
+                "-c",
+                RO_MOUNT,
+                "sh",
+                str(root),
+                sys.executable,
+                f"open({str(root / 'x')!r}, 'w')",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if shutil.which("unshare")
+        else None
+    )
     if probe is None or "Read-only file system" not in probe.stderr:
-        pytest.skip("cannot mount a read-only file system here (unshare -m): "
-                    + (probe.stderr[-300:] if probe else "no unshare"))
-    r = subprocess.run(["unshare", "-m", "sh", "-c", RO_MOUNT, "sh", str(root), sys.executable,
-                        STEPS], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=_env(FSAM_FUSED_BUILD_DIR=str(root), CXX="/nonexistent/c++"))
+        pytest.skip(
+            "cannot mount a read-only file system here (unshare -m): "
+            + (probe.stderr[-300:] if probe else "no unshare")
+        )
+    r = subprocess.run(
+        ["unshare", "-m", "sh", "-c", RO_MOUNT, "sh", str(root), sys.executable, STEPS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(FSAM_FUSED_BUILD_DIR=str(root), CXX="/nonexistent/c++"),
+    )
     assert r.returncode == 0, r.stderr
     assert _lines(r.stdout, "backend: ") == ["cpp"] and not _lines(r.stdout, "warning: ")
     assert _lines(r.stdout, "explicit: ") == ["ok 4.0"]

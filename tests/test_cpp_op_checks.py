@@ -26,20 +26,52 @@ def _args(n=3, seed=0):
     def r():
         return [torch.randn(N, generator=gen) for _ in range(n)]
 
-    return dict(weights=r(), grads=r(), emas=r(), saved=r(), sq=torch.tensor([4.0]),
-                rho=[0.05] * n, adaptive=[0, 1, 0][:n], decay=[0.9] * n, gain=[0.1] * n,
-                swap=[0, 1, 0][:n], sigma=1.0, eps=1e-12, paper=False)
+    return dict(
+        weights=r(),
+        grads=r(),
+        emas=r(),
+        saved=r(),
+        sq=torch.tensor([4.0]),
+        rho=[0.05] * n,
+        adaptive=[0, 1, 0][:n],
+        decay=[0.9] * n,
+        gain=[0.1] * n,
+        swap=[0, 1, 0][:n],
+        sigma=1.0,
+        eps=1e-12,
+        paper=False,
+    )
 
 
 def _norm_sq(ops, a):
-    return ops.norm_sq(a["weights"], a["grads"], a["emas"], a["adaptive"], a["decay"],
-                       a["gain"], a["sigma"], a["paper"])
+    return ops.norm_sq(
+        a["weights"],
+        a["grads"],
+        a["emas"],
+        a["adaptive"],
+        a["decay"],
+        a["gain"],
+        a["sigma"],
+        a["paper"],
+    )
 
 
 def _perturb(ops, a):
-    ops.perturb_(a["weights"], a["grads"], a["emas"], a["saved"], a["sq"], a["rho"],
-                 a["adaptive"], a["decay"], a["gain"], a["swap"], a["sigma"], a["eps"],
-                 a["paper"])
+    ops.perturb_(
+        a["weights"],
+        a["grads"],
+        a["emas"],
+        a["saved"],
+        a["sq"],
+        a["rho"],
+        a["adaptive"],
+        a["decay"],
+        a["gain"],
+        a["swap"],
+        a["sigma"],
+        a["eps"],
+        a["paper"],
+    )
 
 
 def _restore(ops, a):
@@ -82,31 +114,39 @@ def _set(key, value, i=None):
         else:
             a[key] = list(a[key])
             a[key][i] = value
+
     return f
 
 
-@pytest.mark.parametrize("op,bad,match", [
-    ("perturb_", _set("sigma", NAN), r"sigma must be finite \(in float32\), got nan"),
-    ("perturb_", _set("sigma", INF), "sigma must be finite"),
-    ("perturb_", _set("sigma", 1e300), "sigma must be finite"),  # inf once in float32
-    ("norm_sq", _set("sigma", NAN), "sigma must be finite"),
-    ("norm_sq", _set("sigma", -INF), "sigma must be finite"),
-    ("perturb_", _set("eps", NAN), "eps must be finite"),
-    ("perturb_", _set("eps", INF), "eps must be finite"),
-    ("perturb_", _set("eps", 0.0), r"eps must be > 0 \(in float32\), got 0"),
-    ("perturb_", _set("eps", -1e-12), "eps must be > 0"),
-    ("perturb_", _set("eps", 1e-60), "eps must be > 0"),  # 0 once in float32
-    ("perturb_", _set("rho", NAN, 1), r"rho\[1\] must be finite \(in float32\) and >= 0"),
-    ("perturb_", _set("rho", INF, 2), r"rho\[2\] must be finite"),
-    ("perturb_", _set("rho", -0.05, 0), r"rho\[0\] must be finite \(in float32\) and >= 0, "
-                                        r"got -0.05"),
-    ("perturb_", _set("decay", NAN, 2), r"decay\[2\] must be finite \(in float32\), got nan"),
-    ("perturb_", _set("decay", -INF, 0), r"decay\[0\] must be finite"),
-    ("norm_sq", _set("decay", INF, 1), r"decay\[1\] must be finite"),
-    ("perturb_", _set("gain", NAN, 1), r"gain\[1\] must be finite"),
-    ("norm_sq", _set("gain", NAN, 0), r"gain\[0\] must be finite"),
-    ("norm_sq", _set("gain", 1e39, 2), r"gain\[2\] must be finite"),  # > float32 max
-])
+@pytest.mark.parametrize(
+    "op,bad,match",
+    [
+        ("perturb_", _set("sigma", NAN), r"sigma must be finite \(in float32\), got nan"),
+        ("perturb_", _set("sigma", INF), "sigma must be finite"),
+        ("perturb_", _set("sigma", 1e300), "sigma must be finite"),  # inf once in float32
+        ("norm_sq", _set("sigma", NAN), "sigma must be finite"),
+        ("norm_sq", _set("sigma", -INF), "sigma must be finite"),
+        ("perturb_", _set("eps", NAN), "eps must be finite"),
+        ("perturb_", _set("eps", INF), "eps must be finite"),
+        ("perturb_", _set("eps", 0.0), r"eps must be > 0 \(in float32\), got 0"),
+        ("perturb_", _set("eps", -1e-12), "eps must be > 0"),
+        ("perturb_", _set("eps", 1e-60), "eps must be > 0"),  # 0 once in float32
+        ("perturb_", _set("rho", NAN, 1), r"rho\[1\] must be finite \(in float32\) and >= 0"),
+        ("perturb_", _set("rho", INF, 2), r"rho\[2\] must be finite"),
+        (
+            "perturb_",
+            _set("rho", -0.05, 0),
+            r"rho\[0\] must be finite \(in float32\) and >= 0, "
+            r"got -0.05",
+        ),
+        ("perturb_", _set("decay", NAN, 2), r"decay\[2\] must be finite \(in float32\), got nan"),
+        ("perturb_", _set("decay", -INF, 0), r"decay\[0\] must be finite"),
+        ("norm_sq", _set("decay", INF, 1), r"decay\[1\] must be finite"),
+        ("perturb_", _set("gain", NAN, 1), r"gain\[1\] must be finite"),
+        ("norm_sq", _set("gain", NAN, 0), r"gain\[0\] must be finite"),
+        ("norm_sq", _set("gain", 1e39, 2), r"gain\[2\] must be finite"),  # > float32 max
+    ],
+)
 def test_non_finite_or_out_of_range_scalars_are_rejected(ops, op, bad, match):
     a = _args()
     bad(a)
@@ -122,6 +162,7 @@ def test_scalars_at_the_edge_are_accepted(ops):
 
 # ------------------------------------------------------------------ 2. aliasing
 
+
 def _share(a, x, i, y, j, shift):
     """Make a[x][i] and a[y][j] views of one buffer, the second starting `shift` elements
     after the first (shift < N: they overlap; shift == N: they only touch)."""
@@ -129,13 +170,14 @@ def _share(a, x, i, y, j, shift):
     a[x] = list(a[x])
     a[y] = list(a[y])
     a[x][i] = buf[:N]
-    a[y][j] = buf[shift:shift + N]
+    a[y][j] = buf[shift : shift + N]
 
 
 def _same(x, i, y, j):
     def f(a):
         a[y] = list(a[y])
         a[y][j] = a[x][i]
+
     return f
 
 
@@ -146,6 +188,7 @@ def _overlap(x, i, y, j, shift=N - 1):
 def _sq_in(x, i):
     def f(a):
         a["sq"] = a[x][i][7:8]
+
     return f
 
 
@@ -173,29 +216,50 @@ ALIASED = [
 ]
 
 
-@pytest.mark.parametrize("op,bad,match", ALIASED, ids=[m.replace("\\", "") + "-" + op
-                                                       for op, _, m in ALIASED])
+@pytest.mark.parametrize(
+    "op,bad,match", ALIASED, ids=[m.replace("\\", "") + "-" + op for op, _, m in ALIASED]
+)
 def test_written_tensors_overlapping_another_argument_are_rejected(ops, op, bad, match):
     a = _args()
     bad(a)
-    _rejects(ops, op, a, "fsam_fused: " + match + " in memory; a tensor the op writes must "
-                         "not share memory with any other tensor argument")
+    _rejects(
+        ops,
+        op,
+        a,
+        "fsam_fused: " + match + " in memory; a tensor the op writes must "
+        "not share memory with any other tensor argument",
+    )
 
 
-@pytest.mark.parametrize("op,share", [
-    ("perturb_", _same("grads", 0, "grads", 2)),            # one gradient read twice
-    ("perturb_", _overlap("grads", 0, "grads", 1, 100)),    # read-only tensors may overlap
-    ("perturb_", _overlap("weights", 0, "weights", 1, N)),  # views that only touch
-    ("perturb_", _overlap("emas", 2, "saved", 1, N)),
-    ("restore_", _same("saved", 0, "saved", 1)),            # one saved copy restored twice
-], ids=["same-grad-twice", "grads-overlap", "weights-touch", "ema-saved-touch",
-        "same-saved-twice"])
+@pytest.mark.parametrize(
+    "op,share",
+    [
+        ("perturb_", _same("grads", 0, "grads", 2)),  # one gradient read twice
+        ("perturb_", _overlap("grads", 0, "grads", 1, 100)),  # read-only tensors may overlap
+        ("perturb_", _overlap("weights", 0, "weights", 1, N)),  # views that only touch
+        ("perturb_", _overlap("emas", 2, "saved", 1, N)),
+        ("restore_", _same("saved", 0, "saved", 1)),  # one saved copy restored twice
+    ],
+    ids=[
+        "same-grad-twice",
+        "grads-overlap",
+        "weights-touch",
+        "ema-saved-touch",
+        "same-saved-twice",
+    ],
+)
 def test_overlapping_inputs_and_touching_outputs_are_accepted(ops, op, share):
     """And compute what they would on separate copies."""
     a = _args()
     share(a)
-    b = {k: ([t.clone() for t in v] if isinstance(v, list) and v and
-             isinstance(v[0], torch.Tensor) else v) for k, v in a.items()}
+    b = {
+        k: (
+            [t.clone() for t in v]
+            if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+            else v
+        )
+        for k, v in a.items()
+    }
     b["sq"] = a["sq"].clone()
     CALLS[op](ops, b)  # separate tensors first (a's views are still untouched) ...
     CALLS[op](ops, a)
@@ -205,6 +269,7 @@ def test_overlapping_inputs_and_touching_outputs_are_accepted(ops, op, share):
 
 
 # ------------------------------------------------------------------ 3. meta tensors
+
 
 @pytest.mark.parametrize("op", list(CALLS))
 def test_real_meta_tensors_are_rejected(ops, op):
@@ -239,15 +304,27 @@ def test_fake_tensors_still_trace(ops, op):
 
 # ------------------------------------------------------------------ 4. requires_grad
 
-@pytest.mark.parametrize("op,key,i", [
-    ("perturb_", "weights", 0), ("perturb_", "weights", 1), ("perturb_", "emas", 2),
-    ("perturb_", "saved", 1), ("restore_", "weights", 2),
-])
+
+@pytest.mark.parametrize(
+    "op,key,i",
+    [
+        ("perturb_", "weights", 0),
+        ("perturb_", "weights", 1),
+        ("perturb_", "emas", 2),
+        ("perturb_", "saved", 1),
+        ("restore_", "weights", 2),
+    ],
+)
 def test_written_tensors_that_require_grad_are_rejected(ops, op, key, i):
     a = _args()
     a[key][i].requires_grad_()
-    _rejects(ops, op, a, rf"fsam_fused: {key}\[{i}\] requires grad; the op writes it in place "
-                         "behind autograd's back")
+    _rejects(
+        ops,
+        op,
+        a,
+        rf"fsam_fused: {key}\[{i}\] requires grad; the op writes it in place "
+        "behind autograd's back",
+    )
 
 
 def test_read_only_tensors_may_require_grad(ops):

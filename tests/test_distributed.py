@@ -30,8 +30,9 @@ TIMEOUT = 150  # seconds for one pair of processes, start to finish
 STEPS = 4
 CPU_BACKENDS = ("auto", "foreach", "reference")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
 
 
 def _free_port() -> int:
@@ -48,16 +49,27 @@ def launch(jobs, out, world_size, kind):
     with open(jobs_file, "w") as f:
         json.dump(jobs, f)
     port = _free_port()
-    env = dict(os.environ, WORLD_SIZE=str(world_size), MASTER_PORT=str(port),
-               FSAM_DIST_DEVICE=kind, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        WORLD_SIZE=str(world_size),
+        MASTER_PORT=str(port),
+        FSAM_DIST_DEVICE=kind,
+        MASTER_ADDR="127.0.0.1",
+        OMP_NUM_THREADS="1",
+    )
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
     procs, logs = [], []
     for r in range(world_size):
         log = open(os.path.join(out, f"rank{r}.log"), "w+")
         logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "dist_worker.py"), jobs_file, out],
-            env=dict(env, RANK=str(r)), stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "dist_worker.py"), jobs_file, out],
+                env=dict(env, RANK=str(r)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         for p in procs:
             p.wait(timeout=TIMEOUT)
@@ -77,11 +89,16 @@ def launch(jobs, out, world_size, kind):
         pytest.fail(f"distributed ranks {failed} failed:\n{text}")
     for log in logs:
         log.close()
-    return {j["name"]: [torch.load(os.path.join(out, f"{j['name']}.rank{r}.pt"))
-                        for r in range(world_size)] for j in jobs}
+    return {
+        j["name"]: [
+            torch.load(os.path.join(out, f"{j['name']}.rank{r}.pt")) for r in range(world_size)
+        ]
+        for j in jobs
+    }
 
 
 # ---------------------------------------------------------------------------- the oracle
+
 
 class _Norms:
     """The squared norms reduce.combine hands the perturb pass, in this process."""
@@ -136,8 +153,13 @@ def assert_trajectory(got, want, what):
     assert len(got) == len(want), what
     for step, (g, w) in enumerate(zip(got, want)):
         for name in w:
-            torch.testing.assert_close(g[name], w[name], rtol=RTOL, atol=ATOL,
-                                       msg=lambda m: f"{what}, step {step}, {name}: {m}")
+            torch.testing.assert_close(
+                g[name],
+                w[name],
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m: f"{what}, step {step}, {name}: {m}",
+            )
 
 
 def max_diff(got, want):
@@ -146,27 +168,36 @@ def max_diff(got, want):
 
 # ---------------------------------------------------------------------------- the jobs
 
+
 def fsdp_jobs(backends):
-    jobs = [dict(name=f"fsdp_{be}_{base}", mode="fsdp", backend=be, base=base)
-            for be in backends for base in ("sgd", "adamw")]
+    jobs = [
+        dict(name=f"fsdp_{be}_{base}", mode="fsdp", backend=be, base=base)
+        for be in backends
+        for base in ("sgd", "adamw")
+    ]
     return jobs
 
 
 def jobs_for(kind, ws):
     backends = CPU_BACKENDS
     jobs = fsdp_jobs(backends)
-    jobs += [dict(name="hsdp_rep", mode="fsdp", backend="auto", mesh=[ws, 1]),
-             dict(name="hsdp_shard", mode="fsdp", backend="auto", mesh=[1, ws]),
-             dict(name="mixed", mode="fsdp", backend="auto", mixed=True),
-             dict(name="frozen", mode="fsdp", backend="auto", frozen=True),
-             dict(name="fsdp_accum", mode="fsdp", backend="auto", accum=2, base="adamw"),
-             dict(name="mixed_adamw", mode="fsdp", backend="foreach", mixed=True,
-                  base="adamw")]
+    jobs += [
+        dict(name="hsdp_rep", mode="fsdp", backend="auto", mesh=[ws, 1]),
+        dict(name="hsdp_shard", mode="fsdp", backend="auto", mesh=[1, ws]),
+        dict(name="mixed", mode="fsdp", backend="auto", mixed=True),
+        dict(name="frozen", mode="fsdp", backend="auto", frozen=True),
+        dict(name="fsdp_accum", mode="fsdp", backend="auto", accum=2, base="adamw"),
+        dict(name="mixed_adamw", mode="fsdp", backend="foreach", mixed=True, base="adamw"),
+    ]
     for be in backends:
-        jobs += [dict(name=f"ddp_sync_{be}", mode="ddp_sync", backend=be),
-                 dict(name=f"ddp_local_{be}", mode="ddp_local", backend=be)]
-    jobs += [dict(name="ddp_sync_accum", mode="ddp_sync", backend="auto", accum=2),
-             dict(name="ddp_local_accum", mode="ddp_local", backend="auto", accum=2)]
+        jobs += [
+            dict(name=f"ddp_sync_{be}", mode="ddp_sync", backend=be),
+            dict(name=f"ddp_local_{be}", mode="ddp_local", backend=be),
+        ]
+    jobs += [
+        dict(name="ddp_sync_accum", mode="ddp_sync", backend="auto", accum=2),
+        dict(name="ddp_local_accum", mode="ddp_local", backend="auto", accum=2),
+    ]
     jobs.append(dict(name="errors", mode="errors", backend="auto"))
     return jobs
 
@@ -186,8 +217,17 @@ def runs(request, tmp_path_factory):
     ws = _world(kind)
     out = str(tmp_path_factory.mktemp(f"dist_{kind}"))
     jobs = jobs_for(kind, ws)
-    jobs.append(dict(name="ckpt_full", mode="fsdp", backend="auto", base="adamw",
-                     steps=STEPS, save=os.path.join(out, "ckpt"), save_at=2))
+    jobs.append(
+        dict(
+            name="ckpt_full",
+            mode="fsdp",
+            backend="auto",
+            base="adamw",
+            steps=STEPS,
+            save=os.path.join(out, "ckpt"),
+            save_at=2,
+        )
+    )
     return kind, ws, out, launch(jobs, out, ws, kind)
 
 
@@ -201,6 +241,7 @@ def oracles():
             with pytest.MonkeyPatch.context() as mp:
                 cache[key] = oracle(job, ws, mp, replicas)
         return cache[key]
+
     return get
 
 
@@ -211,8 +252,9 @@ def _job(name, kind, ws):
 def _check_against_oracle(runs, oracles, name, replicas=1, backend=None):
     kind, ws, _, res = runs
     job = _job(name, kind, ws)
-    want, want_norms = oracles({k: v for k, v in job.items() if k in ("base", "accum", "frozen")}, ws,
-                               replicas)
+    want, want_norms = oracles(
+        {k: v for k, v in job.items() if k in ("base", "accum", "frozen")}, ws, replicas
+    )
     for r, got in enumerate(res[name]):
         assert_trajectory(got["traj"], want, f"{name} rank {r}")
         if backend is not None and kind == "cpu":
@@ -222,19 +264,34 @@ def _check_against_oracle(runs, oracles, name, replicas=1, backend=None):
 
 # ---------------------------------------------------------------------------- FSDP2
 
+
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_fsdp2_matches_single_process(runs, oracles, backend, base):
     got, want, want_norms = _check_against_oracle(
-        runs, oracles, f"fsdp_{backend}_{base}",
-        backend={"auto": "cpp"}.get(backend, backend))
+        runs, oracles, f"fsdp_{backend}_{base}", backend={"auto": "cpp"}.get(backend, backend)
+    )
     for r, g in enumerate(got):
-        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
-                                   rtol=1e-5, atol=0, msg=lambda m: f"rank {r} norm: {m}")
+        torch.testing.assert_close(
+            torch.tensor(g["norms"]),
+            torch.tensor(want_norms),
+            rtol=1e-5,
+            atol=0,
+            msg=lambda m: f"rank {r} norm: {m}",
+        )
 
 
-@pytest.mark.parametrize("name", ["fsdp_auto_sgd", "fsdp_foreach_adamw", "fsdp_reference_sgd",
-                                  "hsdp_rep", "hsdp_shard", "mixed"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fsdp_auto_sgd",
+        "fsdp_foreach_adamw",
+        "fsdp_reference_sgd",
+        "hsdp_rep",
+        "hsdp_shard",
+        "mixed",
+    ],
+)
 def test_every_rank_sees_the_same_norm_and_one_all_reduce(runs, name):
     kind, ws, _, res = runs
     norms = [r["norms"] for r in res[name]]
@@ -245,8 +302,9 @@ def test_every_rank_sees_the_same_norm_and_one_all_reduce(runs, name):
         assert r["collectives"] == [(1, 0)] * STEPS, r["collectives"]
 
 
-@pytest.mark.parametrize("name", ["fsdp_auto_sgd", "fsdp_foreach_adamw", "fsdp_reference_sgd",
-                                  "hsdp_rep", "mixed"])
+@pytest.mark.parametrize(
+    "name", ["fsdp_auto_sgd", "fsdp_foreach_adamw", "fsdp_reference_sgd", "hsdp_rep", "mixed"]
+)
 def test_fsdp2_step_runs_on_local_shards_with_a_reused_plan(runs, name):
     """first_step and the restore dispatch no op on a DTensor (the backends take the local
     shards), and the plan built at the second step (the first has new EMAs) is reused."""
@@ -260,8 +318,9 @@ def test_fsdp2_step_runs_on_local_shards_with_a_reused_plan(runs, name):
 def test_hsdp_sums_over_shards_not_replicas(runs, oracles, name):
     got, want, want_norms = _check_against_oracle(runs, oracles, name)
     for g in got:
-        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(g["norms"]), torch.tensor(want_norms), rtol=1e-5, atol=0
+        )
 
 
 def test_fsdp2_parameters_without_gradients(runs, oracles):
@@ -269,8 +328,9 @@ def test_fsdp2_parameters_without_gradients(runs, oracles):
     own data_ptr() is 0)."""
     got, _, want_norms = _check_against_oracle(runs, oracles, "frozen")
     for g in got:
-        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(g["norms"]), torch.tensor(want_norms), rtol=1e-5, atol=0
+        )
 
 
 @pytest.mark.parametrize("name", ["mixed", "mixed_adamw"])
@@ -278,8 +338,9 @@ def test_fsdp2_mixed_with_plain_parameters(runs, oracles, name):
     got, _, want_norms = _check_against_oracle(runs, oracles, name)
     for g in got:
         assert len(g["summary"]) == 2  # one sharded bucket, one plain
-        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(g["norms"]), torch.tensor(want_norms), rtol=1e-5, atol=0
+        )
 
 
 def test_sharded_ema_matches_single_process(runs, oracles):
@@ -300,14 +361,17 @@ def test_sharded_ema_matches_single_process(runs, oracles):
 
 # ---------------------------------------------------------------------------- DDP
 
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ddp_synced_is_single_process_large_batch(runs, oracles, backend):
     got, _, want_norms = _check_against_oracle(
-        runs, oracles, f"ddp_sync_{backend}", backend={"auto": "cpp"}.get(backend, backend))
+        runs, oracles, f"ddp_sync_{backend}", backend={"auto": "cpp"}.get(backend, backend)
+    )
     for g in got:
         assert g["collectives"] == [(0, 0)] * STEPS  # DDP's own all-reduces only
-        torch.testing.assert_close(torch.tensor(g["norms"]), torch.tensor(want_norms),
-                                   rtol=1e-5, atol=0)
+        torch.testing.assert_close(
+            torch.tensor(g["norms"]), torch.tensor(want_norms), rtol=1e-5, atol=0
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -315,8 +379,7 @@ def test_ddp_per_replica_perturbation(runs, oracles, backend):
     """First pass under no_sync(): each rank perturbs by its own gradient's norm (so the
     norms differ) and keeps its own EMA; the weights stay identical on every rank."""
     kind, ws, _, res = runs
-    got, _, _ = _check_against_oracle(runs, oracles, f"ddp_local_{backend}",
-                                      replicas=ws)
+    got, _, _ = _check_against_oracle(runs, oracles, f"ddp_local_{backend}", replicas=ws)
     for a, b in zip(got[0]["traj"], got[-1]["traj"]):
         for n in a:
             assert torch.equal(a[n], b[n]), n  # bit for bit
@@ -336,18 +399,24 @@ def test_fsdp2_gradient_accumulation(runs, oracles):
 def test_ddp_gradient_accumulation(runs, oracles, mode):
     """Two micro-batches per pass, only the last one of a synced pass all-reduced."""
     kind, ws, _, res = runs
-    _check_against_oracle(runs, oracles, f"ddp_{mode}_accum",
-                          replicas=1 if mode == "sync" else ws)
+    _check_against_oracle(runs, oracles, f"ddp_{mode}_accum", replicas=1 if mode == "sync" else ws)
 
 
 # ---------------------------------------------------------------------------- checkpoint
+
 
 def test_distributed_checkpoint_resumes_bit_exactly(runs, tmp_path):
     """Saved by torch.distributed.checkpoint after 2 of 4 steps in one process group,
     loaded by fresh processes that run the last 2: the same bits as the uninterrupted run."""
     kind, ws, out, res = runs
-    job = dict(name="ckpt_resumed", mode="fsdp", backend="auto", base="adamw", steps=STEPS - 2,
-               load=os.path.join(out, "ckpt"))
+    job = dict(
+        name="ckpt_resumed",
+        mode="fsdp",
+        backend="auto",
+        base="adamw",
+        steps=STEPS - 2,
+        load=os.path.join(out, "ckpt"),
+    )
     resumed = launch([job], str(tmp_path), ws, kind)["ckpt_resumed"]
     for full, again in zip(res["ckpt_full"], resumed):
         for step, (a, b) in enumerate(zip(full["traj"][2:], again["traj"])):
@@ -360,15 +429,17 @@ def test_distributed_checkpoint_resumes_bit_exactly(runs, tmp_path):
 def test_clear_errors_for_mismatched_dtensors(runs):
     kind, ws, _, res = runs
     for r in res["errors"]:
-        assert "placements (Replicate(),)" in r["msgs"]["grad"] and \
-            "param group 0, parameter 0" in r["msgs"]["grad"], r["msgs"]
-        assert "must be a DTensor with the parameter's placements" in r["msgs"]["ema"], \
-            r["msgs"]
+        assert (
+            "placements (Replicate(),)" in r["msgs"]["grad"]
+            and "param group 0, parameter 0" in r["msgs"]["grad"]
+        ), r["msgs"]
+        assert "must be a DTensor with the parameter's placements" in r["msgs"]["ema"], r["msgs"]
         # a new local shard: the old one untouched, the new one perturbed
         assert r["msgs"]["moved"] == (True, False), r["msgs"]
 
 
 # ---------------------------------------------------------------------------- in-process
+
 
 def test_init_state_and_plain_load_checks():
     """init_state makes the template a checkpoint loads into; a DTensor EMA for a plain
@@ -380,8 +451,11 @@ def test_init_state_and_plain_load_checks():
     init_state(opt)
     assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
     sd = copy.deepcopy(opt.state_dict())
-    assert set(sd["state"][0]) == {"ema"} and set(sd["base_optimizer"]["state"][0]) == \
-        {"step", "exp_avg", "exp_avg_sq"}
+    assert set(sd["state"][0]) == {"ema"} and set(sd["base_optimizer"]["state"][0]) == {
+        "step",
+        "exp_avg",
+        "exp_avg_sq",
+    }
     with pytest.raises(RuntimeError, match="without state"):
         init_state(opt)
 
@@ -393,10 +467,29 @@ def test_example_under_torchrun(tmp_path):
     ckpt = str(tmp_path / "ckpt")
 
     def torchrun(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), script,
-               "--mode", "fsdp", "--steps", "3", "--width", "16", "--accum", "2",
-               "--checkpoint", ckpt, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            script,
+            "--mode",
+            "fsdp",
+            "--steps",
+            "3",
+            "--width",
+            "16",
+            "--accum",
+            "2",
+            "--checkpoint",
+            ckpt,
+            *args,
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -30,8 +30,9 @@ FP32 = dict(rtol=1e-5, atol=1e-6)
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0])
 def test_backend_follows_reference(backend, base, order, adaptive, sigma, device):
     backend_available(backend, device)
-    kw = dict(seed=7, steps=5, device=device, base=base, sigma=sigma, adaptive=adaptive,
-              ema_order=order)
+    kw = dict(
+        seed=7, steps=5, device=device, base=base, sigma=sigma, adaptive=adaptive, ema_order=order
+    )
     want, _, _ = trajectory("reference", **kw)
     got, _, _ = trajectory(backend, **kw)
     assert_snapshots_close(got, want, **FP32, what=backend)
@@ -47,12 +48,22 @@ def test_every_backend_follows_published_code(backend, base, adaptive, sigma, de
     equal up to float32 rounding."""
     backend_available(backend, device)
     seed, steps = 3, 6
-    want, _, _ = trajectory(backend, seed=seed, steps=steps, base=base, rho=0.1, sigma=sigma,
-                            lmbda=0.6, adaptive=adaptive, device=device)
+    want, _, _ = trajectory(
+        backend,
+        seed=seed,
+        steps=steps,
+        base=base,
+        rho=0.1,
+        sigma=sigma,
+        lmbda=0.6,
+        adaptive=adaptive,
+        device=device,
+    )
     net = make_net(seed, device=device)
     cls, kw = BASES[base]
-    opt = FriendlySAM(net.groups(0.1, adaptive), cls, rho=0.1, sigma=sigma, lmbda=0.6,
-                      adaptive=adaptive, **kw)
+    opt = FriendlySAM(
+        net.groups(0.1, adaptive), cls, rho=0.1, sigma=sigma, lmbda=0.6, adaptive=adaptive, **kw
+    )
     for step, (x, y) in enumerate(batches(seed + 1, steps, device=device)):
         loss_of(net, x, y).backward()
         opt.first_step(zero_grad=True)
@@ -88,13 +99,14 @@ def test_mixed_dtypes_share_one_global_norm(backend, device):
     def run(b):
         net = make_net(11, device=device)
         net.fc2.to(torch.bfloat16)
-        opt = FSAM(net.parameters(), torch.optim.SGD, rho=0.2, **opt_args(b), lr=0.05,
-                   momentum=0.9)
+        opt = FSAM(net.parameters(), torch.optim.SGD, rho=0.2, **opt_args(b), lr=0.05, momentum=0.9)
         snaps = []
         for x, y in batches(12, 4, device=device):
+
             def loss():
                 h = torch.tanh(net.norm(net.fc1(x)))
                 return torch.nn.functional.mse_loss(net.fc2(h.bfloat16()).float(), y)
+
             loss().backward()
             opt.first_step(zero_grad=True)
             snaps.append([p.detach().float().clone() for p in net.parameters()])

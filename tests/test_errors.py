@@ -19,21 +19,24 @@ def _unchanged(net, snap):
     return all(torch.equal(p, s) for p, s in zip(net.parameters(), snap))
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(rho=-0.1), ValueError, "rho"),
-    (dict(rho=math.nan), ValueError, "rho"),
-    (dict(rho=math.inf), ValueError, "rho"),
-    (dict(rho="0.1"), TypeError, "rho"),
-    (dict(sigma=-1.0), ValueError, "sigma"),
-    (dict(sigma=math.nan), ValueError, "sigma"),
-    (dict(lmbda=1.0), ValueError, "lmbda"),
-    (dict(lmbda=-0.1), ValueError, "lmbda"),
-    (dict(lmbda=math.inf), ValueError, "lmbda"),
-    (dict(adaptive=1), TypeError, "adaptive"),
-    (dict(ema_order="algorithm1"), ValueError, "ema_order"),
-    (dict(backend="cuda"), ValueError, "backend"),
-    (dict(ema_dtype=torch.int32), ValueError, "ema_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rho=-0.1), ValueError, "rho"),
+        (dict(rho=math.nan), ValueError, "rho"),
+        (dict(rho=math.inf), ValueError, "rho"),
+        (dict(rho="0.1"), TypeError, "rho"),
+        (dict(sigma=-1.0), ValueError, "sigma"),
+        (dict(sigma=math.nan), ValueError, "sigma"),
+        (dict(lmbda=1.0), ValueError, "lmbda"),
+        (dict(lmbda=-0.1), ValueError, "lmbda"),
+        (dict(lmbda=math.inf), ValueError, "lmbda"),
+        (dict(adaptive=1), TypeError, "adaptive"),
+        (dict(ema_order="algorithm1"), ValueError, "ema_order"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(ema_dtype=torch.int32), ValueError, "ema_dtype"),
+    ],
+)
 def test_invalid_hyperparameters_name_the_argument(kwargs, exc, match):
     net = make_net(0)
     with pytest.raises(exc, match=match):
@@ -58,18 +61,22 @@ def test_invalid_group_rho():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("break_it, match", [
-    (lambda o: o.param_groups[1].update(rho=-0.5), "rho in param group 1"),
-    (lambda o: setattr(o, "sigma", -1.0), "sigma"),
-    (lambda o: setattr(o, "lmbda", 1.5), "lmbda"),
-    (lambda o: setattr(o, "ema_order", "wrong"), "ema_order"),
-])
-def test_invalid_value_set_between_steps_is_caught_before_any_change(backend, break_it, match,
-                                                                    device):
+@pytest.mark.parametrize(
+    "break_it, match",
+    [
+        (lambda o: o.param_groups[1].update(rho=-0.5), "rho in param group 1"),
+        (lambda o: setattr(o, "sigma", -1.0), "sigma"),
+        (lambda o: setattr(o, "lmbda", 1.5), "lmbda"),
+        (lambda o: setattr(o, "ema_order", "wrong"), "ema_order"),
+    ],
+)
+def test_invalid_value_set_between_steps_is_caught_before_any_change(
+    backend, break_it, match, device
+):
     backend_available(backend, device)
     net = make_net(0, device=device)
     opt = FSAM(net.groups(0.1, False), torch.optim.SGD, lr=0.1, **opt_args(backend))
-    (x, y), = batches(1, 1, device=device)
+    ((x, y),) = batches(1, 1, device=device)
     loss_of(net, x, y).backward()
     opt.step(lambda: loss_of(net, x, y).backward())
     opt.zero_grad()
@@ -87,7 +94,7 @@ def test_invalid_value_set_between_steps_is_caught_before_any_change(backend, br
 def test_call_order_misuse():
     net = make_net(0)
     opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1)
-    (x, y), = batches(1, 1)
+    ((x, y),) = batches(1, 1)
     with pytest.raises(RuntimeError, match="before first_step"):
         opt.second_step()
     with pytest.raises(RuntimeError, match="closure"):
@@ -113,7 +120,7 @@ def test_closure_error_restores_the_weights(backend, device):
     backend_available(backend, device)
     net = make_net(0, device=device)
     opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, **opt_args(backend))
-    (x, y), = batches(1, 1, device=device)
+    ((x, y),) = batches(1, 1, device=device)
     loss_of(net, x, y).backward()
     snap = _snapshot(net)
 
@@ -132,8 +139,7 @@ def test_sparse_gradient_rejected_before_any_change(backend):
     backend_available(backend, "cpu")
     emb = torch.nn.Embedding(10, 4, sparse=True)
     lin = torch.nn.Linear(4, 1)
-    opt = FSAM([*lin.parameters(), *emb.parameters()], torch.optim.SGD, lr=0.1,
-               **opt_args(backend))
+    opt = FSAM([*lin.parameters(), *emb.parameters()], torch.optim.SGD, lr=0.1, **opt_args(backend))
     lin(emb(torch.tensor([1, 2]))).sum().backward()
     snap = [p.detach().clone() for p in (*lin.parameters(), *emb.parameters())]
     with pytest.raises(RuntimeError, match="sparse"):
@@ -156,7 +162,7 @@ def test_triton_backend_rejects_what_it_cannot_run(monkeypatch):
     require_triton()
     net = make_net(0)
     opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, backend="triton")
-    (x, y), = batches(1, 1)
+    ((x, y),) = batches(1, 1)
     loss_of(net, x, y).backward()
     snap = _snapshot(net)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -182,8 +188,7 @@ def test_load_state_dict_rejects_mismatches():
     other = FSAM(net.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="param groups"):
         other.load_state_dict(sd)
-    bad = dict(sd, param_groups=[dict(sd["param_groups"][0], params=[0]),
-                                 sd["param_groups"][1]])
+    bad = dict(sd, param_groups=[dict(sd["param_groups"][0], params=[0]), sd["param_groups"][1]])
     with pytest.raises(ValueError, match="param group 0 has"):
         opt.load_state_dict(bad)
 

@@ -39,9 +39,11 @@ def _stepped(backend, seed=0, steps=2, **kw):
 
 
 def _state(net, opt):
-    return ([p.detach().clone() for p in net.parameters()],
-            {id(p): s["ema"].clone() for p, s in opt.state.items() if "ema" in s},
-            copy.deepcopy(opt.base_optimizer.state_dict()["state"]))
+    return (
+        [p.detach().clone() for p in net.parameters()],
+        {id(p): s["ema"].clone() for p, s in opt.state.items() if "ema" in s},
+        copy.deepcopy(opt.base_optimizer.state_dict()["state"]),
+    )
 
 
 def _unchanged(net, opt, before):
@@ -51,7 +53,8 @@ def _unchanged(net, opt, before):
     assert now.keys() == m.keys() and all(torch.equal(now[k], m[k]) for k in m), "EMA"
     b = opt.base_optimizer.state_dict()["state"]
     assert b.keys() == base.keys() and all(
-        torch.equal(b[k]["momentum_buffer"], base[k]["momentum_buffer"]) for k in base), "base"
+        torch.equal(b[k]["momentum_buffer"], base[k]["momentum_buffer"]) for k in base
+    ), "base"
 
 
 # ------------------------------------------------------------------ storage changed mid-step
@@ -99,7 +102,9 @@ def test_a_reshaped_parameter_is_named_and_the_others_restored(backend):
     opt.first_step(zero_grad=True)
     first = next(net.parameters())
     first.data = first.data.t().contiguous()  # a transposed copy: shape (5, 6) now
-    with pytest.raises(RuntimeError, match=r"shape of the parameter planned as shape \(6, 5\) \(now \(5, 6\)\)"):
+    with pytest.raises(
+        RuntimeError, match=r"shape of the parameter planned as shape \(6, 5\) \(now \(5, 6\)\)"
+    ):
         opt.second_step()
     for p, x in list(zip(net.parameters(), w))[1:]:
         assert torch.equal(p.detach(), x), "the others are restored"
@@ -118,9 +123,13 @@ def test_a_bad_gradient_is_rejected_before_anything_changes(backend, cached, bad
     before = _state(net, opt)
     p = next(net.parameters())  # (6, 5)
     g = p.grad
-    p.grad.data = {"float64": lambda: g.double(), "float16": lambda: g.half(),
-                   "int64": lambda: g.long(), "shape": lambda: g.t().contiguous(),
-                   "broadcast": lambda: g[:1].clone()}[bad]()
+    p.grad.data = {
+        "float64": lambda: g.double(),
+        "float16": lambda: g.half(),
+        "int64": lambda: g.long(),
+        "shape": lambda: g.t().contiguous(),
+        "broadcast": lambda: g[:1].clone(),
+    }[bad]()
     with pytest.raises((RuntimeError, ValueError), match="gradient"):
         opt.first_step()
     _unchanged(net, opt, before)
@@ -190,16 +199,18 @@ def test_a_gradient_aliasing_a_weight_is_rejected(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("attr, value, match", [
-    ("backend", "bogus", "Invalid backend"),
-    ("ema_dtype", "float32", "Invalid ema_dtype"),
-    ("ema_dtype", torch.int32, "Invalid ema_dtype"),
-    ("sigma", 10 ** 400, "sigma.*too large"),
-    ("lmbda", True, "lmbda must be a real number"),
-    ("fixed_addresses", 1, "fixed_addresses must be a bool"),
-])
-def test_a_bad_setting_between_steps_is_named_before_anything_changes(backend, attr, value,
-                                                                      match):
+@pytest.mark.parametrize(
+    "attr, value, match",
+    [
+        ("backend", "bogus", "Invalid backend"),
+        ("ema_dtype", "float32", "Invalid ema_dtype"),
+        ("ema_dtype", torch.int32, "Invalid ema_dtype"),
+        ("sigma", 10**400, "sigma.*too large"),
+        ("lmbda", True, "lmbda must be a real number"),
+        ("fixed_addresses", 1, "fixed_addresses must be a bool"),
+    ],
+)
+def test_a_bad_setting_between_steps_is_named_before_anything_changes(backend, attr, value, match):
     net, opt = _stepped(backend)
     _loss(net, 4).backward()
     before = _state(net, opt)
@@ -209,10 +220,15 @@ def test_a_bad_setting_between_steps_is_named_before_anything_changes(backend, a
     _unchanged(net, opt, before)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rho=10 ** 400), "rho.*too large"), (dict(sigma=-(10 ** 400)), "sigma.*too large"),
-    (dict(lr=0.1, ema_dtype="float32"), "ema_dtype"), (dict(ema_dtype=torch.int64), "ema_dtype"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=10**400), "rho.*too large"),
+        (dict(sigma=-(10**400)), "sigma.*too large"),
+        (dict(lr=0.1, ema_dtype="float32"), "ema_dtype"),
+        (dict(ema_dtype=torch.int64), "ema_dtype"),
+    ],
+)
 def test_bad_constructor_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         FSAM(_net().parameters(), torch.optim.SGD, **{"lr": 0.1, **kwargs})
@@ -230,23 +246,29 @@ def test_a_group_rho_of_the_wrong_type_between_steps(rho):
 # ------------------------------------------------------------------ loading
 
 
-@pytest.mark.parametrize("corrupt, match", [
-    (lambda sd: sd["state"][0].update(ema=torch.zeros(1, 5)), "EMA"),  # broadcastable
-    (lambda sd: sd["state"][0].update(ema=[0.0] * 30), "must be a tensor"),
-    (lambda sd: sd["state"][0].update(step=3), "at most an 'ema'"),
-    (lambda sd: sd["base_optimizer"]["state"][0].update(momentum_buffer=torch.zeros(5)),
-     "momentum_buffer"),
-    (lambda sd: sd["base_optimizer"]["state"][0].update(momentum_buffer=[1.0]), "type list"),
-    (lambda sd: sd["fsam"].update(sigma=math.nan), "sigma"),
-    (lambda sd: sd["param_groups"][0].update(rho=-1.0), "rho"),
-])
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda sd: sd["state"][0].update(ema=torch.zeros(1, 5)), "EMA"),  # broadcastable
+        (lambda sd: sd["state"][0].update(ema=[0.0] * 30), "must be a tensor"),
+        (lambda sd: sd["state"][0].update(step=3), "at most an 'ema'"),
+        (
+            lambda sd: sd["base_optimizer"]["state"][0].update(momentum_buffer=torch.zeros(5)),
+            "momentum_buffer",
+        ),
+        (lambda sd: sd["base_optimizer"]["state"][0].update(momentum_buffer=[1.0]), "type list"),
+        (lambda sd: sd["fsam"].update(sigma=math.nan), "sigma"),
+        (lambda sd: sd["param_groups"][0].update(rho=-1.0), "rho"),
+    ],
+)
 def test_load_state_dict_checks_everything_before_changing_anything(corrupt, match):
     net, opt = _stepped("foreach")
     sd = copy.deepcopy(opt.state_dict())
     corrupt(sd)
     before = _state(net, opt)
-    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                            for g in opt.param_groups])
+    groups = copy.deepcopy(
+        [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    )
     with pytest.raises((ValueError, TypeError), match=match):
         opt.load_state_dict(sd)
     _unchanged(net, opt, before)
@@ -280,11 +302,13 @@ def test_a_failing_closure_restores_weights_and_the_first_gradients(backend):
     def closure():
         _loss(net, 5).backward()
         raise ValueError("boom")
+
     with pytest.raises(ValueError, match="boom"):
         opt.step(closure)
     assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
-    assert all(p.grad is g and torch.equal(g, v)
-               for p, g, v in zip(net.parameters(), grads, values))
+    assert all(
+        p.grad is g and torch.equal(g, v) for p, g, v in zip(net.parameters(), grads, values)
+    )
     b = opt.base_optimizer.state_dict()["state"]
     assert all(torch.equal(b[k]["momentum_buffer"], base[k]["momentum_buffer"]) for k in base)
 
@@ -300,6 +324,7 @@ def test_a_closure_that_is_not_callable_or_calls_first_step():
     def closure():
         _loss(net).backward()
         opt.first_step()
+
     with pytest.raises(RuntimeError, match="must run only the second"):
         opt.step(closure)
     assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), before[0]))
@@ -393,8 +418,11 @@ def test_an_ema_sharing_memory_is_rejected(backend, alias):
         opt.first_step()
         opt.second_step()
     a.grad, b.grad = torch.randn(4, 3), torch.randn(4, 3)
-    opt.state[a]["ema"] = {"weight": a.data, "gradient": a.grad,
-                           "another EMA": opt.state[b]["ema"]}[alias]
+    opt.state[a]["ema"] = {
+        "weight": a.data,
+        "gradient": a.grad,
+        "another EMA": opt.state[b]["ema"],
+    }[alias]
     before = [a.detach().clone(), b.detach().clone(), opt.state[b]["ema"].clone()]
     with pytest.raises(RuntimeError, match="share memory"):
         opt.first_step()
@@ -418,8 +446,11 @@ def test_a_new_view_of_the_same_storage_gets_its_bits_back(backend, view):
         opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.1, **opt_args(backend))
         ps = [net[2].weight] + [p for p in net.parameters() if p is not net[2].weight]
         net.forward = lambda x: torch.nn.functional.linear(torch.tanh(net[0](x)), net[2].weight)
-    _loss_fn = (lambda k: (net(torch.randn(4, 5)) ** 2).mean()) if view == "square transpose" \
+    _loss_fn = (
+        (lambda k: (net(torch.randn(4, 5)) ** 2).mean())
+        if view == "square transpose"
         else (lambda k: _loss(net, k))
+    )
     _loss_fn(9).backward()
     w = [p.detach().clone() for p in ps]
     opt.first_step(zero_grad=True)
@@ -448,9 +479,11 @@ def test_a_failing_restore_leaves_the_step_in_flight(backend, monkeypatch):
     def once(self, b):
         monkeypatch.setattr(cls, "restore", original)
         raise RuntimeError("injected")
+
     monkeypatch.setattr(cls, "restore", once)
-    monkeypatch.setattr(cls, "original", lambda self, b, i: (_ for _ in ()).throw(
-        RuntimeError("injected too")))
+    monkeypatch.setattr(
+        cls, "original", lambda self, b, i: (_ for _ in ()).throw(RuntimeError("injected too"))
+    )
     with pytest.raises(RuntimeError, match="injected"):
         opt.second_step()
     monkeypatch.undo()
@@ -469,13 +502,15 @@ def test_an_interrupt_that_does_not_raise_lets_the_step_complete(handler):
     from fsam_fused import backends
 
     calls = []
-    prev = signal.signal(signal.SIGINT, signal.SIG_IGN if handler == "ignore"
-                         else (lambda s, f: calls.append(s)))
+    prev = signal.signal(
+        signal.SIGINT, signal.SIG_IGN if handler == "ignore" else (lambda s, f: calls.append(s))
+    )
     original = backends.ForeachBackend.perturb
 
     def hit(self, *a, **k):
         _thread.interrupt_main()
         return original(self, *a, **k)
+
     try:
         net, opt = _stepped("foreach")
         _loss(net, 1).backward()
@@ -500,13 +535,19 @@ def test_a_closure_that_calls_second_step_is_refused_before_the_base_steps():
     def closure():
         _loss(net).backward()
         opt.second_step()
+
     with pytest.raises(RuntimeError, match="called second_step"):
         opt.step(closure)
     w, _, base = before  # the EMA keeps the first pass's update (a failed second pass)
     assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
     assert opt.base_optimizer.state_dict()["state"].keys() == base.keys()
-    assert all(torch.equal(opt.base_optimizer.state_dict()["state"][k]["momentum_buffer"],
-                           base[k]["momentum_buffer"]) for k in base)
+    assert all(
+        torch.equal(
+            opt.base_optimizer.state_dict()["state"][k]["momentum_buffer"],
+            base[k]["momentum_buffer"],
+        )
+        for k in base
+    )
 
 
 def test_load_state_dict_names_a_non_dict_fsam_entry_and_meta_state():

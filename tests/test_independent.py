@@ -71,8 +71,9 @@ def independent(w0, steps, seed, sigma, lmbda, adaptive, order):
 @pytest.mark.parametrize("backend", ["reference", "foreach", "triton", "cpp", "cpp-fixed"])
 @pytest.mark.parametrize("order", ["official", "paper"])
 @pytest.mark.parametrize("sigma", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("adaptive", [(False, False), (True, True), (True, False)],
-                         ids=["plain", "adaptive", "mixed"])
+@pytest.mark.parametrize(
+    "adaptive", [(False, False), (True, True), (True, False)], ids=["plain", "adaptive", "mixed"]
+)
 def test_against_float64_statement(backend, order, sigma, adaptive, device):
     backend_available(backend, device)
     lmbda, seed = 0.8, 1234
@@ -81,10 +82,19 @@ def test_against_float64_statement(backend, order, sigma, adaptive, device):
     want = independent(w0, STEPS, seed, sigma, lmbda, adaptive, order)
 
     params = [torch.nn.Parameter(x.to(device, torch.float32)) for x in w0]
-    opt = FSAM([{"params": params[:3], "rho": RHOS[0], "adaptive": adaptive[0]},
-                {"params": params[3:], "rho": RHOS[1], "adaptive": adaptive[1]}],
-               torch.optim.SGD, sigma=sigma, lmbda=lmbda, ema_order=order, **opt_args(backend),
-               lr=LR, momentum=MOMENTUM)
+    opt = FSAM(
+        [
+            {"params": params[:3], "rho": RHOS[0], "adaptive": adaptive[0]},
+            {"params": params[3:], "rho": RHOS[1], "adaptive": adaptive[1]},
+        ],
+        torch.optim.SGD,
+        sigma=sigma,
+        lmbda=lmbda,
+        ema_order=order,
+        **opt_args(backend),
+        lr=LR,
+        momentum=MOMENTUM,
+    )
     gen = torch.Generator().manual_seed(seed)
     for k in range(STEPS):
         g1, g2 = _grads(gen, k, len(params), device)
@@ -98,10 +108,15 @@ def test_against_float64_statement(backend, order, sigma, adaptive, device):
         w_pert, w_new, m = want[k]
         tol = dict(rtol=1e-5, atol=1e-6)
         for i, p in enumerate(params):
-            torch.testing.assert_close(perturbed[i], w_pert[i], **tol,
-                                       msg=lambda s: f"step {k} perturbed[{i}]: {s}")
-            torch.testing.assert_close(p.detach().double().cpu(), w_new[i], **tol,
-                                       msg=lambda s: f"step {k} weights[{i}]: {s}")
+            torch.testing.assert_close(
+                perturbed[i], w_pert[i], **tol, msg=lambda s: f"step {k} perturbed[{i}]: {s}"
+            )
+            torch.testing.assert_close(
+                p.detach().double().cpu(),
+                w_new[i],
+                **tol,
+                msg=lambda s: f"step {k} weights[{i}]: {s}",
+            )
             ema = opt.state[p].get("ema") if p in opt.state else None
             if i in m:
                 assert ema is not None and ema.dtype == torch.float32, f"step {k} ema[{i}]"

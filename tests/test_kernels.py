@@ -19,9 +19,8 @@ def _triton_ok(device):
 
 def _kernels():
     from fsam_fused.kernels import fsam
+
     return fsam
-
-
 
 
 def _check_against_reference(make_params, dtype, device, **kw):
@@ -53,6 +52,7 @@ def test_awkward_sizes(dtype, device):
     def make():
         torch.manual_seed(1)
         return [torch.nn.Parameter(torch.randn(n).to(device, dtype)) for n in sizes]
+
     _check_against_reference(make, dtype, device, adaptive=True)
 
 
@@ -64,18 +64,24 @@ def test_many_tiny_tensors_beside_a_large_one(dtype, device):
         # spans many chunks: the chunk table mixes both, and the few programs of the CPU
         # grid each stride over tiny and large chunks alike. More tiny tensors test nothing
         # more and cost the interpreter seconds each.
-        shapes = [(int(n),) for n in torch.randint(1, 20, (20,))] + [(300, 1001)] + \
+        shapes = (
             [(int(n),) for n in torch.randint(1, 20, (20,))]
+            + [(300, 1001)]
+            + [(int(n),) for n in torch.randint(1, 20, (20,))]
+        )
         return [torch.nn.Parameter(torch.randn(s).to(device, dtype)) for s in shapes]
+
     _check_against_reference(make, dtype, device, steps=2)
 
 
 def test_misaligned_views_take_the_unhinted_kernels(device):
     """Parameters that are views at odd offsets: no 16-byte promise can be made."""
+
     def make():
         torch.manual_seed(3)
         storage = torch.randn(5000, device=device)
-        return [torch.nn.Parameter(storage[1:1 + 777]), torch.nn.Parameter(storage[901:4000])]
+        return [torch.nn.Parameter(storage[1 : 1 + 777]), torch.nn.Parameter(storage[901:4000])]
+
     _check_against_reference(make, torch.float32, device)
     ps = make()
     opt = FSAM(ps, torch.optim.SGD, backend="triton", lr=0.1)
@@ -98,6 +104,7 @@ def test_any_grid_covers_every_chunk(grid, device, monkeypatch):
     def make():
         torch.manual_seed(4)
         return [torch.nn.Parameter(torch.randn(n, device=device)) for n in (70_001, 5, 16_384)]
+
     _check_against_reference(make, torch.float32, device, steps=2)
 
 
@@ -136,10 +143,12 @@ def test_empty_parameter_and_no_gradients(device):
 
 def test_channels_last_weights(device):
     """Dense but not contiguous: the buffers follow the parameter's element order."""
+
     def make():
         torch.manual_seed(6)
         w = torch.randn(8, 3, 5, 5, device=device).to(memory_format=torch.channels_last)
         return [torch.nn.Parameter(w), torch.nn.Parameter(torch.randn(8, device=device))]
+
     ps = make()
     gen = torch.Generator().manual_seed(0)
     ps_r = make()
@@ -162,6 +171,7 @@ def test_no_host_synchronisation_in_a_step(backend):
     torch.manual_seed(7)
     ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (3, 1000, 70_000)]
     from fsam_fused.bench import NoOp  # the base optimizer's own syncs are not ours
+
     opt = FSAM(ps, NoOp, **opt_args(backend))
     grads = [[torch.randn_like(p) for p in ps] for _ in range(3)]
     for p, g in zip(ps, grads[0]):
@@ -184,6 +194,7 @@ def test_no_host_synchronisation_in_a_step(backend):
 def test_counted_bytes_match_the_docstring():
     """The kernels' docstring table and the one formula the benchmark uses agree."""
     from fsam_fused.traffic import bytes_per_step
+
     doc = _kernels().__doc__
     assert "8 + 24 + 8 = 40" in doc and "6 + 16 + 4 = 26" in doc
     assert bytes_per_step(1, 4, 4, has_ema=True, adaptive=False) == 8 + 24 + 8
@@ -196,6 +207,7 @@ def test_counted_bytes_match_the_docstring():
 
 def test_kernel_dtypes_are_the_fused_backends_dtypes():
     from fsam_fused.backends import FUSED_DTYPES
+
     assert tuple(_kernels().SUPPORTED_DTYPES) == FUSED_DTYPES
 
 
@@ -214,6 +226,7 @@ def test_three_launches_per_step_whatever_the_tensor_count(device, monkeypatch):
             def __getitem__(self, grid):
                 launches.append(self.name)
                 return self.kernel[grid]
+
         monkeypatch.setattr(k, name, Counting(kernel, name))
     for count in (1, 40):
         torch.manual_seed(count)
@@ -234,6 +247,7 @@ def test_cuda_step_is_three_kernels():
     and happen only when something changed)."""
     device = torch.device("cuda")
     from fsam_fused.bench import NoOp
+
     torch.manual_seed(8)
     ps = [torch.nn.Parameter(torch.randn(n, device=device)) for n in (3, 1000, 70_000)]
     opt = FSAM(ps, NoOp, backend="triton")
@@ -246,8 +260,13 @@ def test_cuda_step_is_three_kernels():
         opt.first_step()
         opt.second_step()
         torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    kernels = [
+        e.name
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+        and "memcpy" not in e.name.lower()
+        and "memset" not in e.name.lower()
+    ]
     assert sorted(kernels) == ["_norm_kernel", "_perturb_kernel", "_restore_kernel"], kernels
 
 

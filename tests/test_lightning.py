@@ -18,8 +18,9 @@ def _data(n=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=g)
     y = (x[:, :1] * 0.5 - x[:, 1:2]).detach() + 0.1 * torch.randn(n, 1, generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
-                                       shuffle=False)
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False
+    )
 
 
 class Net(torch.nn.Module):
@@ -51,11 +52,11 @@ class ManualFSAM(L.LightningModule):
         opt = self.optimizers()
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only
         loss = self.loss(batch)
-        self.manual_backward(loss)                       # first pass, at w
+        self.manual_backward(loss)  # first pass, at w
         opt.first_step(zero_grad=True, grad_scaler=scaler)
-        with bn_frozen(self.net):                        # second pass, at w + e
+        with bn_frozen(self.net):  # second pass, at w + e
             self.manual_backward(self.loss(batch))
-        opt.step()       # restore + base step (scaler.step under fp16); advances global_step
+        opt.step()  # restore + base step (scaler.step under fp16); advances global_step
         opt.zero_grad()
         self.losses.append(loss.detach())
 
@@ -78,18 +79,32 @@ def _trainer(tmp_path, precision, max_steps, **kw):
         # Lightning turns Trainer(precision="16-mixed") on CPU into bf16-mixed; the plugin
         # with a CPU GradScaler runs real fp16 autocast on CPU.
         from lightning.pytorch.plugins.precision import MixedPrecision
-        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler(
-            "cpu", init_scale=2.0 ** 10))]
+
+        plugins = [
+            MixedPrecision(
+                "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            )
+        ]
         precision = None
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, precision=precision,
-                     plugins=plugins, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        precision=precision,
+        plugins=plugins,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 def test_manual_recipe_trains_counts_steps_and_resumes(tmp_path, precision):
-    ckpt = L.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=3,
-                                       save_top_k=-1)
+    ckpt = L.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ck"), every_n_train_steps=3, save_top_k=-1
+    )
     model = ManualFSAM()
     w0 = [p.detach().clone() for p in model.parameters()]
     tr = _trainer(tmp_path, precision, 6, callbacks=[ckpt])
@@ -120,8 +135,9 @@ def test_automatic_optimization_stops_with_the_recipe(tmp_path, precision):
     tr = _trainer(tmp_path, precision, 4)
     # fp16: at the first step (no first_step before scaler.step); otherwise at the second
     # (the first, without gradients, is a plain step by contract), as a stale gradient.
-    with pytest.raises(RuntimeError, match="first_step" if precision == "16-mixed" else
-                       "stale") as err:
+    with pytest.raises(
+        RuntimeError, match="first_step" if precision == "16-mixed" else "stale"
+    ) as err:
         tr.fit(model, _data())
     assert "Lightning" in str(err.value)
     w = [p.detach().clone() for p in model.parameters()]

@@ -27,8 +27,9 @@ def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
     data = list(batches(21, 6, dtype, device))
 
     def new(net):
-        return FSAM(net.groups(0.1, True), cls, rho=0.1, sigma=0.7, lmbda=0.9,
-                    **opt_args(backend), **kw)
+        return FSAM(
+            net.groups(0.1, True), cls, rho=0.1, sigma=0.7, lmbda=0.9, **opt_args(backend), **kw
+        )
 
     net_a = make_net(20, dtype, device)
     opt_a = new(net_a)
@@ -41,8 +42,9 @@ def test_state_dict_mid_run_resumes_bit_exactly(backend, base, dtype, device):
     ckpt = torch.load(buf)
     net_b = make_net(999, dtype, device)  # different init, overwritten by the checkpoint
     net_b.load_state_dict(ckpt["model"])
-    opt_b = FSAM(net_b.groups(0.5, False), cls, rho=0.5, sigma=0.1, lmbda=0.1,
-                 **opt_args(backend), **kw)  # hyper-parameters restored from the checkpoint
+    opt_b = FSAM(
+        net_b.groups(0.5, False), cls, rho=0.5, sigma=0.1, lmbda=0.1, **opt_args(backend), **kw
+    )  # hyper-parameters restored from the checkpoint
     groups_before = [id(g) for g in opt_b.param_groups]
     opt_b.load_state_dict(ckpt["opt"])
     assert [id(g) for g in opt_b.param_groups] == groups_before
@@ -93,8 +95,9 @@ def test_lr_scheduler_on_either_object_drives_the_base():
 def test_add_param_group_reaches_base_and_steps(backend, device):
     backend_available(backend, device)
     net = make_net(2, device=device)
-    opt = FSAM(net.fc1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
-               **opt_args(backend))
+    opt = FSAM(
+        net.fc1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **opt_args(backend)
+    )
     opt.add_param_group({"params": list(net.fc2.parameters()), "rho": 0.3})
     g = opt.param_groups[1]
     assert opt.base_optimizer.param_groups[1] is g
@@ -145,8 +148,10 @@ def test_grad_is_left_as_the_users_gradient():
         loss_of(net, x, y).backward()
         grads = [p.grad.clone() for p in net.parameters() if p.grad is not None]
         opt.first_step()
-        assert all(torch.equal(g, p.grad) for g, p in
-                   zip(grads, [p for p in net.parameters() if p.grad is not None]))
+        assert all(
+            torch.equal(g, p.grad)
+            for g, p in zip(grads, [p for p in net.parameters() if p.grad is not None])
+        )
         opt.zero_grad()
         loss_of(net, x, y).backward()
         opt.second_step(zero_grad=True)
@@ -154,6 +159,7 @@ def test_grad_is_left_as_the_users_gradient():
 
 def test_state_dict_of_sam_has_no_ema_and_records_hyperparameters():
     from fsam_fused import SAM
+
     net = make_net(1)
     opt = SAM(net.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
     _steps(net, opt, batches(2, 2))
@@ -167,7 +173,7 @@ def test_scheduler_sees_steps_taken_with_first_and_second_step(recwarn):
     net = make_net(0)
     opt = FSAM(net.parameters(), torch.optim.SGD, lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    (x, y), = batches(1, 1)
+    ((x, y),) = batches(1, 1)
     loss_of(net, x, y).backward()
     opt.first_step(zero_grad=True)
     loss_of(net, x, y).backward()

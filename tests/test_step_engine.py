@@ -31,9 +31,11 @@ def _grads(ps, gen):
 
 
 def _snapshot(opt, ps):
-    return ([p.detach().clone() for p in ps],
-            {id(p): opt.state[p]["ema"].clone() for p in ps if "ema" in opt.state.get(p, {})},
-            copy.deepcopy(opt.base_optimizer.state_dict()))
+    return (
+        [p.detach().clone() for p in ps],
+        {id(p): opt.state[p]["ema"].clone() for p in ps if "ema" in opt.state.get(p, {})},
+        copy.deepcopy(opt.base_optimizer.state_dict()),
+    )
 
 
 def _assert_same(opt, ps, snap, what):
@@ -50,8 +52,17 @@ def _assert_same(opt, ps, snap, what):
 
 
 def _opt(ps, backend, **kw):
-    return FSAM([{"params": ps[:2]}, {"params": ps[2:], "rho": 0.3}], torch.optim.SGD,
-                rho=0.1, sigma=1.0, lmbda=0.6, lr=0.1, momentum=0.9, **opt_args(backend), **kw)
+    return FSAM(
+        [{"params": ps[:2]}, {"params": ps[2:], "rho": 0.3}],
+        torch.optim.SGD,
+        rho=0.1,
+        sigma=1.0,
+        lmbda=0.6,
+        lr=0.1,
+        momentum=0.9,
+        **opt_args(backend),
+        **kw,
+    )
 
 
 def _fail_on_call(monkeypatch, backend, method, n, exc):
@@ -65,14 +76,16 @@ def _fail_on_call(monkeypatch, backend, method, n, exc):
         if len(calls) == n:
             raise exc
         return original(self, *a, **k)
+
     monkeypatch.setattr(cls, method, wrapped)
     return calls
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", ["norm", "perturb"])
-@pytest.mark.parametrize("exc", [RuntimeError("injected"), KeyboardInterrupt()],
-                         ids=["error", "interrupt"])
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("injected"), KeyboardInterrupt()], ids=["error", "interrupt"]
+)
 def test_failure_in_a_later_bucket_changes_nothing(backend, method, exc, monkeypatch):
     """Two buckets; the second's pass fails after the first's perturbation: the weights, the
     EMA and the base optimizer's state are exactly what they were before first_step."""
@@ -112,6 +125,7 @@ def test_the_engine_perturbs_the_largest_bucket_last():
     def spy(self, b, *args):
         seen.append(b.dtype)
         return original(self, b, *args)
+
     backends.ForeachBackend.perturb = spy
     try:
         _grads(ps, torch.Generator().manual_seed(0))
@@ -144,9 +158,11 @@ def test_interrupt_while_writing_is_held_then_raised_with_weights_restored(backe
         before = [p.detach().clone() for p in ps]
         original = cls.perturb
         if interrupt:
+
             def hit(self, *a, **k):
                 _thread.interrupt_main()
                 return original(self, *a, **k)
+
             cls.perturb = hit
         try:
             if interrupt:
@@ -180,6 +196,7 @@ def test_interrupt_during_the_norm_pass_changes_nothing():
     def hit(self, *a, **k):
         _thread.interrupt_main()
         return original(self, *a, **k)
+
     backends.ForeachBackend.norm = hit
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -207,10 +224,18 @@ def _check_global_norm(backend):
     dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]
     groups = [0, 0, 1, 1]
     rhos = (0.2, 0.7)
-    ps = [torch.nn.Parameter((0.01 * torch.randn(s, generator=gen)).to(dt))
-          for s, dt in zip(shapes, dtypes)]
-    opt = FSAM([{"params": ps[:2], "rho": rhos[0]}, {"params": ps[2:], "rho": rhos[1]}],
-               torch.optim.SGD, sigma=1.0, lmbda=0.5, lr=0.0, **opt_args(backend))
+    ps = [
+        torch.nn.Parameter((0.01 * torch.randn(s, generator=gen)).to(dt))
+        for s, dt in zip(shapes, dtypes)
+    ]
+    opt = FSAM(
+        [{"params": ps[:2], "rho": rhos[0]}, {"params": ps[2:], "rho": rhos[1]}],
+        torch.optim.SGD,
+        sigma=1.0,
+        lmbda=0.5,
+        lr=0.0,
+        **opt_args(backend),
+    )
     ms = [torch.zeros(s, dtype=torch.float64) for s in shapes]
     for step in range(2):
         gs = [torch.randn(s, generator=gen).to(dt) for s, dt in zip(shapes, dtypes)]
@@ -224,8 +249,9 @@ def _check_global_norm(backend):
             # float32: rounding of w + e; bfloat16: half an ulp of w + e, plus float32 slack.
             ulp = torch.finfo(dt).eps * (w[i] + exp).abs()
             tol = (ulp / 2 if dt == torch.bfloat16 else ulp) + 1e-6 * exp.abs().max()
-            assert bool(((got - exp).abs() <= tol).all()), \
+            assert bool(((got - exp).abs() <= tol).all()), (
                 f"{backend} step {step} e[{i}] ({dt}): max error {(got - exp).abs().max():.3g}"
+            )
         opt.second_step()
         # The official order: the first step seeds m <- g; afterwards m <- 0.5 m + 0.5 g.
         ms = [g.double() if step == 0 else 0.5 * m + 0.5 * g.double() for m, g in zip(ms, gs)]
@@ -254,8 +280,17 @@ def test_the_global_norm_check_catches_a_per_bucket_norm(backend, monkeypatch):
 def _model_and_opt(backend, seed=0):
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
-    opt = FSAM(net.parameters(), torch.optim.SGD, rho=0.2, sigma=0.8, lmbda=0.7, lr=0.05,
-               momentum=0.9, ema_order="paper", **opt_args(backend))
+    opt = FSAM(
+        net.parameters(),
+        torch.optim.SGD,
+        rho=0.2,
+        sigma=0.8,
+        lmbda=0.7,
+        lr=0.05,
+        momentum=0.9,
+        ema_order="paper",
+        **opt_args(backend),
+    )
     return net, opt
 
 

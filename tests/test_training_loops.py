@@ -15,13 +15,24 @@ BACKENDS = ["reference", "foreach", "cpp", "triton"]
 
 def _data(seed, steps, n=32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, 10, generator=g).to(device), torch.randn(n, 5, generator=g).to(device))
-            for _ in range(steps)]
+    return [
+        (torch.randn(n, 10, generator=g).to(device), torch.randn(n, 5, generator=g).to(device))
+        for _ in range(steps)
+    ]
 
 
 def _opt(net, backend, **kw):
-    return FSAM(net.parameters(), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.6, lr=0.05,
-                momentum=0.9, **opt_args(backend), **kw)
+    return FSAM(
+        net.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        sigma=1.0,
+        lmbda=0.6,
+        lr=0.05,
+        momentum=0.9,
+        **opt_args(backend),
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- accumulation
@@ -63,8 +74,7 @@ def test_accumulation_matches_the_big_batch(backend, device):
         torch.testing.assert_close(r, q, rtol=0, atol=0)
     for p, q in zip(big.parameters(), acc.parameters()):
         if "ema" in ob.state[p]:
-            torch.testing.assert_close(oa.state[q]["ema"], ob.state[p]["ema"], rtol=1e-5,
-                                       atol=1e-6)
+            torch.testing.assert_close(oa.state[q]["ema"], ob.state[p]["ema"], rtol=1e-5, atol=1e-6)
 
 
 def test_first_step_per_micro_batch_is_not_accumulation():
@@ -72,7 +82,7 @@ def test_first_step_per_micro_batch_is_not_accumulation():
     gives a different (wrong) step; the second call is refused outright."""
     net = make_net(0)
     opt = _opt(net, "auto")
-    (x, y), = _data(2, 1)
+    ((x, y),) = _data(2, 1)
     loss_of(net, x[:8], y[:8]).backward()
     opt.first_step()
     loss_of(net, x[8:16], y[8:16]).backward()
@@ -165,7 +175,7 @@ def test_closure_with_the_only_backward_is_refused():
     step 1 the gradients step 0 left: refused before anything changes."""
     net = make_net(0)
     opt = _opt(net, "auto")
-    (x, y), = _data(5, 1)
+    ((x, y),) = _data(5, 1)
 
     def closure():
         opt.zero_grad()
@@ -191,7 +201,7 @@ def test_closure_with_the_only_backward_is_refused():
 def test_stale_check_can_be_turned_off_for_replays():
     net = make_net(0)
     opt = _opt(net, "auto")
-    (x, y), = _data(6, 1)
+    ((x, y),) = _data(6, 1)
     loss_of(net, x, y).backward()
     opt.step(lambda: loss_of(net, x, y).backward())
     with pytest.raises(RuntimeError, match="stale"):

@@ -34,11 +34,21 @@ from .triton import TritonBackend
 
 CLASSES = {c.name: c for c in (ReferenceBackend, ForeachBackend, TritonBackend, CppBackend)}
 
-__all__ = ["Backend", "CLASSES", "FUSED_DTYPES", "ReferenceBackend", "ForeachBackend",
-           "TritonBackend", "CppBackend", "select"]
+__all__ = [
+    "Backend",
+    "CLASSES",
+    "FUSED_DTYPES",
+    "ReferenceBackend",
+    "ForeachBackend",
+    "TritonBackend",
+    "CppBackend",
+    "select",
+]
 
-_DENSE = ("the {} kernels need each parameter dense (contiguous or channels_last) with a "
-          "gradient of the same strides")
+_DENSE = (
+    "the {} kernels need each parameter dense (contiguous or channels_last) with a "
+    "gradient of the same strides"
+)
 
 
 def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
@@ -49,8 +59,11 @@ def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
         if not dense:
             return "foreach"
         if device.type == "cuda":
-            return "triton" if TritonBackend.unsupported(device, dtype, ema_dtype) is None \
+            return (
+                "triton"
+                if TritonBackend.unsupported(device, dtype, ema_dtype) is None
                 else "foreach"
+            )
         if device.type == "cpu" and CppBackend.unsupported(device, dtype, ema_dtype) is None:
             reason = cpp_build.load()  # builds on first use, cached on disk
             if reason is None:
@@ -64,6 +77,8 @@ def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
         if reason is None and name == "cpp":
             reason = cpp_build.load()
         if reason is not None:
-            raise ValueError(f"backend={name!r} cannot run these parameters: {reason}; "
-                             "use backend='auto', 'foreach' or 'reference'")
+            raise ValueError(
+                f"backend={name!r} cannot run these parameters: {reason}; "
+                "use backend='auto', 'foreach' or 'reference'"
+            )
     return name

@@ -54,16 +54,16 @@ class Backend(Protocol):
     name: ClassVar[str]
 
     @staticmethod
-    def unsupported(device: torch.device, dtype: torch.dtype,
-                    ema_dtype: torch.dtype) -> str | None:
+    def unsupported(device: torch.device, dtype: torch.dtype, ema_dtype: torch.dtype) -> str | None:
         """None if this backend can run such a bucket, else the reason it cannot."""
 
     def prepare(self, b) -> None: ...
 
     def norm(self, b, inv: torch.Tensor | None) -> tuple[torch.Tensor, Any]: ...
 
-    def perturb(self, b, sq: torch.Tensor, carry: Any, inv: torch.Tensor | None,
-                found: torch.Tensor) -> None: ...
+    def perturb(
+        self, b, sq: torch.Tensor, carry: Any, inv: torch.Tensor | None, found: torch.Tensor
+    ) -> None: ...
 
     def restore(self, b) -> None: ...
 
@@ -74,6 +74,7 @@ def fused_unsupported(what: str, dtype: torch.dtype, ema_dtype: torch.dtype) -> 
     """The dtype half of a fused backend's capability check."""
     for kind, dt in (("weights", dtype), ("EMA", ema_dtype)):
         if dt not in FUSED_DTYPES:
-            return (f"the {what} kernels support {', '.join(map(str, FUSED_DTYPES))} "
-                    f"{kind}, not {dt}")
+            return (
+                f"the {what} kernels support {', '.join(map(str, FUSED_DTYPES))} {kind}, not {dt}"
+            )
     return None

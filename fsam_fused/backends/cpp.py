@@ -19,15 +19,27 @@ SWAP_MIN_NUMEL = 4096
 def owns_storage(p: torch.Tensor) -> bool:
     """True if ``p`` is a plain tensor covering its whole storage from offset 0: swapping its
     storage cannot desynchronise a flat buffer it is a view of."""
-    return (type(p) in (torch.Tensor, torch.nn.Parameter) and p.storage_offset() == 0
-            and p.untyped_storage().nbytes() == p.numel() * p.element_size())
+    return (
+        type(p) in (torch.Tensor, torch.nn.Parameter)
+        and p.storage_offset() == 0
+        and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    )
 
 
 class _Static:
     """Per-plan arguments of the ops (the plan is rebuilt whenever any of them changes)."""
 
-    __slots__ = ("weights", "emas", "adaptive", "decay", "gain", "rhos", "swap", "swapped",
-                 "copied")
+    __slots__ = (
+        "weights",
+        "emas",
+        "adaptive",
+        "decay",
+        "gain",
+        "rhos",
+        "swap",
+        "swapped",
+        "copied",
+    )
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
@@ -35,8 +47,10 @@ class _Static:
         self.decay, self.gain = list(b.decay), list(b.gain)
         self.rhos = [float(r) for r in b.rhos]
         # Per parameter: double-buffer it, or save an exact copy in place.
-        self.swap = [int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL
-                         and owns_storage(p)) for p in b.params]
+        self.swap = [
+            int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL and owns_storage(p))
+            for p in b.params
+        ]
         # (parameter, its own storage, the spare buffer) for the swapped ones, taken before
         # any perturbation; (parameters, saved copies) for the others.
         # The ops refuse to write tensors that require grad: they get detached aliases (same
@@ -45,10 +59,13 @@ class _Static:
         # points at the spare, and is what the next step's perturb_ reads again once the
         # restore has swapped the storage back.
         self.weights = [p.detach() for p in b.params]
-        self.swapped = [(p, d, s) for p, d, s, w in zip(b.params, self.weights, b.saved,
-                                                          self.swap) if w]
-        self.copied = ([d for d, w in zip(self.weights, self.swap) if not w],
-                       [s for s, w in zip(b.saved, self.swap) if not w])
+        self.swapped = [
+            (p, d, s) for p, d, s, w in zip(b.params, self.weights, b.saved, self.swap) if w
+        ]
+        self.copied = (
+            [d for d, w in zip(self.weights, self.swap) if not w],
+            [s for s, w in zip(b.saved, self.swap) if not w],
+        )
 
 
 class CppBackend:
@@ -74,19 +91,36 @@ class CppBackend:
 
     def prepare(self, b) -> None:
         st = b.prep = _Static(b)
-        b.perturbed_ptrs = [s.data_ptr() if w else p.data_ptr()
-                            for p, s, w in zip(b.params, b.saved, st.swap)]
+        b.perturbed_ptrs = [
+            s.data_ptr() if w else p.data_ptr() for p, s, w in zip(b.params, b.saved, st.swap)
+        ]
 
     def norm(self, b, inv=None):
         st = b.prep
-        return cpp_ops.norm_sq(st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain,
-                               b.sigma, b.paper, inv), None
+        return cpp_ops.norm_sq(
+            st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain, b.sigma, b.paper, inv
+        ), None
 
     def perturb(self, b, sq, carry, inv=None, found=None) -> None:
         st = b.prep
         # One op for both kinds: it checks everything before it writes anything.
-        cpp_ops.perturb_(st.weights, b.grads, st.emas, b.saved, sq, st.rhos, st.adaptive,
-                         st.decay, st.gain, st.swap, b.sigma, EPS, b.paper, inv, found)
+        cpp_ops.perturb_(
+            st.weights,
+            b.grads,
+            st.emas,
+            b.saved,
+            sq,
+            st.rhos,
+            st.adaptive,
+            st.decay,
+            st.gain,
+            st.swap,
+            b.sigma,
+            EPS,
+            b.paper,
+            inv,
+            found,
+        )
         try:
             for p, _, spare in st.swapped:
                 p.data = spare

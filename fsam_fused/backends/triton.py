@@ -27,8 +27,10 @@ def triton_missing() -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
-        return ("Triton is not installed (it comes with torch's CUDA builds on Linux; "
-                "pip install triton)")
+        return (
+            "Triton is not installed (it comes with torch's CUDA builds on Linux; "
+            "pip install triton)"
+        )
     return None
 
 
@@ -61,8 +63,10 @@ class TritonBackend:
             return reason
         if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
             return None
-        return (f"the Triton kernels need CUDA tensors (CPU tensors only under "
-                f"TRITON_INTERPRET=1, for testing), got a {device.type} tensor")
+        return (
+            f"the Triton kernels need CUDA tensors (CPU tensors only under "
+            f"TRITON_INTERPRET=1, for testing), got a {device.type} tensor"
+        )
 
     def prepare(self, b) -> None:
         m_dtype = b.emas[0].dtype if b.emas else torch.float32
@@ -70,8 +74,9 @@ class TritonBackend:
         ln = self._launchers.get(key)
         if ln is None:
             ln = self._launchers[key] = kernels().MultiTensorFSAM(b.device, b.dtype, m_dtype)
-        ln.set_static(b.params, b.emas, b.saved, list(zip(b.rhos, map(float, b.adaptive),
-                                                          b.decay, b.gain)))
+        ln.set_static(
+            b.params, b.emas, b.saved, list(zip(b.rhos, map(float, b.adaptive), b.decay, b.gain))
+        )
         b.prep = _Prep(ln, torch.empty(ln.n_programs, dtype=torch.float32, device=b.device))
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 

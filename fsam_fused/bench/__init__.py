@@ -44,19 +44,27 @@ def _log(msg="", end="\n"):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fsam_fused.bench",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m fsam_fused.bench", description=__doc__.split("\n\n")[0]
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the default: a minute on a CPU")
-    mode.add_argument("--full", action="store_true",
-                      help="every preset (" + ", ".join(FULL) + ") and the end-to-end step")
-    mode.add_argument("--e2e", action="store_true",
-                      help="only the end-to-end ResNet-18 training step")
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="every preset (" + ", ".join(FULL) + ") and the end-to-end step",
+    )
+    mode.add_argument(
+        "--e2e", action="store_true", help="only the end-to-end ResNet-18 training step"
+    )
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     ap.add_argument("--presets", default=None, help="comma-separated, from: " + ", ".join(PRESETS))
     ap.add_argument("--dtypes", default=None, help="default: float32,bfloat16")
-    ap.add_argument("--backends", default=None,
-                    help="comma-separated candidate names (default: all that run here)")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated candidate names (default: all that run here)",
+    )
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per group")
     ap.add_argument("--batch", type=int, default=128, help="end-to-end batch size")
     ap.add_argument("--json", metavar="PATH", help="write one record per measurement")
@@ -81,16 +89,20 @@ def main(argv=None) -> int:
     if names:
         known = {c.name for c in candidates(device)}
         if names - known:
-            ap.error(f"unknown backend(s) {sorted(names - known)} on {device.type}; "
-                      f"choose from {', '.join(sorted(known))}")
+            ap.error(
+                f"unknown backend(s) {sorted(names - known)} on {device.type}; "
+                f"choose from {', '.join(sorted(known))}"
+            )
     reps = args.reps or (50 if cuda else 15)
 
     from . import e2e, report, suite
 
     meta = suite.versions()
-    _log(f"fsam_fused.bench on {device.type} ({suite.device_name(device)}), torch "
-         f"{meta['torch']}, triton {meta['triton']}: optimizer-only step (first_step + "
-         f"second_step, base optimizer doing nothing), median of {reps} interleaved rounds")
+    _log(
+        f"fsam_fused.bench on {device.type} ({suite.device_name(device)}), torch "
+        f"{meta['torch']}, triton {meta['triton']}: optimizer-only step (first_step + "
+        f"second_step, base optimizer doing nothing), median of {reps} interleaved rounds"
+    )
     records = []
 
     def save():  # after every group, so a run cut short still leaves what it measured
@@ -103,8 +115,9 @@ def main(argv=None) -> int:
         for preset in presets:
             # The big lists take seconds a round on a CPU: fewer rounds there.
             r = reps if cuda or preset not in big else max(3, reps // 3)
-            records += suite.run(device, [preset], dtypes, names, reps=r,
-                                 warmup=5 if cuda else 1, log=_log)
+            records += suite.run(
+                device, [preset], dtypes, names, reps=r, warmup=5 if cuda else 1, log=_log
+            )
             save()
         _log()
         _log(report.terminal_table(records))

@@ -42,8 +42,7 @@ class Candidate:
     def __init__(self, name: str, label: str):
         self.name, self.label = name, label
 
-    def unavailable(self, device: torch.device, dtype: torch.dtype,
-                    tensors: int = 1) -> str | None:
+    def unavailable(self, device: torch.device, dtype: torch.dtype, tensors: int = 1) -> str | None:
         """None if it can run ``tensors`` tensors of ``dtype`` on ``device``, else why not."""
         return None
 
@@ -73,18 +72,24 @@ class FSAMBackend(Candidate):
             return TritonBackend.unsupported(device, dtype, opmath(dtype))
         if self.backend == "cpp":
             from .. import cpp_build
+
             return CppBackend.unsupported(device, dtype, opmath(dtype)) or cpp_build.load()
         return None
 
     def bytes(self, shapes, dtype):
         double = self.backend == "cpp" and not self.kwargs.get("fixed_addresses", False)
         # The C++ backend double-buffers only tensors from SWAP_MIN_NUMEL elements on.
-        return sum(bytes_per_step(numel(s), dtype.itemsize, double_buffered=double and
-                                  numel(s) >= cpp.SWAP_MIN_NUMEL) for s in shapes)
+        return sum(
+            bytes_per_step(
+                numel(s), dtype.itemsize, double_buffered=double and numel(s) >= cpp.SWAP_MIN_NUMEL
+            )
+            for s in shapes
+        )
 
     def build(self, params):
-        opt = FSAM(params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend,
-                   **self.kwargs)
+        opt = FSAM(
+            params, NoOp, rho=RHO, sigma=SIGMA, lmbda=LMBDA, backend=self.backend, **self.kwargs
+        )
 
         def step():
             opt.first_step()
@@ -127,8 +132,12 @@ class FSAMBackend(Candidate):
             perturb(passes.norm())
             return (), {}
 
-        return {"norm": (setup_norm, passes.norm), "perturb": (setup_perturb, perturb),
-                "restore": (setup_restore, restore), "settle": settle}
+        return {
+            "norm": (setup_norm, passes.norm),
+            "perturb": (setup_perturb, perturb),
+            "restore": (setup_restore, restore),
+            "settle": settle,
+        }
 
 
 def _touch_grads(params):
@@ -138,6 +147,7 @@ def _touch_grads(params):
     @torch.no_grad()
     def prepare():
         torch._foreach_mul_(grads, 1.0)
+
     return prepare
 
 
@@ -240,15 +250,22 @@ class CompiledForeach(Candidate):
 
 def candidates(device: torch.device):
     """Every candidate for a device, FSAM's backends first."""
-    out = [FSAMBackend("reference", "FSAM reference loop", "reference"),
-           FSAMBackend("foreach", "FSAM foreach", "foreach")]
+    out = [
+        FSAMBackend("reference", "FSAM reference loop", "reference"),
+        FSAMBackend("foreach", "FSAM foreach", "foreach"),
+    ]
     if device.type == "cuda":
-        out += [FSAMBackend("triton", "FSAM Triton (auto)", "triton"),
-                CompiledForeach("compiled-foreach", "foreach under torch.compile")]
+        out += [
+            FSAMBackend("triton", "FSAM Triton (auto)", "triton"),
+            CompiledForeach("compiled-foreach", "foreach under torch.compile"),
+        ]
     else:
-        out += [FSAMBackend("cpp", "FSAM C++ (auto: double-buffered)", "cpp"),
-                FSAMBackend("cpp-fixed", "FSAM C++, fixed_addresses=True", "cpp",
-                            fixed_addresses=True)]
-    out += [PytorchOptimizer("po-foreach", "pytorch_optimizer FriendlySAM foreach", True),
-            PytorchOptimizer("po-loop", "pytorch_optimizer FriendlySAM loop", False)]
+        out += [
+            FSAMBackend("cpp", "FSAM C++ (auto: double-buffered)", "cpp"),
+            FSAMBackend("cpp-fixed", "FSAM C++, fixed_addresses=True", "cpp", fixed_addresses=True),
+        ]
+    out += [
+        PytorchOptimizer("po-foreach", "pytorch_optimizer FriendlySAM foreach", True),
+        PytorchOptimizer("po-loop", "pytorch_optimizer FriendlySAM loop", False),
+    ]
     return out

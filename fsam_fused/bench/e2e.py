@@ -31,8 +31,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -77,6 +78,7 @@ def run(device, batch=128, steps=None, warmup=1, log=print, channels_last=False)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+
     def clock():  # seconds, once the device has finished what was queued
         sync(device)
         return time.perf_counter()
@@ -86,8 +88,7 @@ def run(device, batch=128, steps=None, warmup=1, log=print, channels_last=False)
         torch.manual_seed(0)
         model = ResNet18().to(device, memory_format=fmt)
         runs[name] = (model, _optimizer(kind, model.parameters()), [], [])
-    log(f"e2e ResNet-18 batch {batch} on {device.type}, {', '.join(runs)} taking turns: ",
-        end="")
+    log(f"e2e ResNet-18 batch {batch} on {device.type}, {', '.join(runs)} taking turns: ", end="")
     for i in range(warmup + steps):
         for model, opt, step_ms, opt_ms in runs.values():
             t0 = clock()
@@ -110,10 +111,20 @@ def run(device, batch=128, steps=None, warmup=1, log=print, channels_last=False)
         if isinstance(opt, FSAM):  # the backends "auto" chose
             backend = ",".join(sorted({s.backend for s in opt.plan_summary()}))
         ms, oms = statistics.median(step_ms), statistics.median(opt_ms)
-        records.append({"kind": "e2e", "backend": name, "fsam_backend": backend,
-                        "preset": f"resnet18-cifar-train-b{batch}", "dtype": "float32", **meta,
-                        "ms": ms, "optimizer_ms": oms, "optimizer_share": oms / ms,
-                        "steps": steps})
+        records.append(
+            {
+                "kind": "e2e",
+                "backend": name,
+                "fsam_backend": backend,
+                "preset": f"resnet18-cifar-train-b{batch}",
+                "dtype": "float32",
+                **meta,
+                "ms": ms,
+                "optimizer_ms": oms,
+                "optimizer_share": oms / ms,
+                "steps": steps,
+            }
+        )
     pub = records[0]["ms"]
     for r in records:
         r["speedup_vs_published"] = pub / r["ms"]

@@ -21,8 +21,20 @@ def vit_b16_shapes():
     d, mlp = 768, 3072
     shapes = [(d, 3, 16, 16), (d,), (1, 1, d), (1, 197, d)]
     for _ in range(12):
-        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (mlp, d), (mlp,), (d, mlp), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (3 * d, d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (mlp, d),
+            (mlp,),
+            (d, mlp),
+            (d,),
+        ]
     return shapes + [(d,), (d,), (1000, d), (1000,)]
 
 
@@ -31,8 +43,20 @@ def gpt2_shapes():
     d = 768
     shapes = [(50257, d), (1024, d)]
     for _ in range(12):
-        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
-                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        shapes += [
+            (d,),
+            (d,),
+            (d, 3 * d),
+            (3 * d,),
+            (d, d),
+            (d,),
+            (d,),
+            (d,),
+            (d, 4 * d),
+            (4 * d,),
+            (4 * d, d),
+            (d,),
+        ]
     return shapes + [(d,), (d,)]
 
 

@@ -18,25 +18,36 @@ def terminal_table(records) -> str:
     """Median ms, GB/s against counted bytes, % of the copy bandwidth measured beside it, and
     the speed-up over the reference and over each peer."""
     peers = _peers(records)
-    head = (f"{'preset':<10}{'dtype':<10}{'candidate':<18}{'ms':>10}{'GB/s':>8}{'% copy':>8}"
-            f"{'x ref':>8}" + "".join(f"{'x ' + p:>19}" for p in peers))
+    head = (
+        f"{'preset':<10}{'dtype':<10}{'candidate':<18}{'ms':>10}{'GB/s':>8}{'% copy':>8}"
+        f"{'x ref':>8}" + "".join(f"{'x ' + p:>19}" for p in peers)
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         if r.get("kind", "optimizer") != "optimizer":
             continue
-        lines.append(f"{r['preset']:<10}{r['dtype']:<10}{r['backend']:<18}{r['ms']:>10.3f}"
-                     f"{r['gbps']:>8.1f}{r['pct_copy']:>7.0f}%{_x(r['speedup_vs_reference']):>8}"
-                     + "".join(f"{_x(r['speedup_vs'].get(p)):>19}" for p in peers))
+        lines.append(
+            f"{r['preset']:<10}{r['dtype']:<10}{r['backend']:<18}{r['ms']:>10.3f}"
+            f"{r['gbps']:>8.1f}{r['pct_copy']:>7.0f}%{_x(r['speedup_vs_reference']):>8}"
+            + "".join(f"{_x(r['speedup_vs'].get(p)):>19}" for p in peers)
+        )
     copies = {}
     for r in records:
         if r.get("kind", "optimizer") == "optimizer":
-            copies[(r["preset"], r["dtype"])] = (r["copy_gbps"], r.get("torch_copy_gbps"),
-                                                 r.get("copy_kind", "torch"))
+            copies[(r["preset"], r["dtype"])] = (
+                r["copy_gbps"],
+                r.get("torch_copy_gbps"),
+                r.get("copy_kind", "torch"),
+            )
     lines.append("")
-    lines.append("copy bandwidth measured beside each group (read + write; streaming copy, "
-                 "then torch's copy_): " + ", ".join(
-                     f"{p} {d} {g:.1f}" + (f" / {t:.1f}" if k == "stream" else "") + " GB/s"
-                     for (p, d), (g, t, k) in copies.items()))
+    lines.append(
+        "copy bandwidth measured beside each group (read + write; streaming copy, "
+        "then torch's copy_): "
+        + ", ".join(
+            f"{p} {d} {g:.1f}" + (f" / {t:.1f}" if k == "stream" else "") + " GB/s"
+            for (p, d), (g, t, k) in copies.items()
+        )
+    )
     summary = auto_summary(records, plain=True)
     if summary:
         lines.append("summary: " + summary)
@@ -49,19 +60,27 @@ def markdown_table(records) -> str:
     stream = any(r.get("copy_kind") == "stream" for r in records)
     head = "| preset | dtype | candidate | ms | GB/s | copy GB/s | % of copy | "
     if stream:
-        head = ("| preset | dtype | candidate | ms | GB/s | stream copy GB/s | % of stream copy "
-                "| torch copy_ GB/s | ")
-    out = [head + "x reference | " + " | ".join(f"x {p}" for p in peers) + " |",
-           "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if stream else "")
-           + "---:|" * len(peers)]
+        head = (
+            "| preset | dtype | candidate | ms | GB/s | stream copy GB/s | % of stream copy "
+            "| torch copy_ GB/s | "
+        )
+    out = [
+        head + "x reference | " + " | ".join(f"x {p}" for p in peers) + " |",
+        "|---|---|---|---:|---:|---:|---:|---:|"
+        + ("---:|" if stream else "")
+        + "---:|" * len(peers),
+    ]
     for r in records:
         if r.get("kind", "optimizer") != "optimizer":
             continue
         torch_copy = f" | {r['torch_copy_gbps']:.1f}" if stream else ""
-        out.append(f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
-                   f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}%{torch_copy} "
-                   f"| {_x(r['speedup_vs_reference'])} | "
-                   + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers) + " |")
+        out.append(
+            f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
+            f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}%{torch_copy} "
+            f"| {_x(r['speedup_vs_reference'])} | "
+            + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers)
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -79,11 +98,13 @@ def auto_summary(records, preset="resnet18", dtype="float32", plain=False) -> st
     best = min(peers, key=lambda r: r["ms"])
     q = "" if plain else "`"
     kind = "streaming copy" if auto.get("copy_kind") == "stream" else "copy"
-    return (f"{preset} {dtype}: {q}backend=\"auto\"{q} ({auto['backend']}) takes "
-            f"{auto['ms']:.2f} ms per F-SAM step, {best['ms'] / auto['ms']:.2f}x faster than "
-            f"the best peer ({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} "
-            f"GB/s of counted traffic is {auto['pct_copy']:.0f}% of the "
-            f"{auto['copy_gbps']:.1f} GB/s {kind} measured beside it.")
+    return (
+        f'{preset} {dtype}: {q}backend="auto"{q} ({auto["backend"]}) takes '
+        f"{auto['ms']:.2f} ms per F-SAM step, {best['ms'] / auto['ms']:.2f}x faster than "
+        f"the best peer ({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} "
+        f"GB/s of counted traffic is {auto['pct_copy']:.0f}% of the "
+        f"{auto['copy_gbps']:.1f} GB/s {kind} measured beside it."
+    )
 
 
 def markdown_e2e(records) -> str:
@@ -91,12 +112,17 @@ def markdown_e2e(records) -> str:
     if not rows:
         return ""
     pub = next((r for r in rows if r["backend"] == "published-loop"), None)
-    out = ["| training step | ms per step | x published | optimizer ms | optimizer share "
-           "| optimizer x published |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| training step | ms per step | x published | optimizer ms | optimizer share "
+        "| optimizer x published |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         opt_x = _x(pub["optimizer_ms"] / r["optimizer_ms"]) if pub else "-"
-        out.append(f"| {r['backend']} | {r['ms']:.1f} | {_x(r['speedup_vs_published'])} "
-                   f"| {r['optimizer_ms']:.2f} | {r['optimizer_share'] * 100:.1f}% | {opt_x} |")
+        out.append(
+            f"| {r['backend']} | {r['ms']:.1f} | {_x(r['speedup_vs_published'])} "
+            f"| {r['optimizer_ms']:.2f} | {r['optimizer_share'] * 100:.1f}% | {opt_x} |"
+        )
     return "\n".join(out)
 
 
@@ -104,6 +130,7 @@ def plot(records, path) -> None:
     """Horizontal bars of median ms per candidate, one panel per (preset, dtype)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
@@ -112,31 +139,49 @@ def plot(records, path) -> None:
     for r in records:
         if r.get("kind", "optimizer") == "optimizer":
             groups.setdefault((r["preset"], r["dtype"]), []).append(r)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 0.45 * max(
-        len(g) for g in groups.values()) * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(8, 1.2 + 0.45 * max(len(g) for g in groups.values()) * len(groups)),
+        squeeze=False,
+    )
     for ax, ((preset, dtype), rows) in zip(axes[:, 0], groups.items()):
         names = [r["backend"] for r in rows]
         ms = [r["ms"] for r in rows]
-        colors = ["tab:gray" if r.get("peer") else ("tab:blue" if r["backend"] in
-                  ("reference", "foreach") else "tab:green") for r in rows]
+        colors = [
+            "tab:gray"
+            if r.get("peer")
+            else ("tab:blue" if r["backend"] in ("reference", "foreach") else "tab:green")
+            for r in rows
+        ]
         ax.barh(names, ms, color=colors)
         ax.invert_yaxis()
         ax.set_xscale("log")
         for i, v in enumerate(ms):
             ax.text(v, i, f" {v:.2f} ms", va="center", fontsize=8)
-        ax.set_title(f"{preset} {dtype}: optimizer-only step (first_step + second_step)",
-                     fontsize=9)
+        ax.set_title(
+            f"{preset} {dtype}: optimizer-only step (first_step + second_step)", fontsize=9
+        )
         ax.set_xlabel("median ms per step (log scale; shorter is faster)", fontsize=8)
         ax.set_ylabel("candidate", fontsize=8)
         ax.tick_params(labelsize=8)
     from matplotlib.patches import Patch
-    handles = [Patch(color="tab:green", label="FSAM fused (Triton / C++)"),
-               Patch(color="tab:blue", label="FSAM unfused (reference / foreach)"),
-               Patch(color="tab:gray", label="peers (pytorch_optimizer, compiled foreach)")]
+
+    handles = [
+        Patch(color="tab:green", label="FSAM fused (Triton / C++)"),
+        Patch(color="tab:blue", label="FSAM unfused (reference / foreach)"),
+        Patch(color="tab:gray", label="peers (pytorch_optimizer, compiled foreach)"),
+    ]
     first = records[0]
     fig.suptitle(f"{first['device_name']} - torch {first['torch']}", fontsize=9, y=0.995)
     # Above the panels, where no bar can hide under it.
-    fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=3,
-               bbox_to_anchor=(0.5, 0.975), frameon=False)
+    fig.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper center",
+        ncol=3,
+        bbox_to_anchor=(0.5, 0.975),
+        frameon=False,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.955))
     fig.savefig(path, dpi=110)

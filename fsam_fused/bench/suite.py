@@ -79,8 +79,9 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model}, {torch.get_num_threads()} threads"
@@ -89,11 +90,16 @@ def device_name(device: torch.device) -> str:
 def versions() -> dict:
     try:
         import triton
+
         tv = triton.__version__
     except ImportError:
         tv = None
-    return {"torch": torch.__version__, "triton": tv, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    return {
+        "torch": torch.__version__,
+        "triton": tv,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
 
 
 def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
@@ -115,9 +121,11 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                     continue
                 if c.name.startswith("cpp"):
                     from .. import cpp_build
+
                     if not cpp_build.attempted():
-                        log(" [loading the C++ backend: compiled on first use, then cached]",
-                            end="")
+                        log(
+                            " [loading the C++ backend: compiled on first use, then cached]", end=""
+                        )
                 reason = c.unavailable(device, dtype, len(shapes))
                 if reason is not None:
                     log(f" [{c.name} skipped: {reason.splitlines()[0]}]", end="")
@@ -143,13 +151,27 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             for name, t in ms.items():
                 c = cands[name]
                 nbytes = c.bytes(shapes, dtype)
-                group.append({"kind": "optimizer", "backend": name, "label": c.label, "peer": c.peer,
-                              "preset": preset, "dtype": dname, **meta, "ms": t,
-                              "bytes": nbytes, "gbps": nbytes / t / 1e6, "copy_gbps": copy_gbps,
-                              "torch_copy_gbps": torch_copy_gbps,
-                              "copy_kind": "stream" if stream is not None else "torch",
-                              "pct_copy": 100 * nbytes / t / 1e6 / copy_gbps,
-                              "tensors": len(shapes), "params": n, "reps": reps})
+                group.append(
+                    {
+                        "kind": "optimizer",
+                        "backend": name,
+                        "label": c.label,
+                        "peer": c.peer,
+                        "preset": preset,
+                        "dtype": dname,
+                        **meta,
+                        "ms": t,
+                        "bytes": nbytes,
+                        "gbps": nbytes / t / 1e6,
+                        "copy_gbps": copy_gbps,
+                        "torch_copy_gbps": torch_copy_gbps,
+                        "copy_kind": "stream" if stream is not None else "torch",
+                        "pct_copy": 100 * nbytes / t / 1e6 / copy_gbps,
+                        "tensors": len(shapes),
+                        "params": n,
+                        "reps": reps,
+                    }
+                )
             ref = ms.get("reference")
             peers = {name: t for name, t in ms.items() if cands[name].peer}
             for r in group:
