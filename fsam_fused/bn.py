@@ -10,6 +10,7 @@ statistics (the forward is exactly the training forward) but update nothing.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -25,7 +26,7 @@ def _norms(model):
 
 
 @contextlib.contextmanager
-def bn_frozen(model: torch.nn.Module):
+def bn_frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block, no BatchNorm (or InstanceNorm with running stats) of ``model``
     updates its running statistics or ``num_batches_tracked``; training-mode layers still use
     the batch's statistics. Restores every layer's setting on exit, also on error.

@@ -4,12 +4,16 @@ state_dict, the step methods); the step itself is :mod:`fsam_fused.engine`'s, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from . import checkpoint, hparams, stepping
 from .buffers import State
-from .engine import Engine
+from .engine import BucketSummary, Engine
 
 
 class FSAM(Optimizer):
@@ -85,20 +89,20 @@ class FSAM(Optimizer):
 
     def __init__(
         self,
-        params,
-        base_optimizer,
-        rho=0.05,
-        sigma=1.0,
-        lmbda=0.9,
-        adaptive=False,
+        params: ParamsT,
+        base_optimizer: type[Optimizer],
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        adaptive: bool = False,
         *,
-        ema_order="official",
-        backend="auto",
-        ema_dtype=None,
-        fixed_addresses=False,
-        skip_nonfinite=False,
-        **base_kwargs,
-    ):
+        ema_order: str = "official",
+        backend: str = "auto",
+        ema_dtype: torch.dtype | None = None,
+        fixed_addresses: bool = False,
+        skip_nonfinite: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
             if isinstance(base_optimizer, Optimizer):
                 raise TypeError(
@@ -141,7 +145,7 @@ class FSAM(Optimizer):
 
     # ------------------------------------------------------------------ groups and state
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to both this optimizer and the base optimizer (one shared dict)."""
         checkpoint.check_new_group(self.param_groups, param_group)
         if self.base_optimizer is None:
@@ -158,7 +162,7 @@ class FSAM(Optimizer):
                 "perturbed; call second_step() first"
             )
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
         groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.)."""
         self._refuse_mid_step("state_dict() called")
@@ -174,7 +178,7 @@ class FSAM(Optimizer):
         }
         return sd
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict; every check (structure, shapes, dtypes, the base optimizer's
         kind of state) runs before anything changes."""
         self._refuse_mid_step("load_state_dict() called")
@@ -203,13 +207,13 @@ class FSAM(Optimizer):
 
     # ------------------------------------------------------------------ introspection
 
-    def plan_summary(self):
+    def plan_summary(self) -> list[BucketSummary]:
         """One :class:`fsam_fused.engine.BucketSummary` per bucket of the last step's plan
         (device, dtype, backend, tensors, elements, double-buffered tensors, bytes per step);
         empty before the first step."""
         return self.engine.summary()
 
-    def backend_for(self, param) -> str | None:
+    def backend_for(self, param: torch.Tensor) -> str | None:
         """The backend that ran ``param`` in the last step (None if it had no gradient)."""
         return self.engine.backend_for(param)
 
@@ -236,7 +240,9 @@ class FSAM(Optimizer):
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def first_step(self, zero_grad=False, grad_scaler=None):
+    def first_step(
+        self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
+    ) -> None:
         """Perturb the weights to ``w + e`` (saving ``w``); call after the first backward.
         All-or-nothing: if it raises, weights, EMA and base state are as they were.
 
@@ -267,7 +273,7 @@ class FSAM(Optimizer):
         stepping.first_step(self, zero_grad, grad_scaler)
 
     @torch.no_grad()
-    def second_step(self, zero_grad=False):
+    def second_step(self, zero_grad: bool = False) -> None:
         """Restore the saved weights (bit for bit) and step the base optimizer with the
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead (it calls
@@ -275,7 +281,7 @@ class FSAM(Optimizer):
         stepping.second_step(self, zero_grad)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """``first_step(zero_grad=True)``, ``closure()`` under grad mode, ``second_step()``.
 
         The caller has already run the first forward/backward; ``closure`` runs the second
@@ -312,15 +318,15 @@ class SAM(FSAM):
 
     def __init__(
         self,
-        params,
-        base_optimizer,
-        rho=0.05,
-        adaptive=False,
+        params: ParamsT,
+        base_optimizer: type[Optimizer],
+        rho: float = 0.05,
+        adaptive: bool = False,
         *,
-        backend="auto",
-        fixed_addresses=False,
-        **base_kwargs,
-    ):
+        backend: str = "auto",
+        fixed_addresses: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
         super().__init__(
             params,
             base_optimizer,

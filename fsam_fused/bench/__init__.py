@@ -48,7 +48,13 @@ def main(argv=None) -> int:
         prog="python -m fsam_fused.bench", description=__doc__.split("\n\n")[0]
     )
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the default: a minute on a CPU")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="the default: ResNet-18 and 2,000 tiny tensors in float32 and bfloat16 on the CPU "
+        "(ResNet-18, GPT-2 and 2,000 tiny tensors on CUDA); measured: 65 s on a 2-core CPU, "
+        "plus about 30 s the first time to compile the C++ backend",
+    )
     mode.add_argument(
         "--full",
         action="store_true",
