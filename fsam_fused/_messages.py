@@ -20,3 +20,10 @@ SCALER_CLOSURE = (
     "backward. Use opt.first_step(zero_grad=True, grad_scaler=scaler) after the first "
     "backward, run the second backward, then scaler.step(opt) and scaler.update()"
 )
+
+
+def closure_called(method: str) -> str:
+    return (
+        f"the closure passed to step() must run only the second forward and backward; it "
+        f"called {method}() (step() calls first_step() and second_step() itself)"
+    )

@@ -206,6 +206,7 @@ class Engine:
     def first_step(self, cfg: Config, groups, state, inv_scale=None) -> None:
         """``inv_scale``: None, or a 1-element float32 tensor (a GradScaler's 1/scale, on the
         parameters' device) every first-pass gradient is multiplied by inside the passes."""
+        previous = self.plan
         plan = self.plan_for(cfg, groups, state)
         inv = inv_scale
         try:
@@ -220,7 +221,7 @@ class Engine:
                 b.sq = sq
         except Exception:
             self.plan = None
-            if plan.key is not None:
+            if plan is previous:
                 # A reused plan leaves some per-step checks to the kernels (the C++ ops check
                 # devices): the full checks of a new plan name what is wrong more clearly.
                 self.plan_for(cfg, groups, state)

@@ -34,11 +34,7 @@ def first_step(opt, zero_grad, grad_scaler):
         return inner.first_step(zero_grad, grad_scaler)
     if opt.engine.inflight is not None:
         if opt._in_closure:
-            raise RuntimeError(
-                "the closure passed to step() must run only the second "
-                "forward and backward; it called first_step() (step() calls "
-                "first_step() and second_step() itself)"
-            )
+            raise RuntimeError(_messages.closure_called("first_step"))
         raise RuntimeError(
             "first_step() called twice without second_step(): the weights are already perturbed"
         )
@@ -66,11 +62,7 @@ def finish(opt, grad_scale, found_inf):
     """Restore, then the base step (or its skip); ``grad_scale``/``found_inf``: what
     ``scaler.step(opt)`` handed ``step()``, or None."""
     if opt._in_closure:
-        raise RuntimeError(
-            "the closure passed to step() must run only the second "
-            "forward and backward; it called second_step() (step() calls "
-            "first_step() and second_step() itself)"
-        )
+        raise RuntimeError(_messages.closure_called("second_step"))
     if opt.engine.inflight is None:
         raise RuntimeError(
             "second_step() called before first_step(): there is no perturbation to undo"
