@@ -8,13 +8,6 @@ NO_FIRST_STEP = (
     "their own closure (Lightning's automatic optimization) need the manual-optimization "
     "recipe in docs/training-loops.md"
 )
-STALE = (
-    "FSAM.step(closure) found exactly the gradients the previous step left (no backward "
-    "since): its first_step would perturb along a stale gradient. The closure runs the "
-    "*second* forward and backward; run the first before step(closure). A framework that "
-    "calls step(closure) with the step's only backward in the closure (Lightning's automatic "
-    "optimization) needs manual optimization: docs/training-loops.md"
-)
 SCALER_CLOSURE = (
     "scaler.step(opt, closure) is not supported: GradScaler cannot see the closure's "
     "backward. Use opt.first_step(zero_grad=True, grad_scaler=scaler) after the first "
@@ -27,3 +20,20 @@ def closure_called(method: str) -> str:
         f"the closure passed to step() must run only the second forward and backward; it "
         f"called {method}() (step() calls first_step() and second_step() itself)"
     )
+SCALED_SECOND_STEP = (
+    "first_step() took grad_scaler=scaler: finish the step with scaler.step(opt), then "
+    "scaler.update() (the second pass's gradients are scaled; the weights are still perturbed)"
+)
+UNSCALED_SCALER_STEP = (
+    "scaler.step(opt) after a first_step() without grad_scaler: the first pass's gradients "
+    "were scaled. Pass grad_scaler=scaler to first_step(). The weights are restored and the "
+    "base optimizer did not step"
+)
+BASE_INSTANCE = (
+    "base_optimizer must be the optimizer class (e.g. torch.optim.SGD), not an instance: FSAM "
+    "builds it on its own param groups"
+)
+
+
+def base_not_class(obj) -> str:
+    return f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got {obj!r}"

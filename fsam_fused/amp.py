@@ -37,7 +37,8 @@ from torch.amp.grad_scaler import GradScaler, OptState
 __all__ = ["GradScaler", "begin", "after_first_step", "finish", "unscale_and_check"]
 
 
-def begin(scaler, opt):
+
+def begin(scaler, key: int):
     """Checks for ``first_step(grad_scaler=scaler)``, before anything is modified.
 
     Returns ``(inv_scale, unscaled)``: ``inv_scale`` is the 1/scale the first pass's
@@ -56,7 +57,7 @@ def begin(scaler, opt):
             "scaler.scale(loss).backward() before opt.first_step(grad_scaler="
             "scaler)"
         )
-    stage = scaler._per_optimizer_states[id(opt)]["stage"]
+    stage = scaler._per_optimizer_states[key]["stage"]
     if stage is OptState.STEPPED:
         raise RuntimeError(
             "grad_scaler: scaler.step() has already been called since the last "
@@ -67,12 +68,12 @@ def begin(scaler, opt):
     return scale.double().reciprocal().float(), False
 
 
-def after_first_step(scaler, opt, unscaled: bool) -> None:
+def after_first_step(scaler, key: int, unscaled: bool) -> None:
     """After a successful first step: a first pass the caller unscaled with
     ``scaler.unscale_(opt)`` is forgotten by the scaler (FSAM's own found flag carries its
     inf check to :func:`finish`), so ``unscale_`` may run again for the second pass."""
     if unscaled:
-        scaler._per_optimizer_states[id(opt)] = {
+        scaler._per_optimizer_states[key] = {
             "stage": OptState.READY,
             "found_inf_per_device": {},
         }
@@ -93,11 +94,11 @@ def forget_scaler_step(opt) -> None:
     opt.__dict__.pop("found_inf", None)
 
 
-def finish(scaler, opt, first_found, found_inf):
+def finish(scaler, key: int, first_found, found_inf):
     """Merge the first pass's found flag into what ``scaler.update()`` reads and return the
     step's combined found flag (a 0-dim float32 tensor on the scaler's device): non-zero
     when either pass saw a non-finite gradient. No host synchronisation."""
-    st = scaler._per_optimizer_states[id(opt)]
+    st = scaler._per_optimizer_states[key]
     per_device = st["found_inf_per_device"]
     if not torch.is_tensor(found_inf):  # sum([]) == 0: no second-pass gradient at all
         found_inf = torch.zeros((), dtype=torch.float32, device=scaler._scale.device)
@@ -138,56 +139,3 @@ def unscale_and_check(params, inv_scale=None) -> torch.Tensor | None:
         if dev != home:
             found.add_(f.to(home, non_blocking=True))
     return found
-
-
-def base_step(opt, scaler, grad_scale, found_inf) -> None:
-    """The base optimizer's step after the restore, skipped on a non-finite gradient.
-
-    With a GradScaler (``scaler``, and ``grad_scale``/``found_inf`` from ``scaler.step``):
-    a base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
-    AdamW) unscales and skips on the device; any other is unscaled here and skipped after
-    the one synchronisation GradScaler itself makes. Without one, ``skip_nonfinite=True``
-    checks the second pass too (one synchronisation), and a fused base skips on the first
-    pass's flag on the device."""
-    base = opt.base_optimizer
-    first = opt.engine.found
-    device_skip = getattr(base, "_step_supports_amp_scaling", False)
-    if scaler is not None:
-        found = opt._nonfinite = finish(scaler, opt, first, found_inf)
-        if device_skip:
-            _device_step(base, grad_scale, found)
-        else:
-            if grad_scale is not None:
-                unscale_and_check(_params(opt), grad_scale.double().reciprocal().float())
-            if not found.item():  # the one synchronisation GradScaler itself makes
-                base.step()
-    elif opt.skip_nonfinite:
-        second = unscale_and_check(_params(opt))
-        found = (
-            first
-            if second is None
-            else second
-            if first is None
-            else second + first.to(second.device)
-        )
-        opt._nonfinite = found
-        if found is None or not found.item():  # the documented synchronisation
-            base.step()
-    elif device_skip and first is not None:
-        _device_step(base, None, first)
-    else:
-        base.step()
-
-
-def _params(opt):
-    return [p for g in opt.param_groups for p in g["params"]]
-
-
-def _device_step(base, grad_scale, found_inf) -> None:
-    """A base optimizer that reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam,
-    AdamW) unscales and skips on the device: no host synchronisation."""
-    base.grad_scale, base.found_inf = grad_scale, found_inf
-    try:
-        base.step()
-    finally:
-        del base.grad_scale, base.found_inf

@@ -2,8 +2,10 @@
 
 ``first_step``:
 
-1. **plan** (:mod:`.plan`): reuse the plan while only gradients changed (each gradient's
+1. **plan** (:mod:`.plan`): reuse the plan while its structure holds (each gradient's
    dtype, shape, device and layout checked against it), else rebuild it with every check;
+   values (rho, sigma, lmbda) are rewritten into the buckets' device rows in place
+   (:mod:`.rows`), never a reason to rebuild;
 2. **norm**: each bucket's backend computes partial sums of squares; nothing the user can see
    is written;
 3. **reduce** (:mod:`.reduce`): the partials of every bucket and device combined into the
@@ -45,9 +47,6 @@ Failure policy (all-or-nothing):
   update, as for any failed second pass (below). The exception kept: ``scaler.step(opt)``
   after a ``first_step()`` that was not given the scaler restores the weights and raises
   without a base step, but the EMA has taken that step's *scaled* gradient.
-* ``step(closure)`` with exactly the gradients the previous step left (a sample of them:
-  the same tensors at the same version counters, :meth:`Engine.stale`) is refused before anything is modified (no backward ran: a framework owns the
-  closure).
 * ``second_step`` restores every parameter it can, also when one's storage changed between
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
   storage, cast if the dtype changed, with a warning); a parameter given another view of the
@@ -56,6 +55,10 @@ Failure policy (all-or-nothing):
   other parameter is restored. The base optimizer does not step then. If a restore itself
   fails, the step stays in flight (the optimizer still says the weights are perturbed) and
   ``restore`` can be called again.
+
+Who calls what: :class:`fsam_fused.session.StepSession` is the only caller of
+:meth:`Engine.first_step` and :meth:`Engine.restore`; closures, GradScaler hand-off and the
+base optimizer's step are the session's, not the engine's.
 
 A capturable mode (CUDA graphs, ``torch.compile``) would plug in at the plan: a plan frozen
 after warm-up (no rebuild, no per-step metadata or address checks inside the captured step,
@@ -66,63 +69,21 @@ with fake kernels) so a compiled graph can call them.
 
 from __future__ import annotations
 
-# The C-level signal functions: the `signal` module's Python wrappers convert enums on every
-# call, which costs more than the rest of the hold (measured 6 us against 0.4 us a step).
-import _signal  # noqa: E402
-import os
-import threading
 from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 
 from . import backends, reduce
+from ._sigint import Held
 from ._warnings import warn_at_caller
+from .backends.base import StepInputs
 from .buffers import Buffers, state_version
-from .hparams import Config
+from .hparams import Structure, Values
 from .plan import Plan, build
 from .traffic import bytes_per_step
 
-_SIGINT = 2 if not hasattr(_signal, "SIGINT") else _signal.SIGINT
 _GRAD = attrgetter("grad")
-
-
-class _Held:
-    """SIGINT held back while a step writes or restores its buckets (main thread only), then
-    handed to the handler it was meant for."""
-
-    __slots__ = ("prev", "caught")
-
-    def __init__(self):
-        self.prev, self.caught = None, None
-
-    def __enter__(self):
-        self.caught = None
-        if threading.current_thread() is threading.main_thread():
-            try:
-                self.prev = _signal.signal(_SIGINT, self._catch)
-            except (ValueError, TypeError):  # no signal module support here
-                self.prev = None
-        return self
-
-    def _catch(self, signum, frame):
-        self.caught = (signum, frame)
-
-    def __exit__(self, *exc):
-        if self.prev is not None:
-            _signal.signal(_SIGINT, self.prev)
-        return False
-
-    def deliver(self) -> None:
-        """Run the handler the interrupt was meant for: the default raises
-        KeyboardInterrupt, a user's may only set a flag, an ignored SIGINT stays ignored, and
-        SIG_DFL ends the process as it would have."""
-        if self.caught is None:
-            return
-        if callable(self.prev):
-            self.prev(*self.caught)
-        elif self.prev == _signal.SIG_DFL:
-            os.kill(os.getpid(), _SIGINT)
 
 
 @dataclass(frozen=True)
@@ -141,19 +102,19 @@ class BucketSummary:
 
 
 class Engine:
-    """Runs the steps of one optimizer; owns its plan, buffers and backend instances."""
+    """Runs the passes of one optimizer's steps; owns its plan, buffers and backends."""
 
     def __init__(self):
         self.buffers = Buffers()
         self.backends = {}
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
-        self._held = _Held()
+        self._held = Held()
         # device -> 0-dim float32: set by the perturb pass, 1.0 when the first pass's
         # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
         self._found: dict = {}
         self.found: torch.Tensor | None = None
-        self.left = None  # what the last step left, for stale()
+        self.builds = 0  # plans built (a value schedule must never add to it)
 
     # ------------------------------------------------------------------ plan
 
@@ -163,37 +124,38 @@ class Engine:
             be = self.backends[name] = backends.CLASSES[name](self.buffers)
         return be
 
-    def _select(self, cfg: Config):
-        def select(cfg_, device, dtype, ema_dtype, dense):
-            return self._backend(backends.select(cfg.backend, device, dtype, ema_dtype, dense))
-
-        return select
-
-    def plan_for(self, cfg: Config, groups, state) -> Plan:
+    def plan_for(self, st: Structure, groups, state) -> tuple[Plan, list]:
+        """The plan for this step and, per bucket, this step's gradients."""
         key = (id(state), state_version(), [(id(g["params"]), len(g["params"])) for g in groups])
         plan = self.plan
-        if plan is not None and plan.cfg is cfg and plan.key == key:
+        if plan is not None and plan.structure == st and plan.key == key:
             grads = list(map(_GRAD, plan.flat))
             if plan.every:
                 # (take_grads also turns down a None: a parameter without a gradient)
-                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs and plan.take_grads(
-                    grads
-                ):
-                    return plan
+                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs:
+                    taken = plan.take_grads(grads)
+                    if taken is not None:
+                        return plan, taken
             else:
                 have = [i for i, g in enumerate(grads) if g is not None]
-                if (
-                    have == plan.have
-                    and [plan.flat[i].data_ptr() for i in have] == plan.ptrs
-                    and plan.take_grads(grads)
-                ):
-                    return plan
+                if have == plan.have and [plan.flat[i].data_ptr() for i in have] == plan.ptrs:
+                    taken = plan.take_grads(grads)
+                    if taken is not None:
+                        return plan, taken
         self.plan = None
         self.buffers.state = state
-        plan = build(cfg, groups, self._select(cfg), self.buffers)
-        plan.cfg, plan.key = cfg, key
+
+        def select(device, dtype, ema_dtype, dense):
+            return self._backend(backends.select(st.backend, device, dtype, ema_dtype, dense))
+
+        plan = build(st, groups, select, self.buffers)
+        self.builds += 1
+        plan.structure, plan.key = st, key
+        taken = plan.take_grads(list(map(_GRAD, plan.flat)))
+        if taken is None:  # checked by build(): only a plan this module misbuilt gets here
+            raise RuntimeError("fsam_fused: internal error: a new plan refused its gradients")
         self.plan = plan
-        return plan
+        return plan, taken
 
     # ------------------------------------------------------------------ first_step
 
@@ -203,28 +165,30 @@ class Engine:
             f = self._found[device] = torch.zeros((), dtype=torch.float32, device=device)
         return f
 
-    def first_step(self, cfg: Config, groups, state, inv_scale=None) -> None:
+    def first_step(self, st: Structure, values: Values, groups, state, inv_scale=None) -> None:
         """``inv_scale``: None, or a 1-element float32 tensor (a GradScaler's 1/scale, on the
         parameters' device) every first-pass gradient is multiplied by inside the passes."""
         previous = self.plan
-        plan = self.plan_for(cfg, groups, state)
-        inv = inv_scale
+        plan, grads = self.plan_for(st, groups, state)
         try:
+            inv = inv_scale
             if inv is not None and any(b.device != inv.device for b in plan.buckets):
                 inv = {d: inv.to(d, non_blocking=True) for d in {b.device for b in plan.buckets}}
-            parts = []
-            for b in plan.buckets:
-                b.inv = inv[b.device] if type(inv) is dict else inv
-                part, b.carry = b.backend.norm(b, b.inv)
+            inputs, parts, carries = {}, [], {}
+            for b, g in zip(plan.buckets, grads):
+                b.device_values.refresh(values)
+                x = inputs[id(b)] = StepInputs(
+                    g, inv[b.device] if type(inv) is dict else inv, self._found_on(b.device)
+                )
+                part, carries[id(b)] = b.backend.norm(b, x)
                 parts.append(part)
-            for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets)):
-                b.sq = sq
+            sqs = {id(b): sq for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets))}
         except Exception:
             self.plan = None
             if plan is previous:
                 # A reused plan leaves some per-step checks to the kernels (the C++ ops check
                 # devices): the full checks of a new plan name what is wrong more clearly.
-                self.plan_for(cfg, groups, state)
+                self.plan_for(st, groups, state)
                 self.plan = None
             raise
         except BaseException:
@@ -238,8 +202,8 @@ class Engine:
                 for b in plan.commit:
                     if b.backups is not None:
                         torch._foreach_copy_(b.backups, b.emas)
-                    b.backend.perturb(b, b.sq, b.carry, b.inv, self._found_on(b.device))
-                    b.carry = None  # the reference's carry holds full-size tensors
+                    k = id(b)
+                    b.backend.perturb(b, inputs[k], sqs[k], carries.pop(k))
                     done.append(b)
                 b = None
             except BaseException:
@@ -269,58 +233,7 @@ class Engine:
             if b is not None and b.backups is not None:
                 torch._foreach_copy_(b.emas, b.backups)
 
-    # ------------------------------------------------------------------ stale gradients
-
-    def leave(self) -> None:
-        """After the base step: remember a sample of the gradients the step leaves (up to
-        four: the first, the last and two between, each tensor with its version counter;
-        host metadata only, O(1) a step) for :meth:`stale`."""
-        plan = self.plan
-        if plan is None:
-            self.left = None
-            return
-        flat = plan.flat
-        n = len(flat)
-        picks = sorted({0, n // 3, (2 * n) // 3, n - 1}) if n else []
-        sample = []
-        for i in picks:
-            p = flat[i]
-            g = p.grad
-            if g is not None:
-                sample.append((p, g, g._version))
-        self.left = sample or None
-
-    def stale(self) -> bool:
-        """True if every sampled parameter still holds the very gradient tensor the last step
-        left, unmodified (same object, same version counter): no backward ran since (a
-        backward writes new tensors or bumps the versions of all of them, as does
-        ``zero_grad``), so a perturbation would follow a stale gradient."""
-        left = self.left
-        if left is None:
-            return False
-        for p, g, v in left:
-            if p.grad is not g or g._version != v:
-                return False
-        return True
-
     # ------------------------------------------------------------------ second_step
-
-    def second_pass(self, groups, closure):
-        """Run ``closure`` (the second forward and backward) on fresh gradients, as
-        ``step(closure)`` does. If it raises, the weights are restored and the first pass's
-        ``.grad`` given back (the EMA keeps this step's update: see the module docstring)."""
-        params = [p for g in groups for p in g["params"]]
-        first_grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                return closure()
-        except BaseException:
-            self.restore()
-            for p, g in zip(params, first_grads):
-                p.grad = g
-            raise
 
     def restore(self) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring). Like
@@ -355,7 +268,7 @@ class Engine:
         or view changed since first_step. Returns the parameters that could not be restored:
         a new storage of another shape."""
         changed = []
-        swapped = getattr(b.prep, "swap", None) or [0] * len(b.params)
+        swapped = b.backend.double_buffered(b)
         for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
             orig = b.backend.original(b, i)
             same_kind = p.dtype == orig.dtype and p.device == orig.device
@@ -392,7 +305,7 @@ class Engine:
             return []
         out = []
         for b in plan.buckets:
-            swap = tuple(bool(s) for s in getattr(b.prep, "swap", [0] * len(b.params)))
+            swap = b.backend.double_buffered(b)
             m_dtype = b.emas[0].dtype if b.emas else None
             w = b.dtype.itemsize
             m = m_dtype.itemsize if m_dtype else 0
@@ -410,7 +323,7 @@ class Engine:
                     ema_dtype=m_dtype,
                     double_buffered=swap,
                     bytes_per_step=traffic,
-                    aligned=getattr(b.prep, "aligned", None),
+                    aligned=b.backend.aligned(b),
                 )
             )
         return out
@@ -427,7 +340,10 @@ class Engine:
         """The current plan's passes one at a time (benchmarks): see :class:`Passes`."""
         if self.plan is None or len(self.plan.buckets) != 1:
             raise RuntimeError("passes() needs a plan of exactly one bucket: take a step first")
-        return Passes(self.plan.buckets[0])
+        grads = self.plan.take_grads(list(map(_GRAD, self.plan.flat)))
+        if grads is None:
+            raise RuntimeError("passes(): the gradients no longer match the last step's plan")
+        return Passes(self.plan.buckets[0], grads[0])
 
 
 class Passes:
@@ -436,21 +352,20 @@ class Passes:
     engine's checks and rollback: call them only between steps, in this order, and
     ``restore()`` after every ``perturb``."""
 
-    def __init__(self, bucket):
+    def __init__(self, bucket, grads):
         self._b = bucket
+        found = torch.zeros((), dtype=torch.float32, device=bucket.device)
+        self._inputs = StepInputs(grads, None, found)
         self._carry = None
 
     @torch.no_grad()
     def norm(self) -> torch.Tensor:
-        sq, self._carry = self._b.backend.norm(self._b, None)
+        sq, self._carry = self._b.backend.norm(self._b, self._inputs)
         return sq
 
     @torch.no_grad()
     def perturb(self, sq: torch.Tensor) -> None:
-        found = getattr(self, "_found", None)
-        if found is None:
-            found = self._found = torch.zeros((), dtype=torch.float32, device=self._b.device)
-        self._b.backend.perturb(self._b, sq, self._carry, None, found)
+        self._b.backend.perturb(self._b, self._inputs, sq, self._carry)
 
     @torch.no_grad()
     def restore(self) -> None:

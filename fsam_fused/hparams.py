@@ -3,7 +3,8 @@
 The optimizer's attributes (``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype``,
 ``fixed_addresses``) and each param group's ``rho`` and ``adaptive`` may be changed by the user
 or a scheduler between steps, so they are checked again at every ``first_step``, before
-anything is modified, and frozen into one :class:`Config` that the rest of the step reads.
+anything is modified, and split into a :class:`Structure` (what a plan is built for) and
+:class:`Values` (numbers the device reads, refreshed in place: :mod:`fsam_fused.rows`).
 Every error names the argument (and the param group) it is about.
 """
 
@@ -79,48 +80,62 @@ def check_group(group: dict, where: str = "") -> tuple[float, bool]:
 
 
 @dataclass(frozen=True)
-class Config:
-    """The validated settings of one step. ``groups`` holds ``(rho, adaptive)`` per param
-    group, in order."""
+class Structure:
+    """What a plan is built for: while it compares equal, the plan (buckets, buffers, backend
+    tables) is reused. ``adaptive`` is per param group, in order (it selects code paths)."""
 
-    sigma: float
-    lmbda: float
-    paper: bool
     backend: str
     ema_dtype: torch.dtype | None
     fixed_addresses: bool
-    groups: tuple[tuple[float, bool], ...]
-
-    @property
-    def has_ema(self) -> bool:
-        """sigma = 0 is plain SAM: no EMA is stored or read."""
-        return self.sigma > 0
+    has_ema: bool  # sigma > 0; sigma == 0 is plain SAM: no EMA is stored or read
+    paper: bool
+    adaptive: tuple[bool, ...]
 
     def ema_dtype_for(self, dtype: torch.dtype) -> torch.dtype:
         return self.ema_dtype or opmath(dtype)
 
 
-def config(sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, groups) -> Config:
+@dataclass(frozen=True)
+class Values:
+    """What a step reads as numbers: refreshed in place on the device (``rows.Rows``) when it
+    changes, never a reason to rebuild a plan. ``rhos`` is per param group, in order."""
+
+    sigma: float
+    lmbda: float
+    rhos: tuple[float, ...]
+
+
+def config(
+    sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, groups
+) -> tuple[Structure, Values]:
     """Validate everything a step reads; raise before anything is modified."""
-    return Config(
-        sigma=number("sigma", sigma, 0.0),
-        lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
-        paper=check_ema_order(ema_order) == "paper",
+    checked = [check_group(g, f" in param group {i}") for i, g in enumerate(groups)]
+    sigma = number("sigma", sigma, 0.0)
+    structure = Structure(
         backend=check_backend(backend),
         ema_dtype=check_ema_dtype(ema_dtype),
         fixed_addresses=check_flag("fixed_addresses", fixed_addresses),
-        groups=tuple(check_group(g, f" in param group {i}") for i, g in enumerate(groups)),
+        has_ema=sigma > 0,
+        paper=check_ema_order(ema_order) == "paper",
+        adaptive=tuple(a for _, a in checked),
     )
+    values = Values(
+        sigma=sigma,
+        lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
+        rhos=tuple(r for r, _ in checked),
+    )
+    return structure, values
 
 
 class ConfigCache:
-    """An optimizer's :class:`Config`, validated again only when one of its inputs changed
-    (a tuple compare per step instead of every check)."""
+    """An optimizer's ``(Structure, Values)``, validated again only when one of its inputs
+    changed (a tuple compare per step instead of every check). A changed rho or sigma gives
+    a new ``Values`` and the *same* ``Structure`` object, so the plan is kept."""
 
     def __init__(self):
-        self._raw, self._cfg = None, None
+        self._raw, self._structure, self._values = None, None, None
 
-    def __call__(self, opt) -> Config:
+    def __call__(self, opt) -> tuple[Structure, Values]:
         a = (opt.sigma, opt.lmbda, opt.ema_order, opt.backend, opt.ema_dtype, opt.fixed_addresses)
         # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
         raw = (
@@ -136,6 +151,9 @@ class ConfigCache:
         except (RuntimeError, TypeError, ValueError):  # e.g. a tensor compared with a float
             same = False
         if not same:
-            self._cfg = config(*a, opt.param_groups)
+            structure, values = config(*a, opt.param_groups)
+            if structure != self._structure:
+                self._structure = structure
+            self._values = values
             self._raw = raw
-        return self._cfg
+        return self._structure, self._values

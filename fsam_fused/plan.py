@@ -20,20 +20,8 @@ from typing import Any
 import torch
 
 from . import distributed
-from .hparams import Config
-
-
-def ema_row(first: bool, lmbda: float, paper: bool) -> tuple[float, float]:
-    """``(decay, gain)`` of one tensor's EMA update ``m_new = m * decay + g * gain``.
-
-    This is the first-sight rule, the one place it is written. The official order seeds the
-    EMA with the first gradient it sees (``m <- g``, so ``d = g``: step 0 is plain SAM); the
-    EMA of a parameter seen for the first time is created as zeros, and ``0 * decay + g * 1``
-    with decay 0 is ``g`` exactly, as ``g - sigma * 0`` is. The paper order starts from zero
-    and always decays."""
-    if first and not paper:
-        return 0.0, 1.0
-    return lmbda, 1.0 - lmbda
+from .hparams import Structure
+from .rows import Rows
 
 
 @dataclass(eq=False)
@@ -47,16 +35,20 @@ class Bucket:
 
     device: torch.device
     dtype: torch.dtype
-    sigma: float
     paper: bool
     backend: Any = None  # a backends.base.Backend
     params: list = field(default_factory=list)
     index: list = field(default_factory=list)  # positions in the plan's flat parameter list
-    rhos: list = field(default_factory=list)
+    groups_of: list = field(default_factory=list)  # per tensor: its param group's index
     adaptive: list = field(default_factory=list)
     first: list = field(default_factory=list)  # the EMA is created this step
-    decay: list = field(default_factory=list)  # see ema_row
-    gain: list = field(default_factory=list)
+    # [(group index, first, end)]: each param group's tensors are one run of the bucket
+    spans: list = field(default_factory=list)
+    # Device values (rho, decay, gain per tensor; sigma, eps), rewritten in place when they
+    # change: :mod:`fsam_fused.rows`. ``rows``/``scalars`` are its two tensors.
+    device_values: Any = None
+    rows: Any = None
+    scalars: Any = None
     emas: list | None = None  # None when sigma == 0
     saved: list = field(default_factory=list)  # exact copies, or spare buffers
     # EMA backups, taken before this bucket's perturbation when it is not the last bucket to
@@ -67,39 +59,29 @@ class Bucket:
     strides: list | None = None  # planned (fused backends: the kernels walk dense storage)
     contiguous: bool = False
     device_check: Any = None
-    grads: list = field(default_factory=list)  # this step's
     # Detached aliases of the parameters as planned: a restore through them gives the planned
     # storage its bits back even if the user re-viewed a parameter in between (p.data = p.t()).
     homes: list = field(default_factory=list)
-    perturbed_ptrs: list = field(default_factory=list)  # set by prepare()
+    perturbed_ptrs: list = field(default_factory=list)  # set by the backend's prepare()
     prep: Any = None  # the backend's per-plan data
-    sq: Any = None  # this step's: the partials whose sum is the squared global norm
-    carry: Any = None  # this step's: what the backend's norm pass hands its perturb pass
-    inv: Any = None  # this step's: the GradScaler's 1/scale on this bucket's device, or None
     # torch.distributed: the optimizer's parameters (DTensors) whose local shards ``params``
     # holds; None for plain tensors, whose ``params`` are the optimizer's own.
     owners: list | None = None
     groups: tuple = ()  # process groups to all-reduce the sum of squares over
     reduce_key: Any = None  # buckets with the same key are summed before one all-reduce
     grad_placements: list | None = None
+    first_grads: list = field(default_factory=list)  # the gradients seen when planned
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def ema_groups(self):
-        """``[(decay, gain, indices)]``: the tensors that share one EMA row."""
-        rows: dict = {}
-        for i, row in enumerate(zip(self.decay, self.gain)):
-            rows.setdefault(row, []).append(i)
-        return [(d, g, idx) for (d, g), idx in rows.items()]
-
-    def take_grads(self, grads) -> bool:
-        """Hand the bucket this step's gradients if each has its parameter's dtype, shape,
-        device and (for the fused backends) strides as planned; False otherwise (the caller
-        then rebuilds the plan, whose checks explain what is wrong). Host metadata only, one
-        C-level pass per property: this runs every step. Shapes and strides are those the
-        plan recorded, which a parameter reshaped in place no longer has."""
+    def take_grads(self, grads) -> list | None:
+        """This step's gradients for the bucket's passes if each has its parameter's dtype,
+        shape, device and (for the fused backends) strides as planned; None otherwise (the
+        caller then rebuilds the plan, whose checks explain what is wrong). Host metadata
+        only, one C-level pass per property: this runs every step. Shapes and strides are
+        those the plan recorded, which a parameter reshaped in place no longer has."""
         try:
             if self.owners is not None:
                 # DTensor gradients: their local shards, if the placements are the planned
@@ -107,24 +89,23 @@ class Bucket:
                 if list(map(_PLACEMENTS, grads)) != self.grad_placements or not all(
                     map(is_, map(_LOCAL, self.owners), self.params)
                 ):
-                    return False
+                    return None
                 grads = list(map(_LOCAL, grads))
             if (
                 set(map(_DTYPE, grads)) != self._dtype_set
                 or list(map(torch.Tensor.size, grads)) != self.sizes
             ):
-                return False
+                return None
             if self.contiguous:
                 if not all(map(torch.Tensor.is_contiguous, grads)):
-                    return False
+                    return None
             elif self.strides is not None and list(map(torch.Tensor.stride, grads)) != self.strides:
-                return False
+                return None
             if self.device_check is not None and not self.device_check(grads):
-                return False
+                return None
         except (AttributeError, RuntimeError, NotImplementedError):
-            return False  # a None (no gradient), a sparse gradient's strides...
-        self.grads = grads
-        return True
+            return None  # a None (no gradient), a sparse gradient's strides...
+        return grads
 
     def freeze(self, fused: bool, checks_devices: bool) -> None:
         """Record what take_grads compares each step's gradients with. ``checks_devices``:
@@ -165,12 +146,21 @@ class Plan:
     new_emas: dict  # EMAs created by this plan, entered into the state on success
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
-    cfg: Any = None  # the Config it was built for (the same object while nothing changed)
+    structure: Any = None  # the Structure it was built for
 
-    def take_grads(self, grads) -> bool:
+    def take_grads(self, grads) -> list | None:
+        """Per bucket, this step's gradients (see :meth:`Bucket.take_grads`), or None if any
+        bucket's do not match the plan."""
         if self.every:
-            return self.buckets[0].take_grads(grads)
-        return all(b.take_grads([grads[i] for i in b.index]) for b in self.buckets)
+            g = self.buckets[0].take_grads(grads)
+            return None if g is None else [g]
+        out = []
+        for b in self.buckets:
+            g = b.take_grads([grads[i] for i in b.index])
+            if g is None:
+                return None
+            out.append(g)
+        return out
 
 
 def dense_format(p: torch.Tensor):
@@ -243,17 +233,28 @@ def check_no_aliasing(named) -> None:
             )
 
 
-def build(cfg: Config, groups, select, buffers) -> Plan:
+def _spans(groups_of: list) -> list:
+    """``[(group, first, end)]`` runs of equal group index (a bucket is in group order)."""
+    spans = []
+    for i, gi in enumerate(groups_of):
+        if spans and spans[-1][0] == gi:
+            spans[-1][2] = i + 1
+        else:
+            spans.append([gi, i, i + 1])
+    return [tuple(x) for x in spans]
+
+
+def build(st: Structure, groups, select, buffers) -> Plan:
     """Validate every parameter with a gradient and plan its bucket.
 
-    ``select(cfg, device, dtype, ema_dtype, dense)`` returns the backend for a bucket (see
+    ``select(device, dtype, ema_dtype, dense)`` returns the backend for a bucket (see
     :func:`fsam_fused.backends.select`); ``buffers`` is the
     :class:`~fsam_fused.buffers.Buffers` that owns the per-parameter tensors. Raises before
     anything the user can see is modified."""
     flat, have, buckets = [], [], {}
     seen = {}
     named = []
-    for gi, (group, (rho, adaptive)) in enumerate(zip(groups, cfg.groups)):
+    for gi, (group, adaptive) in enumerate(zip(groups, st.adaptive)):
         for pi, p in enumerate(group["params"]):
             if id(p) in seen:
                 raise RuntimeError(
@@ -289,11 +290,10 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
                 b = buckets[bkey] = Bucket(
                     device=p.device,
                     dtype=p.dtype,
-                    sigma=cfg.sigma,
-                    paper=cfg.paper,
-                    emas=[] if cfg.has_ema else None,
+                    paper=st.paper,
+                    emas=[] if st.has_ema else None,
                     # FSDP2 all-gathers from the local shards' storage: never swap it.
-                    fixed_addresses=cfg.fixed_addresses or key is not None,
+                    fixed_addresses=st.fixed_addresses or key is not None,
                     groups=groups,
                     reduce_key=key,
                 )
@@ -305,34 +305,36 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             have.append(len(flat) - 1)
             b.index.append(len(flat) - 1)
             b.params.append(p)
-            b.grads.append(g)
-            b.rhos.append(rho)
+            b.first_grads.append(g)
+            b.groups_of.append(gi)
             b.adaptive.append(adaptive)
     buckets = list(buckets.values())
     for b in buckets:
         dense = all(
             dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
-            for p, g in zip(b.params, b.grads)
+            for p, g in zip(b.params, b.first_grads)
         )
-        b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
+        b.backend = select(b.device, b.dtype, st.ema_dtype_for(b.dtype), dense)
     new_emas = {}
     for b in buckets:
-        b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
+        caps = b.backend.caps
+        b.freeze(fused=caps.dense_only, checks_devices=caps.checks_devices)
         for p, owner in zip(b.params, b.owners or b.params):
             b.saved.append(buffers.saved_for(p))
             if b.emas is None:
                 b.first.append(False)
                 continue
-            m, first, staged = buffers.ema_for(owner, cfg.ema_dtype_for(p.dtype), p)
+            m, first, staged = buffers.ema_for(owner, st.ema_dtype_for(p.dtype), p)
             if staged is not None:
                 new_emas[owner] = staged
             else:  # the user's tensor: it must not share memory with anything either
                 named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
             b.emas.append(m)
             b.first.append(first)
-        rows = [ema_row(f, cfg.lmbda, cfg.paper) for f in b.first]
-        b.decay = [r[0] for r in rows]
-        b.gain = [r[1] for r in rows]
+        b.spans = _spans(b.groups_of)
+        dv = b.device_values = Rows(b.device, b.dtype, b.spans, b.first, b.adaptive, st.paper)
+        b.rows, b.scalars = dv.rows, dv.scalars
+        b.first_grads = []  # (not kept: per-step inputs are the engine's)
     check_no_aliasing(named)
     # The largest bucket commits last: it is the one whose EMA needs no backup.
     commit = sorted(buckets, key=lambda b: b.numel)

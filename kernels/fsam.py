@@ -74,8 +74,9 @@ RBLOCK = 1024
 ALIGN = 16
 
 # Tables, one row per tensor: pointers (int64) w, m, saved; gradient pointers (int64);
-# scalars (float32) rho, adaptive (0/1), EMA decay, EMA gain. The kernels index their
-# columns by these positions.
+# values (float32, the caller's device tensor, rewritten in place when a value changes) rho,
+# adaptive (0/1), EMA decay, EMA gain. The kernels index their columns by these positions.
+# sigma and eps are read from a second float32 device tensor ``[sigma, eps]``.
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
@@ -268,7 +269,7 @@ def _norm_kernel(
     scal_tab,
     part_ptr,
     n_chunks,
-    sigma,
+    val_ptr,
     inv_ptr,
     W_DTYPE: tl.constexpr,
     M_DTYPE: tl.constexpr,
@@ -281,6 +282,7 @@ def _norm_kernel(
     UNSCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    sigma = tl.load(val_ptr)  # values are device data: a new sigma needs no new launch args
     inv = 1.0
     if UNSCALE:
         inv = tl.load(inv_ptr)  # once per program
@@ -351,8 +353,7 @@ def _perturb_kernel(
     sq_ptr,
     n_sq,
     n_chunks,
-    sigma,
-    eps,
+    val_ptr,
     inv_ptr,
     found_ptr,
     W_DTYPE: tl.constexpr,
@@ -366,6 +367,8 @@ def _perturb_kernel(
     RBLOCK: tl.constexpr,
     UNSCALE: tl.constexpr,
 ):
+    sigma = tl.load(val_ptr)
+    eps = tl.load(val_ptr + 1)
     # Global norm: the same loads and the same reduction tree in every program.
     tot = tl.zeros([RBLOCK], dtype=tl.float32)
     for j in range(0, n_sq, RBLOCK):
@@ -505,9 +508,12 @@ def max_programs(device: torch.device) -> int:
 class MultiTensorFSAM:
     """Tables and launches for one bucket: tensors of one device and one weight dtype.
 
-    ``set_static`` takes the lists that change only with the optimizer's plan (weights, EMA
-    or None when sigma is 0, saved buffers, one ``(rho, adaptive, decay, gain)`` row per
-    tensor); ``set_grads`` takes the gradients each step. Each uploads only what changed.
+    ``set_static`` takes what changes only with the optimizer's plan: the weights, the EMA
+    (None when sigma is 0), the saved buffers, the per-tensor adaptive flags, and two float32
+    device tensors the caller rewrites in place when a value changes (never re-uploaded
+    here): ``rows`` ``[n, 4]`` (rho, adaptive 0/1, EMA decay, EMA gain) and ``values``
+    ``[2]`` (sigma, eps). ``set_grads`` takes the gradients each step. Each uploads only what
+    changed.
     """
 
     def __init__(self, device: torch.device, w_dtype: torch.dtype, m_dtype: torch.dtype):
@@ -524,14 +530,21 @@ class MultiTensorFSAM:
         self._static_key = None
         self._grad_ptrs = None
 
-    def set_static(self, weights, emas, saved, scalars) -> None:
+    def set_static(self, weights, emas, saved, adaptive, rows, values) -> None:
+        for name, t, shape in (("rows", rows, (len(weights), 4)), ("values", values, (2,))):
+            if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
+            if t.device != self.device:
+                raise ValueError(f"{name} must be on {self.device}, got {t.device}")
         has_ema = emas is not None
         ptrs = [
             [w.data_ptr(), m.data_ptr() if has_ema else 0, s.data_ptr()]
             for w, m, s in zip(weights, emas if has_ema else weights, saved)
         ]
         numels = [w.numel() for w in weights]
-        key = (ptrs, numels, scalars)
+        key = (ptrs, numels, tuple(adaptive), rows.data_ptr(), values.data_ptr())
+        # The tables keep the caller's value tensors: they must live as long as the tables.
+        self.scal_tab, self.values = rows, values
         if key == self._static_key:
             return
         chunks = []
@@ -540,12 +553,11 @@ class MultiTensorFSAM:
         self.ptr_tab = _upload(ptrs, torch.int64, self.device)
         self.numel_tab = _upload(numels, torch.int64, self.device)
         self.chunk_tab = _upload(chunks, torch.int32, self.device)
-        self.scal_tab = _upload([list(r) for r in scalars], torch.float32, self.device)
         self.n_chunks = len(chunks)
         self.n_programs = min(self.n_chunks, self.max_programs)
         self.static_aligned = all(p % ALIGN == 0 for row in ptrs for p in row)
         self.has_ema = has_ema
-        self.any_adaptive = any(r[1] for r in scalars)
+        self.any_adaptive = any(adaptive)
         self._static_key = key
 
     def set_grads(self, grads) -> None:
@@ -583,7 +595,7 @@ class MultiTensorFSAM:
         )
 
     def norm_partials(
-        self, out: torch.Tensor, sigma: float, paper: bool, inv_scale: torch.Tensor | None = None
+        self, out: torch.Tensor, paper: bool, inv_scale: torch.Tensor | None = None
     ) -> None:
         """Write ``self.n_programs`` float32 partial sums of squares into ``out``.
         ``inv_scale``: a 1-element float32 device tensor every gradient is multiplied by
@@ -599,7 +611,7 @@ class MultiTensorFSAM:
                 self.scal_tab,
                 out,
                 self.n_chunks,
-                sigma,
+                self.values,
                 out if inv_scale is None else inv_scale,
                 PAPER=paper,
                 UNSCALE=inv_scale is not None,
@@ -610,8 +622,6 @@ class MultiTensorFSAM:
     def perturb(
         self,
         sq: torch.Tensor,
-        sigma: float,
-        eps: float,
         paper: bool,
         found: torch.Tensor,
         inv_scale: torch.Tensor | None = None,
@@ -633,8 +643,7 @@ class MultiTensorFSAM:
                 sq,
                 sq.numel(),
                 self.n_chunks,
-                sigma,
-                eps,
+                self.values,
                 found if inv_scale is None else inv_scale,
                 found,
                 PAPER=paper,

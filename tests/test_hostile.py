@@ -88,8 +88,7 @@ def test_half_between_the_steps_restores_by_casting_with_a_warning(backend):
     opt.first_step(zero_grad=True)
     net.half()
     with pytest.warns(RuntimeWarning, match="cast"):
-        with torch.no_grad():
-            opt.engine.restore()
+        opt.abandon_step()
     for p, x in zip(net.parameters(), w):
         assert p.dtype == torch.float16 and torch.equal(p.detach(), x.half())
 
@@ -455,8 +454,7 @@ def test_a_new_view_of_the_same_storage_gets_its_bits_back(backend, view):
     w = [p.detach().clone() for p in ps]
     opt.first_step(zero_grad=True)
     ps[0].data = ps[0].data[:2] if view == "slice" else ps[0].data.t()
-    with torch.no_grad():
-        opt.engine.restore()
+    opt.abandon_step()
     for p, x in list(zip(ps, w))[1:]:
         assert torch.equal(p.detach(), x), "the others are restored"
     want = w[0][:2] if view == "slice" else w[0].t()
@@ -489,8 +487,7 @@ def test_a_failing_restore_leaves_the_step_in_flight(backend, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="perturbed"):
         opt.state_dict()  # still in flight: the weights are still perturbed
-    with torch.no_grad():
-        opt.engine.restore()
+    opt.abandon_step()
     assert all(torch.equal(p.detach(), x) for p, x in zip(net.parameters(), w))
 
 

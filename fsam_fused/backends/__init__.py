@@ -10,34 +10,39 @@
                float32/bfloat16/float16 weights and EMA
 =============  ==========================================================================
 
-The ``auto`` rule, per bucket (one device and dtype), implemented by :func:`select`:
-
-1. CUDA tensors take ``triton`` if Triton is installed and can run the weight and EMA dtypes
-   and every parameter is dense (contiguous or channels_last) with a gradient of the same
-   layout;
-2. CPU tensors take ``cpp`` under the same conditions if the extension builds (the first CPU
-   step builds it, or loads the verified cached build); if it cannot, one warning names the
-   reason, pointed at the caller's line, and the bucket takes ``foreach``;
-3. anything else takes ``foreach``.
+Each class declares what it can run in ``caps`` (:class:`~.base.Capabilities`), and the
+``auto`` rule is computed from those declarations by :func:`select`, per bucket (one device
+and dtype): the backends that take part in ``auto`` are tried by rank (``caps.auto``, lower
+first); the first whose declared devices, dtypes and layout needs fit the bucket, whose
+``unsupported`` check passes and which is ``available()`` (Triton installed; the C++
+extension built, which the first CPU step does, or its verified cache loaded) runs it. A
+backend that fits but is not available is passed over, with one warning naming the reason
+(pointed at the caller's line) when it declares ``warn_fallback`` (the C++ build). ``foreach``
+ranks last and takes anything. Today this gives: CUDA -> ``triton``, CPU -> ``cpp``, each for
+dense float32/bfloat16/float16 parameters whose gradients share their memory order; anything
+else -> ``foreach``.
 
 An explicit ``"triton"`` or ``"cpp"`` that cannot run a bucket is a ``ValueError`` naming the
-reason; only ``"auto"`` falls back.
+reason; only ``"auto"`` falls back. ``README.md`` here says how to add a backend.
 """
 
 from __future__ import annotations
 
-from .base import FUSED_DTYPES, Backend
+from .base import FUSED_DTYPES, Backend, Capabilities, StepInputs
 from .cpp import CppBackend
 from .foreach import ForeachBackend
 from .reference import ReferenceBackend
 from .triton import TritonBackend
 
 CLASSES = {c.name: c for c in (ReferenceBackend, ForeachBackend, TritonBackend, CppBackend)}
+_AUTO = sorted((c for c in CLASSES.values() if c.caps.auto is not None), key=lambda c: c.caps.auto)
 
 __all__ = [
     "Backend",
     "CLASSES",
+    "Capabilities",
     "FUSED_DTYPES",
+    "StepInputs",
     "ReferenceBackend",
     "ForeachBackend",
     "TritonBackend",
@@ -51,34 +56,36 @@ _DENSE = (
 )
 
 
+def _fits(cls, device, dtype, ema_dtype, dense: bool) -> bool:
+    caps = cls.caps
+    return (
+        (caps.devices is None or device.type in caps.devices)
+        and (caps.dtypes is None or (dtype in caps.dtypes and ema_dtype in caps.dtypes))
+        and (dense or not caps.dense_only)
+        and cls.unsupported(device, dtype, ema_dtype) is None
+    )
+
+
 def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
     """The backend name that runs a bucket, by the rule in this module's docstring."""
-    from .. import cpp_build
-
     if name == "auto":
-        if not dense:
-            return "foreach"
-        if device.type == "cuda":
-            return (
-                "triton"
-                if TritonBackend.unsupported(device, dtype, ema_dtype) is None
-                else "foreach"
-            )
-        if device.type == "cpu" and CppBackend.unsupported(device, dtype, ema_dtype) is None:
-            reason = cpp_build.load()  # builds on first use, cached on disk
-            if reason is None:
-                return "cpp"
-            cpp_build.fallback_warning(reason)
+        for cls in _AUTO:
+            if _fits(cls, device, dtype, ema_dtype, dense):
+                reason = cls.available()
+                if reason is None:
+                    return cls.name
+                if cls.caps.warn_fallback:
+                    cls.fallback_warning(reason)
         return "foreach"
-    if name in ("triton", "cpp"):
-        reason = CLASSES[name].unsupported(device, dtype, ema_dtype)
-        if reason is None and not dense:
-            reason = _DENSE.format(name)
-        if reason is None and name == "cpp":
-            reason = cpp_build.load()
-        if reason is not None:
-            raise ValueError(
-                f"backend={name!r} cannot run these parameters: {reason}; "
-                "use backend='auto', 'foreach' or 'reference'"
-            )
+    cls = CLASSES[name]
+    reason = cls.unsupported(device, dtype, ema_dtype)
+    if reason is None and cls.caps.dense_only and not dense:
+        reason = _DENSE.format(name)
+    if reason is None:
+        reason = cls.available()
+    if reason is not None:
+        raise ValueError(
+            f"backend={name!r} cannot run these parameters: {reason}; "
+            "use backend='auto', 'foreach' or 'reference'"
+        )
     return name

@@ -1,31 +1,39 @@
 """The contract between the step engine and a backend.
 
-A backend runs F-SAM's three passes over a :class:`~fsam_fused.plan.Bucket` (the parameters
-of one device and dtype that have a gradient this step, with their buffers and per-tensor
-settings, built once per plan):
+A backend runs F-SAM's three passes over a :class:`~fsam_fused.plan.Bucket`: the parameters
+of one device and dtype that have a gradient, with their buffers and device values
+(``b.rows``/``b.scalars``, :mod:`fsam_fused.rows`), all fixed for the plan. What changes
+every step arrives as arguments, in one :class:`StepInputs`: the gradients, a GradScaler's
+1/scale, the found flag. Values (rho, sigma, lmbda, eps) are read from ``b.rows`` and
+``b.scalars``, which the engine rewrites in place when they change: a backend never needs a
+new plan for a new value, and must not copy values to the host.
+
+Each backend class declares what it can do in ``caps`` (:class:`Capabilities`); the ``auto``
+rule of :func:`fsam_fused.backends.select` is computed from those declarations, and nothing
+outside ``backends/`` looks at a backend's name or its per-plan objects. ``README.md`` beside
+this file says how to add one.
 
 ``prepare(b)``
     Once per plan: derive whatever the passes reuse (device tables, op arguments, detached
-    aliases) and keep it in ``b.prep``. May fail; writes nothing the user can see.
-``norm(b, inv) -> (partials, carry)``
-    ``inv``: None, or a 1-element float32 tensor on ``b.device`` (a GradScaler's 1/scale)
-    that every gradient is multiplied by before any other use (EMA, direction, norm); the
-    ``.grad`` tensors themselves are never rewritten. Without it the arithmetic is exactly
-    the unscaled one (a separate code path, not a multiply by 1). A float32 1-D tensor on ``b.device`` whose *sum* is this bucket's share of the squared
-    global norm ``sum (a * d)**2``, and anything the perturb pass reuses this step. Writes
-    nothing the user can see: the engine combines the buckets' sums of squares (never norms
-    of norms) before any weight changes.
-``perturb(b, sq, carry, inv, found)``
-    ``sq``: float32 1-D tensor on ``b.device`` whose sum is the squared global norm; ``inv``
-    as for ``norm``; ``found``: a 1-element float32 tensor on ``b.device`` the pass sets to
-    1.0 if that sum is not finite (a non-finite gradient, or an overflowing sum of squares),
-    else 0.0, on the device (no host synchronisation). When it is not finite the pass
-    *selects* (never multiplies by zero: ``0 * inf`` is NaN): weights and EMA keep their bits
-    and the saved copy is still written, so ``restore`` is the identity. Otherwise it updates
-    the EMA (``b.emas``), keeps an exact copy of each weight (``b.saved``, or the weight's own
-    storage when double-buffered) and writes ``w + e``. **Atomic**: it checks everything
-    before its first write, and a failure after that undoes what it wrote to the weights. The
-    EMA update is its last write.
+    aliases) and keep it in ``b.prep``; set ``b.perturbed_ptrs`` (the address each parameter
+    has while perturbed). May fail; writes nothing the user can see.
+``norm(b, inputs) -> (partials, carry)``
+    A float32 1-D tensor on ``b.device`` whose *sum* is this bucket's share of the squared
+    global norm ``sum (a * d)**2``, and anything the perturb pass reuses this step. Every
+    gradient is multiplied by ``inputs.inv`` (when not None) before any other use; the
+    ``.grad`` tensors themselves are never rewritten, and without it the arithmetic is exactly
+    the unscaled one (a separate code path, not a multiply by 1). Writes nothing the user can
+    see: the engine combines the buckets' sums of squares before any weight changes.
+``perturb(b, inputs, sq, carry)``
+    ``sq``: float32 1-D tensor on ``b.device`` whose sum is the squared global norm. Sets
+    ``inputs.found`` (1-element float32 on ``b.device``) to 1.0 if that sum is not finite,
+    else 0.0, on the device. When it is not finite the pass *selects* (never multiplies by
+    zero: ``0 * inf`` is NaN): weights and EMA keep their bits and the saved copy is still
+    written, so ``restore`` is the identity. Otherwise it updates the EMA (``b.emas``), keeps
+    an exact copy of each weight (``b.saved``, or the weight's own storage when
+    double-buffered) and writes ``w + e``. **Atomic**: it checks and allocates everything
+    before its first write, and a failure after that undoes what it wrote to the weights.
+    The EMA update is its last write.
 ``restore(b)``
     Gives every weight back its saved bits. Called only when the engine has checked that every
     parameter still has the storage ``b.perturbed_ptrs`` recorded (host metadata, no sync).
@@ -33,6 +41,9 @@ settings, built once per plan):
     The exact unperturbed values of parameter ``i`` (the saved copy, or the home storage of a
     double-buffered one), for the engine's per-parameter restore when a parameter's storage
     changed between the two steps.
+``double_buffered(b) -> tuple[bool, ...]``, ``aligned(b) -> bool | None``
+    Introspection (``FSAM.plan_summary``): which tensors are swapped instead of copied, and
+    whether every address allows the widest vector accesses (None: not applicable).
 
 Room for later: a backend may add ``restore_and_step(b, base)`` to fuse the restore with a
 base optimizer's update (one pass instead of two); the engine would call it when present.
@@ -40,7 +51,8 @@ base optimizer's update (one pass instead of two); the engine would call it when
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -49,25 +61,79 @@ import torch
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class StepInputs(NamedTuple):
+    """What one step hands one bucket's passes (nothing of it is kept on the bucket)."""
+
+    grads: list  # the gradients, one per parameter of the bucket (local shards for DTensors)
+    inv: torch.Tensor | None  # a GradScaler's 1/scale (1-element float32 on the device), or None
+    found: torch.Tensor | None  # 1-element float32 on the device: set by perturb
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares it can run; :func:`fsam_fused.backends.select` reads it.
+
+    ``devices``: device types ``auto`` may give it (None: any). ``dtypes``: weight and EMA
+    dtypes it takes (None: any floating-point). ``dense_only``: every parameter must be dense
+    (contiguous or channels_last) with a gradient of the same memory order. ``double_buffer``:
+    it may swap a parameter's storage instead of copying (so ``fixed_addresses`` matters).
+    ``checks_devices``: its kernels refuse a tensor on another device before writing (the
+    engine then skips that per-step check). ``auto``: its rank for ``"auto"`` (lower first;
+    None: only by name). ``warn_fallback``: ``auto`` warns, naming the reason, when the
+    backend matches a bucket but is not available (e.g. its build failed)."""
+
+    devices: frozenset | None
+    dtypes: tuple | None
+    dense_only: bool
+    double_buffer: bool
+    checks_devices: bool
+    auto: int | None
+    warn_fallback: bool = False
+
+
 @runtime_checkable
 class Backend(Protocol):
     name: ClassVar[str]
+    caps: ClassVar[Capabilities]
 
     @staticmethod
     def unsupported(device: torch.device, dtype: torch.dtype, ema_dtype: torch.dtype) -> str | None:
-        """None if this backend can run such a bucket, else the reason it cannot."""
+        """None if this backend can run such a bucket when named explicitly, else the reason."""
+
+    @staticmethod
+    def available() -> str | None:
+        """None once the backend can run (built, importable), else the reason; may build."""
 
     def prepare(self, b) -> None: ...
 
-    def norm(self, b, inv: torch.Tensor | None) -> tuple[torch.Tensor, Any]: ...
+    def norm(self, b, inputs: StepInputs) -> tuple[torch.Tensor, Any]: ...
 
-    def perturb(
-        self, b, sq: torch.Tensor, carry: Any, inv: torch.Tensor | None, found: torch.Tensor
-    ) -> None: ...
+    def perturb(self, b, inputs: StepInputs, sq: torch.Tensor, carry: Any) -> None: ...
 
     def restore(self, b) -> None: ...
 
     def original(self, b, i: int) -> torch.Tensor: ...
+
+    def double_buffered(self, b) -> tuple: ...
+
+    def aligned(self, b) -> bool | None: ...
+
+
+class Unfused:
+    """Defaults for backends that copy every weight and have no alignment notion."""
+
+    @staticmethod
+    def available() -> str | None:
+        return None
+
+    def double_buffered(self, b) -> tuple:
+        return (False,) * len(b.params)
+
+    def aligned(self, b) -> bool | None:
+        return None
+
+    def original(self, b, i):
+        return b.saved[i]
 
 
 def fused_unsupported(what: str, dtype: torch.dtype, ema_dtype: torch.dtype) -> str | None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..hparams import EPS
+from ..rows import ADAPTIVE, DECAY, EPS_, GAIN, RHO, SIGMA
 from . import cpp_ops
-from .base import fused_unsupported
+from .base import FUSED_DTYPES, Capabilities, StepInputs, fused_unsupported
 
 # Double-buffer a tensor only from this size on. Swapping storages costs two ``p.data``
 # assignments (about 1.5 us together) whatever the size; the copy it saves costs about 0.4 ns
@@ -36,6 +36,9 @@ class _Static:
         "decay",
         "gain",
         "rhos",
+        "sigma",
+        "eps",
+        "version",
         "swap",
         "swapped",
         "copied",
@@ -44,8 +47,7 @@ class _Static:
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
         self.adaptive = [int(a) for a in b.adaptive]
-        self.decay, self.gain = list(b.decay), list(b.gain)
-        self.rhos = [float(r) for r in b.rhos]
+        self.version = None
         # Per parameter: double-buffer it, or save an exact copy in place.
         self.swap = [
             int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL and owns_storage(p))
@@ -68,6 +70,22 @@ class _Static:
         )
 
 
+    def values(self, b) -> None:
+        """The ops' float arguments, read from the bucket's CPU rows when they changed."""
+        # lead: until the ops take the rows tensors themselves (issue 16's schema).
+        rows = b.device_values
+        if self.version == rows.version:
+            return
+        r = rows.host()[0].tolist()  # (numpy views of CPU tensors: no torch read)
+        self.rhos = [x[RHO] for x in r]
+        self.decay = [x[DECAY] for x in r]
+        self.gain = [x[GAIN] for x in r]
+        sc = rows.host()[1].tolist()
+        self.sigma, self.eps = sc[SIGMA], sc[EPS_]
+        self.version = rows.version
+        assert [int(x[ADAPTIVE]) for x in r] == self.adaptive
+
+
 class CppBackend:
     """Three op calls per bucket and step, each one parallel pass over the whole list.
 
@@ -79,6 +97,15 @@ class CppBackend:
     """
 
     name = "cpp"
+    caps = Capabilities(
+        devices=frozenset({"cpu"}),
+        dtypes=FUSED_DTYPES,
+        dense_only=True,
+        double_buffer=True,
+        checks_devices=True,
+        auto=0,
+        warn_fallback=True,
+    )
 
     def __init__(self, buffers=None):
         pass
@@ -89,24 +116,46 @@ class CppBackend:
             return f"the C++ kernels take CPU tensors, got a {device.type} tensor"
         return fused_unsupported("C++", dtype, ema_dtype)
 
+    @staticmethod
+    def available():
+        from .. import cpp_build
+
+        return cpp_build.load()  # builds on first use, cached on disk
+
+    @staticmethod
+    def fallback_warning(reason: str) -> None:
+        from .. import cpp_build
+
+        cpp_build.fallback_warning(reason)
+
     def prepare(self, b) -> None:
         st = b.prep = _Static(b)
         b.perturbed_ptrs = [
             s.data_ptr() if w else p.data_ptr() for p, s, w in zip(b.params, b.saved, st.swap)
         ]
 
-    def norm(self, b, inv=None):
+    def norm(self, b, inputs: StepInputs):
         st = b.prep
+        st.values(b)
         return cpp_ops.norm_sq(
-            st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain, b.sigma, b.paper, inv
+            st.weights,
+            inputs.grads,
+            st.emas,
+            st.adaptive,
+            st.decay,
+            st.gain,
+            st.sigma,
+            b.paper,
+            inputs.inv,
         ), None
 
-    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
+    def perturb(self, b, inputs: StepInputs, sq, carry) -> None:
         st = b.prep
+        st.values(b)
         # One op for both kinds: it checks everything before it writes anything.
         cpp_ops.perturb_(
             st.weights,
-            b.grads,
+            inputs.grads,
             st.emas,
             b.saved,
             sq,
@@ -115,11 +164,11 @@ class CppBackend:
             st.decay,
             st.gain,
             st.swap,
-            b.sigma,
-            EPS,
+            st.sigma,
+            st.eps,
             b.paper,
-            inv,
-            found,
+            inputs.inv,
+            inputs.found,
         )
         try:
             for p, _, spare in st.swapped:
@@ -145,3 +194,9 @@ class CppBackend:
         if st.swap[i]:
             return next(own for p, own, _ in st.swapped if p is b.params[i])
         return b.saved[i]
+
+    def double_buffered(self, b) -> tuple:
+        return tuple(bool(s) for s in b.prep.swap)
+
+    def aligned(self, b) -> bool | None:
+        return None

@@ -3,17 +3,29 @@
 
 A deliberately plain loop over parameters, one step of the contract at a time, in the
 arithmetic dtype (float32 for 16-bit weights), each result rounded once to its storage dtype.
+Values (rho, sigma, the EMA's decay and gain, eps) are read from the bucket's device rows
+(:mod:`fsam_fused.rows`), as every backend reads them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..hparams import EPS, opmath
+from ..hparams import opmath
+from ..rows import DECAY, EPS_, GAIN, RHO, SIGMA
+from .base import Capabilities, StepInputs, Unfused
 
 
-class ReferenceBackend:
+class ReferenceBackend(Unfused):
     name = "reference"
+    caps = Capabilities(
+        devices=None,
+        dtypes=None,
+        dense_only=False,
+        double_buffer=False,
+        checks_devices=False,
+        auto=None,
+    )
 
     def __init__(self, buffers=None):
         pass
@@ -25,25 +37,26 @@ class ReferenceBackend:
     def prepare(self, b) -> None:
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
-    def norm(self, b, inv=None):
+    def norm(self, b, inputs: StepInputs):
         directions, m_news, squares = [], [], []
-        inv0 = inv.reshape(()) if inv is not None else None
-        for i, (p, g) in enumerate(zip(b.params, b.grads)):
+        inv = inputs.inv.reshape(()) if inputs.inv is not None else None
+        sigma = b.scalars[SIGMA]
+        for i, (p, g) in enumerate(zip(b.params, inputs.grads)):
             ct = opmath(p.dtype)
             g = g.to(ct)
-            if inv0 is not None:
-                g = g * inv0  # unscaled, as GradScaler.unscale_ would (.grad is not rewritten)
+            if inv is not None:
+                g = g * inv  # unscaled, as GradScaler.unscale_ would (.grad is not rewritten)
             m_new = None
             if b.emas is None:  # sigma == 0: plain SAM, no EMA read or written
                 d = g
             else:
                 m_old = b.emas[i].to(ct)
                 # m_new = lmbda * m + (1 - lmbda) * g, or g on the official first sight (the
-                # plan's decay/gain row; see plan.ema_row).
-                m_new = m_old * b.decay[i] + g * b.gain[i]
+                # rows' decay/gain; see rows.ema_row).
+                m_new = m_old * b.rows[i, DECAY] + g * b.rows[i, GAIN]
                 # Official order: d uses the EMA from *before* this step's update; the paper's
                 # (Algorithm 1) the updated one.
-                d = g - (m_new if b.paper else m_old) * b.sigma
+                d = g - (m_new if b.paper else m_old) * sigma
             directions.append(d)
             m_news.append(m_new)
             a = p.to(ct).abs() if b.adaptive[i] else 1.0
@@ -51,10 +64,11 @@ class ReferenceBackend:
         sq = torch.stack(squares) if squares else torch.zeros(1, device=b.device)
         return sq, (directions, m_news)
 
-    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
+    def perturb(self, b, inputs: StepInputs, sq, carry) -> None:
         directions, m_news = carry
         total = sq.sum()
-        norm = total.sqrt()
+        # The norm and scale in float32 (the arithmetic of every backend's norm).
+        norm_eps = total.sqrt() + b.scalars[EPS_].float()
         # A non-finite sum of squares (a non-finite gradient): select the old values, on
         # the device; never multiply by zero (0 * inf is NaN).
         ok = torch.isfinite(total)
@@ -63,7 +77,7 @@ class ReferenceBackend:
         try:
             for i, (p, d) in enumerate(zip(b.params, directions)):
                 ct = opmath(p.dtype)
-                scale = (b.rhos[i] / (norm + EPS)).to(ct)
+                scale = (b.rows[i, RHO].float() / norm_eps).to(ct)
                 w = p.to(ct)
                 a2 = w * w if b.adaptive[i] else 1.0
                 # computed in opmath, rounded once to storage
@@ -71,8 +85,8 @@ class ReferenceBackend:
         except BaseException:
             self.restore(b)
             raise
-        if found is not None:
-            found.copy_(~ok)
+        if inputs.found is not None:
+            inputs.found.copy_(~ok)
         if b.emas is not None:  # the last write: nothing after it can fail
             for m, m_new in zip(b.emas, m_news):
                 m.copy_(torch.where(ok, m_new, m))
@@ -80,6 +94,3 @@ class ReferenceBackend:
     def restore(self, b) -> None:
         for p, s in zip(b.homes, b.saved):
             p.copy_(s)
-
-    def original(self, b, i):
-        return b.saved[i]

@@ -7,8 +7,7 @@ import os
 
 import torch
 
-from ..hparams import EPS
-from .base import fused_unsupported
+from .base import FUSED_DTYPES, Capabilities, StepInputs, fused_unsupported
 
 
 def interpreter_active() -> bool:
@@ -52,6 +51,14 @@ class TritonBackend:
     """Three launches per bucket and step: norm partials, perturb, restore."""
 
     name = "triton"
+    caps = Capabilities(
+        devices=frozenset({"cuda"}),
+        dtypes=FUSED_DTYPES,
+        dense_only=True,
+        double_buffer=False,
+        checks_devices=False,
+        auto=0,
+    )
 
     def __init__(self, buffers=None):
         self._launchers = {}  # (device, dtype, EMA dtype) -> MultiTensorFSAM, holding tables
@@ -68,29 +75,37 @@ class TritonBackend:
             f"TRITON_INTERPRET=1, for testing), got a {device.type} tensor"
         )
 
+    @staticmethod
+    def available():
+        return triton_missing()
+
     def prepare(self, b) -> None:
         m_dtype = b.emas[0].dtype if b.emas else torch.float32
         key = (b.device, b.dtype, m_dtype)
         ln = self._launchers.get(key)
         if ln is None:
             ln = self._launchers[key] = kernels().MultiTensorFSAM(b.device, b.dtype, m_dtype)
-        ln.set_static(
-            b.params, b.emas, b.saved, list(zip(b.rhos, map(float, b.adaptive), b.decay, b.gain))
-        )
+        ln.set_static(b.params, b.emas, b.saved, b.adaptive, b.rows, b.scalars)
         b.prep = _Prep(ln, torch.empty(ln.n_programs, dtype=torch.float32, device=b.device))
         b.perturbed_ptrs = [p.data_ptr() for p in b.params]
 
-    def norm(self, b, inv=None):
+    def norm(self, b, inputs: StepInputs):
         ln = b.prep.launcher  # its static tables are this plan's: one plan at a time
-        ln.set_grads(b.grads)  # uploads the gradient addresses only when one has moved
-        ln.norm_partials(b.prep.partials, b.sigma, b.paper, inv)
+        ln.set_grads(inputs.grads)  # uploads the gradient addresses only when one has moved
+        ln.norm_partials(b.prep.partials, b.paper, inputs.inv)
         return b.prep.partials, None
 
-    def perturb(self, b, sq, carry, inv=None, found=None) -> None:
-        b.prep.launcher.perturb(sq, b.sigma, EPS, b.paper, found, inv)
+    def perturb(self, b, inputs: StepInputs, sq, carry) -> None:
+        b.prep.launcher.perturb(sq, b.paper, inputs.found, inputs.inv)
 
     def restore(self, b) -> None:
         b.prep.launcher.restore()
 
     def original(self, b, i):
         return b.saved[i]
+
+    def double_buffered(self, b) -> tuple:
+        return (False,) * len(b.params)
+
+    def aligned(self, b) -> bool | None:
+        return b.prep.launcher.aligned

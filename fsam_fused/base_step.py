@@ -1,0 +1,91 @@
+"""The base optimizer's step after the restore, and the rules that skip it.
+
+A step is skipped when a pass saw a non-finite gradient, and who decides depends on what is
+known without a host synchronisation:
+
+* with a GradScaler (``scaler.step(opt)`` handed ``grad_scale``/``found_inf``): the first
+  pass's flag is merged into the scaler's record (:func:`fsam_fused.amp.finish`); a base that
+  reads ``grad_scale``/``found_inf`` (torch's fused SGD, Adam, AdamW) unscales and skips on
+  the device; any other is unscaled here and skipped after the one synchronisation GradScaler
+  itself makes;
+* ``skip_nonfinite=True``: the second pass is checked too, and any base is skipped after one
+  synchronisation (documented on the option);
+* otherwise a fused base skips on the first pass's flag on the device, and any other base
+  steps (on the second gradient, taken at the unperturbed weights).
+
+The base's step is called without torch.optim's step hooks and profiler range: those belong
+to the F-SAM step (``FSAM``'s own), which would otherwise be reported twice, the second time
+attributed to the base optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import amp
+
+
+def _step(base) -> None:
+    """``base.step()`` without the hook/profiler wrapper torch.optim puts around it."""
+    fn = type(base).step
+    inner = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
+    if inner is None or "step" in base.__dict__:  # (an instance-level patch: call it)
+        base.step()
+    else:
+        inner(base)
+        base._opt_called = True  # what an LR scheduler attached to the base reads
+
+
+def _device_step(base, grad_scale, found_inf) -> None:
+    """A base optimizer that reads ``grad_scale``/``found_inf`` unscales and skips on the
+    device: no host synchronisation."""
+    base.grad_scale, base.found_inf = grad_scale, found_inf
+    try:
+        _step(base)
+    finally:
+        del base.grad_scale, base.found_inf
+
+
+def run(
+    base,
+    params,
+    first,
+    *,
+    scaler=None,
+    grad_scale=None,
+    found_inf=None,
+    key=None,
+    skip_nonfinite=False,
+) -> torch.Tensor | None:
+    """Step (or skip) ``base`` after the restore. ``first``: the first pass's found flag (a
+    0-dim device tensor) or None; ``scaler``/``grad_scale``/``found_inf``: the GradScaler the
+    step started with and what ``scaler.step`` handed over, ``owner`` the optimizer the
+    scaler knows. Returns the step's combined found flag (None when nothing checked it)."""
+    device_skip = getattr(base, "_step_supports_amp_scaling", False)
+    if scaler is not None:
+        found = amp.finish(scaler, key, first, found_inf)
+        if device_skip:
+            _device_step(base, grad_scale, found)
+        else:
+            if grad_scale is not None:
+                amp.unscale_and_check(params, grad_scale.double().reciprocal().float())
+            if not found.item():  # the one synchronisation GradScaler itself makes
+                _step(base)
+        return found
+    if skip_nonfinite:
+        second = amp.unscale_and_check(params)
+        found = (
+            first
+            if second is None
+            else second
+            if first is None
+            else second + first.to(second.device)
+        )
+        if found is None or not found.item():  # the documented synchronisation
+            _step(base)
+        return found
+    if device_skip and first is not None:
+        _device_step(base, None, first)
+    else:
+        _step(base)
+    return first

@@ -1,0 +1,244 @@
+"""The step session: the one owner of an F-SAM step's control.
+
+:class:`StepSession` holds a step's state as an explicit :class:`Phase` and is the only
+caller of the engine's passes (:class:`fsam_fused.engine.Engine`) and of the base optimizer's
+step (:mod:`fsam_fused.base_step`). ``FSAM``'s step methods are one call each into it. It is
+built from the param groups and the base optimizer, never from the ``FSAM`` object.
+
+Phases::
+
+    IDLE --first()--> PERTURBED --finish()--> IDLE
+    IDLE --first(scaler)--> SCALED --finish(from scaler.step)--> IDLE
+    PERTURBED/SCALED --step(closure) runs the closure--> IN_CLOSURE --> PERTURBED/SCALED
+    PERTURBED/SCALED --a restore that raises--> RESTORE_FAILED --finish()/abandon()--> IDLE
+    any perturbed phase --abandon()--> IDLE (weights restored, no base step)
+
+Closures (``step(closure)``), told apart without reading a device value:
+
+(a) **The authors' pattern** (davda54's SAM, the published F-SAM code): the caller ran the
+    first forward/backward; the closure runs the second. Recognised when a gradient has been
+    written since the last step (a new tensor, or a version counter moved past the one the
+    last step or ``zero_grad(set_to_none=False)`` left).
+(b) **torch.optim's pattern** (LBFGS, Composer, Lightning's automatic optimization): no
+    gradient since the last step (``zero_grad()`` left ``None`` or zeros, or the previous
+    step's gradients are untouched); the closure runs the step's only forward/backward. The
+    session calls it twice: first pass, ``first_step``, second pass, ``second_step``, and
+    returns the *first* call's value (the loss at the unperturbed weights, as
+    torch.optim's closure convention has it).
+
+The check reads host metadata of a sample of at most four gradients (those the last step's
+plan had: the first, the last and two between), so it costs O(1) a step. A gradient zeroed
+some other way than ``FSAM.zero_grad`` or ``nn.Module.zero_grad`` (e.g. ``p.grad.zero_()``
+twice) cannot be told from a written one: the step then follows pattern (a).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+import torch
+
+from . import _messages, amp, base_step
+from .engine import Engine
+
+
+class Phase(enum.Enum):
+    IDLE = "idle"
+    PERTURBED = "perturbed"  # first_step done: the weights are w + e
+    SCALED = "perturbed, with a GradScaler"  # ... and scaler.step(opt) must finish it
+    IN_CLOSURE = "in the closure"  # step(closure) is running the closure
+    RESTORE_FAILED = "perturbed, a restore failed"  # second_step() or abandon() may retry
+
+
+_PERTURBED = (Phase.PERTURBED, Phase.SCALED, Phase.RESTORE_FAILED)
+
+
+class StepSession:
+    """One optimizer's steps. ``groups``: the (shared) param-group list; ``base``: the base
+    optimizer; ``key``: what a GradScaler knows the optimizer by (its ``id``)."""
+
+    def __init__(self, groups, base, key: int):
+        self.groups, self.base, self.key = groups, base, key
+        self.engine = Engine()
+        self.phase = Phase.IDLE
+        self.scaler = None  # the enabled GradScaler the step in flight was started with
+        self.found: torch.Tensor | None = None  # the last step's non-finite flag
+        self._resume = Phase.PERTURBED  # the phase IN_CLOSURE returns to
+        self._left: list | None = None  # (param, grad, version) the last step left
+        # Re-entrant: a closure that calls first_step() from the stepping thread gets the
+        # misuse error of its phase, not the other-thread one.
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def perturbed(self) -> bool:
+        return self.phase is not Phase.IDLE
+
+    def refuse_mid_step(self, what: str) -> None:
+        if self.perturbed:
+            raise RuntimeError(
+                f"{what} between first_step() and second_step(): the weights are "
+                "perturbed; call second_step() (or abandon_step()) first"
+            )
+
+    # ------------------------------------------------------------------ the two halves
+
+    def first(self, st, values, state, scaler=None) -> None:
+        """``first_step``: perturb the weights (all-or-nothing; see the engine)."""
+        if self.phase is Phase.IN_CLOSURE:
+            raise RuntimeError(_messages.closure_called("first_step"))
+        if self.perturbed:
+            raise RuntimeError(
+                "first_step() called twice without second_step(): the weights are already "
+                "perturbed"
+            )
+        inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
+        self.engine.first_step(st, values, self.groups, state, inv)
+        self.found = self.engine.found
+        self.phase = Phase.PERTURBED
+        if scaler is not None:
+            if scaler.is_enabled():
+                self.scaler = scaler
+                self.phase = Phase.SCALED
+            amp.after_first_step(scaler, self.key, unscaled)
+
+    def finish(self, grad_scale=None, found_inf=None, skip_nonfinite=False) -> None:
+        """``second_step`` (or ``scaler.step(opt)``, which hands over ``grad_scale`` and
+        ``found_inf``): restore, then the base step or its skip."""
+        if self.phase is Phase.IN_CLOSURE:
+            raise RuntimeError(_messages.closure_called("second_step"))
+        if not self.perturbed:
+            raise RuntimeError(
+                "second_step() called before first_step(): there is no perturbation to undo"
+            )
+        scaler = self.scaler
+        if scaler is not None and found_inf is None:
+            raise RuntimeError(_messages.SCALED_SECOND_STEP)
+        self._restore()
+        self.scaler = None
+        if scaler is None and found_inf is not None:
+            raise RuntimeError(_messages.UNSCALED_SCALER_STEP)
+        params = [p for g in self.groups for p in g["params"]]
+        self.found = base_step.run(
+            self.base,
+            params,
+            self.engine.found,
+            scaler=scaler,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            key=self.key,
+            skip_nonfinite=skip_nonfinite,
+        )
+        self._leave()
+
+    def abandon(self) -> bool:
+        """Restore the weights of a step in flight without a base step; False if none was."""
+        if self.phase is Phase.IN_CLOSURE:
+            raise RuntimeError(_messages.closure_called("abandon_step"))
+        if not self.perturbed:
+            return False
+        self._restore()
+        self.scaler = None
+        return True
+
+    def _restore(self) -> None:
+        try:
+            self.engine.restore()
+        except BaseException:
+            if self.engine.inflight is not None:
+                self.phase = Phase.RESTORE_FAILED
+            else:  # restored, but a parameter could not be (its shape changed)
+                self.phase = Phase.IDLE
+                self.scaler = None
+            raise
+        self.phase = Phase.IDLE
+
+    # ------------------------------------------------------------------ closures
+
+    def run_closure(self, closure):
+        """The second pass of ``step(closure)`` on fresh gradients. If the closure raises,
+        the weights are restored and the first pass's ``.grad`` given back (the EMA keeps
+        this step's update: see the engine's failure policy)."""
+        params = [p for g in self.groups for p in g["params"]]
+        first_grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        self._resume, self.phase = self.phase, Phase.IN_CLOSURE
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.phase = self._resume
+            self.abandon()
+            for p, g in zip(params, first_grads):
+                p.grad = g
+            raise
+        self.phase = self._resume
+        return loss
+
+    def finish_closure(self, closure):
+        """A closure handed to ``step`` after ``first_step()`` (a framework's wrapper): it runs
+        the second pass; if it raises, the step is abandoned (weights restored)."""
+        self._resume, self.phase = self.phase, Phase.IN_CLOSURE
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        except BaseException:
+            self.phase = self._resume
+            self.abandon()
+            raise
+        self.phase = self._resume
+        return loss
+
+    def first_pass_ran(self) -> bool:
+        """True if a gradient was written since the last step (pattern (a) in the module
+        docstring); host metadata of at most four gradients."""
+        left = self._left
+        if left is None:
+            return any(p.grad is not None for g in self.groups for p in g["params"])
+        for p, g, v in left:
+            pg = p.grad
+            if pg is not None and (pg is not g or pg._version not in v):
+                return True
+        return False
+
+    def note_zeroed(self) -> None:
+        """After ``zero_grad(set_to_none=False)``: zeroed gradients are not a first pass."""
+        left = self._left
+        if left is not None:
+            self._left = [
+                (p, g, v + (p.grad._version,)) if p.grad is g and g is not None else (p, g, v)
+                for p, g, v in left
+            ]
+
+    def _leave(self) -> None:
+        """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`."""
+        plan = self.engine.plan
+        if plan is None or not plan.have:
+            self._left = None
+            return
+        have = plan.have
+        n = len(have)
+        picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
+        sample = []
+        for i in picks:
+            p = plan.flat[have[i]]
+            g = p.grad
+            sample.append((p, g, (g._version,) if g is not None else ()))
+        self._left = sample
+
+    # ------------------------------------------------------------------ concurrency
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "this FSAM optimizer is already stepping in another thread: one optimizer "
+                "must not be stepped from two threads at once (give each thread its own)"
+            )
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
