@@ -15,6 +15,7 @@ from torch.optim.optimizer import ParamsT
 from . import _messages, amp, checkpoint, hooks, hparams
 from .buffers import State
 from .engine import BucketSummary, Engine
+from .integrations import lightning
 from .session import StepSession
 
 
@@ -375,7 +376,9 @@ class FSAM(Optimizer):
         self._range = rng
         try:
             first_loss = None
-            if not s.first_pass_ran():  # torch.optim's convention: the closure runs both
+            if s.first_pass_ran():  # the authors' convention: the closure runs the second
+                lightning.check_first_pass(closure)
+            else:  # torch.optim's convention: the closure runs both passes
                 with torch.enable_grad():
                     first_loss = closure()
             s.first(*self._config(self), self.state)

@@ -27,9 +27,12 @@ Closures (``step(closure)``), told apart without reading a device value:
     torch.optim's closure convention has it).
 
 The check reads host metadata of a sample of at most four gradients (those the last step's
-plan had: the first, the last and two between), so it costs O(1) a step. A gradient zeroed
-some other way than ``FSAM.zero_grad`` or ``nn.Module.zero_grad`` (e.g. ``p.grad.zero_()``
-twice) cannot be told from a written one: the step then follows pattern (a).
+plan had: the first, the last and two between), so it costs O(1) a step; when all four are
+None it looks for any gradient at all. Gradients zeroed in place other than by
+``FSAM.zero_grad(set_to_none=False)`` (``nn.Module.zero_grad(set_to_none=False)``,
+``p.grad.zero_()``) cannot be told from written ones without reading them: the step then
+follows pattern (a). Gradients left untouched on the sampled parameters while others were
+rewritten are taken as pattern (b).
 """
 
 from __future__ import annotations
@@ -194,15 +197,20 @@ class StepSession:
 
     def first_pass_ran(self) -> bool:
         """True if a gradient was written since the last step (pattern (a) in the module
-        docstring); host metadata of at most four gradients."""
+        docstring); host metadata of at most four gradients, or of every parameter when
+        all four are None (then any gradient at all is a written one)."""
         left = self._left
-        if left is None:
-            return any(p.grad is not None for g in self.groups for p in g["params"])
-        for p, g, v in left:
-            pg = p.grad
-            if pg is not None and (pg is not g or pg._version not in v):
-                return True
-        return False
+        if left is not None:
+            none = True
+            for p, g, v in left:
+                pg = p.grad
+                if pg is not None:
+                    if pg is not g or pg._version not in v:
+                        return True
+                    none = False
+            if not none:
+                return False  # untouched (or only zeroed) since the last step
+        return any(p.grad is not None for g in self.groups for p in g["params"])
 
     def note_zeroed(self) -> None:
         """After ``zero_grad(set_to_none=False)``: zeroed gradients are not a first pass."""

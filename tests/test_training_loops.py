@@ -166,47 +166,41 @@ def test_bn_frozen_restores_on_error_and_checks_its_argument():
             pass
 
 
-# ----------------------------------------------------------------------------- stale grads
+# ----------------------------------------------------------------------------- closures
 
 
-def test_closure_with_the_only_backward_is_refused():
-    """What Lightning's automatic optimization does: step(closure) where the closure runs the
-    step's only forward/backward. Step 0 has no gradient (valid: a no-op perturbation),
-    step 1 the gradients step 0 left: refused before anything changes."""
+def test_closure_convention_is_told_by_the_gradients():
+    """step(closure) runs the closure twice (both passes) when no gradient was written since
+    the last step, and once (the second pass) after the caller's first backward, whichever
+    way the gradients were cleared (tests/test_closures.py checks the math)."""
     net = make_net(0)
     opt = _opt(net, "auto")
     ((x, y),) = _data(5, 1)
+    calls = []
 
     def closure():
-        opt.zero_grad()
+        calls.append(1)
         loss = loss_of(net, x, y)
         loss.backward()
         return loss
 
-    opt.step(closure)  # step 0, no gradient yet: a plain step by contract
-    w1 = [p.detach().clone() for p in net.parameters()]
-    st = {p: s["ema"].clone() for p, s in opt.state.items() if "ema" in s}
-    with pytest.raises(RuntimeError, match="stale"):
-        opt.step(closure)
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w1))
-    assert all(torch.equal(opt.state[p]["ema"], m) for p, m in st.items())
-    # A fresh first backward is accepted again (zeroed in place, or set to None).
-    closure()
-    opt.step(closure)
+    def count(fn):
+        calls.clear()
+        fn()
+        return len(calls)
+
+    assert count(lambda: opt.step(closure)) == 2  # step 0: no gradient yet
+    assert count(lambda: opt.step(closure)) == 2  # the gradients step 0 left, untouched
+    opt.zero_grad()
+    assert count(lambda: opt.step(closure)) == 2
     opt.zero_grad(set_to_none=False)
-    loss_of(net, x, y).backward()
-    opt.step(closure)
-
-
-def test_stale_check_can_be_turned_off_for_replays():
-    net = make_net(0)
-    opt = _opt(net, "auto")
-    ((x, y),) = _data(6, 1)
-    loss_of(net, x, y).backward()
-    opt.step(lambda: loss_of(net, x, y).backward())
-    with pytest.raises(RuntimeError, match="stale"):
-        opt.step(lambda: loss_of(net, x, y).backward())
-    opt.first_step()  # an explicit first_step is not checked (tests and benchmarks replay)
+    assert count(lambda: opt.step(closure)) == 2
+    opt.zero_grad(set_to_none=False)
+    loss_of(net, x, y).backward()  # the caller's first pass, into zeroed gradients
+    assert count(lambda: opt.step(closure)) == 1
+    opt.zero_grad()
+    loss_of(net, x, y).backward()  # into new gradient tensors
+    assert count(lambda: opt.step(closure)) == 1
+    # Explicit first/second steps replay whatever gradients are there (tests, benchmarks).
+    opt.first_step()
     opt.second_step()
-    opt.check_stale_grads = False
-    opt.step(lambda: loss_of(net, x, y).backward())

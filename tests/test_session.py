@@ -1,0 +1,210 @@
+"""The step session: torch.optim's step hooks and profiler range once per F-SAM step
+(attributed to FSAM), values that change without a plan rebuild or a table upload, the
+public in-flight flag and abandon_step, one optimizer entered from two threads."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from fsam_fused import FSAM
+from helpers import backend_available, make_net, opt_args
+
+
+def _xy(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g), torch.randn(n, 5, generator=g)
+
+
+def _loss(net, x, y):
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def _api_steps(api, net, opt, x, y, steps):
+    for _ in range(steps):
+        if api == "two-pass":
+            _loss(net, x, y).backward()
+            opt.first_step(zero_grad=True)
+            _loss(net, x, y).backward()
+            opt.second_step(zero_grad=True)
+        elif api == "closure-authors":
+            _loss(net, x, y).backward()
+            opt.step(lambda: _loss(net, x, y).backward())
+            opt.zero_grad()
+        elif api == "closure-torch":
+            opt.zero_grad()
+            opt.step(lambda: _loss(net, x, y).backward())
+        elif api == "scaler":
+            scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+            scaler.scale(_loss(net, x, y)).backward()
+            opt.first_step(zero_grad=True, grad_scaler=scaler)
+            scaler.scale(_loss(net, x, y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+
+APIS = ["two-pass", "closure-authors", "closure-torch", "scaler"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_step_hooks_fire_once_per_step_for_fsam(api):
+    net = make_net(0)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05)
+    seen = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", type(o).__name__))),
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", type(o).__name__))),
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("gpre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("gpost", type(o).__name__))),
+    ]
+    try:
+        _api_steps(api, net, opt, *_xy(), 3)
+    finally:
+        for h in handles:
+            h.remove()
+    one = [("gpre", "FSAM"), ("pre", "FSAM"), ("post", "FSAM"), ("gpost", "FSAM")]
+    assert seen == one * 3, seen
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_one_profiler_range_per_step(api):
+    net = make_net(1)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05)
+    x, y = _xy(1)
+    _api_steps(api, net, opt, x, y, 1)  # warm-up: plan and build outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _api_steps(api, net, opt, x, y, 2)
+    names = [e.name for e in prof.events() if e.name.startswith("Optimizer.step#")]
+    assert names == ["Optimizer.step#FSAM.step"] * 2, names
+
+
+def test_hooks_on_a_failed_step_close_without_post_hooks():
+    net = make_net(2)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05)
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append("post"))
+    x, y = _xy(2)
+    _loss(net, x, y).backward()
+
+    def bad():
+        raise ValueError("second pass failed")
+
+    with pytest.raises(ValueError):
+        opt.step(bad)
+    assert seen == [] and not opt.perturbed
+    _api_steps("two-pass", net, opt, x, y, 1)
+    assert seen == ["post"]
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("backend", ["reference", "foreach", "cpp", "cpp-fixed", "triton"])
+def test_values_changing_every_step_never_rebuild(backend, monkeypatch):
+    """rho, sigma and lmbda change every step: the plan is built twice (the first step, and
+    once after it creates the EMAs) and never again, no Triton table is uploaded after that,
+    and the trajectory equals the reference's rebuilt from scratch every step."""
+    backend_available(backend, "cpu")
+    net = make_net(3)
+    twin = copy.deepcopy(net)
+    kw = dict(lr=0.05, momentum=0.9)
+    opt = FSAM(net.parameters(), torch.optim.SGD, **opt_args(backend), **kw)
+    ref = FSAM(twin.parameters(), torch.optim.SGD, backend="reference", **kw)
+    uploads = []
+    if backend == "triton":
+        from fsam_fused.kernels import fsam as K
+
+        real = K._upload
+        monkeypatch.setattr(K, "_upload", lambda *a: uploads.append(1) or real(*a))
+    x, y = _xy(3)
+    gen = torch.Generator().manual_seed(3)
+    schedule = [torch.rand(3, generator=gen).tolist() for _ in range(8)]
+
+    def run(n, o, fresh):
+        out = []
+        for k, vals in enumerate(schedule):
+            o.param_groups[0]["rho"] = 0.01 + vals[0]
+            o.sigma = 0.2 + vals[1]
+            o.lmbda = 0.5 * vals[2]
+            if fresh:  # the oracle: a copy (no plan) every step, rebuilt from scratch
+                o = copy.deepcopy(o, {id(p): p for p in n.parameters()})
+            if k == 2:
+                uploads.clear()
+                at2 = o.engine.builds
+            # Gradients kept at their addresses, so the Triton gradient table stays too.
+            _loss(n, x, y).backward()
+            o.first_step()
+            o.zero_grad(set_to_none=False)
+            _loss(n, x, y).backward()
+            o.second_step()
+            o.zero_grad(set_to_none=False)
+            out.append([p.detach().clone() for p in n.parameters()])
+        return out, (at2, o.engine.builds)
+
+    want, _ = run(twin, ref, True)
+    got, builds = run(net, opt, False)
+    for k, (a, b) in enumerate(zip(got, want)):
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {k}")
+    assert builds == (2, 2), builds
+    assert uploads == []
+
+
+# ----------------------------------------------------------------------------- in flight
+
+
+def test_abandon_step_restores_and_skips_the_base():
+    net = make_net(4)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+    x, y = _xy(4)
+    _api_steps("two-pass", net, opt, x, y, 1)  # momentum buffers exist
+    w = [p.detach().clone() for p in net.parameters()]
+    base = copy.deepcopy(opt.base_optimizer.state_dict())
+    assert not opt.perturbed and opt.abandon_step() is False
+    _loss(net, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert opt.perturbed
+    with pytest.raises(RuntimeError, match="abandon_step"):
+        opt.state_dict()
+    assert opt.abandon_step() is True
+    assert not opt.perturbed
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w))
+    after = opt.base_optimizer.state_dict()
+    for k, s in base["state"].items():
+        assert torch.equal(s["momentum_buffer"], after["state"][k]["momentum_buffer"])
+    opt.state_dict()  # idle again
+    with pytest.raises(RuntimeError, match="before first_step"):
+        opt.second_step()
+    _api_steps("two-pass", net, opt, x, y, 1)  # and steps on normally
+
+
+def test_one_optimizer_from_two_threads_is_refused():
+    net = make_net(5)
+    opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05)
+    x, y = _xy(5)
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def slow():
+        inside.set()
+        release.wait(10)
+        _loss(net, x, y).backward()
+
+    def other():
+        inside.wait(10)
+        try:
+            opt.first_step()
+        except RuntimeError as e:
+            errors.append(str(e))
+        finally:
+            release.set()
+
+    _loss(net, x, y).backward()
+    t = threading.Thread(target=other)
+    t.start()
+    opt.step(slow)
+    t.join(10)
+    assert errors and "another thread" in errors[0]
+    assert not opt.perturbed
