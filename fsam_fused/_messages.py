@@ -20,6 +20,8 @@ def closure_called(method: str) -> str:
         f"the closure passed to step() must run only the second forward and backward; it "
         f"called {method}() (step() calls first_step() and second_step() itself)"
     )
+
+
 SCALED_SECOND_STEP = (
     "first_step() took grad_scaler=scaler: finish the step with scaler.step(opt), then "
     "scaler.update() (the second pass's gradients are scaled; the weights are still perturbed)"
@@ -36,4 +38,6 @@ BASE_INSTANCE = (
 
 
 def base_not_class(obj) -> str:
-    return f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got {obj!r}"
+    return (
+        f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got {obj!r}"
+    )

@@ -37,7 +37,6 @@ from torch.amp.grad_scaler import GradScaler, OptState
 __all__ = ["GradScaler", "begin", "after_first_step", "finish", "unscale_and_check"]
 
 
-
 def begin(scaler, key: int):
     """Checks for ``first_step(grad_scaler=scaler)``, before anything is modified.
 

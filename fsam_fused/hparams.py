@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,8 @@ def opmath(dtype: torch.dtype) -> torch.dtype:
 def number(name: str, value, lo: float, hi: float = math.inf, hi_open: bool = False) -> float:
     """``value`` as a float in ``[lo, hi]`` (``[lo, hi)`` if ``hi_open``), finite; else a
     ``TypeError``/``ValueError`` that names ``name``."""
+    if type(value) is float and lo <= value < hi:  # the common case, checked in one compare
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     try:
@@ -95,10 +98,10 @@ class Structure:
         return self.ema_dtype or opmath(dtype)
 
 
-@dataclass(frozen=True)
-class Values:
+class Values(NamedTuple):
     """What a step reads as numbers: refreshed in place on the device (``rows.Rows``) when it
-    changes, never a reason to rebuild a plan. ``rhos`` is per param group, in order."""
+    changes, never a reason to rebuild a plan. ``rhos`` is per param group, in order. (A
+    NamedTuple: a schedule makes one every step.)"""
 
     sigma: float
     lmbda: float
@@ -129,31 +132,54 @@ def config(
 
 class ConfigCache:
     """An optimizer's ``(Structure, Values)``, validated again only when one of its inputs
-    changed (a tuple compare per step instead of every check). A changed rho or sigma gives
-    a new ``Values`` and the *same* ``Structure`` object, so the plan is kept."""
+    changed (a tuple compare per step instead of every check). A changed rho, sigma or lmbda
+    is validated alone and gives a new ``Values`` with the *same* ``Structure`` object, so a
+    schedule costs a few number checks a step and the plan is kept."""
 
     def __init__(self):
         self._raw, self._structure, self._values = None, None, None
 
     def __call__(self, opt) -> tuple[Structure, Values]:
-        a = (opt.sigma, opt.lmbda, opt.ema_order, opt.backend, opt.ema_dtype, opt.fixed_addresses)
+        groups = opt.param_groups
+        sigma, lmbda = opt.sigma, opt.lmbda
         # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
-        raw = (
-            a,
-            tuple(map(type, a)),
-            [
-                (g["rho"], type(g["rho"]), g["adaptive"], type(g["adaptive"]))
-                for g in opt.param_groups
-            ],
+        vraw = (
+            sigma,
+            type(sigma),
+            lmbda,
+            type(lmbda),
+            [(g["rho"], type(g["rho"])) for g in groups],
         )
+        sraw = (
+            opt.ema_order,
+            opt.backend,
+            opt.ema_dtype,
+            opt.fixed_addresses,
+            type(opt.fixed_addresses),
+            [(g["adaptive"], type(g["adaptive"])) for g in groups],
+        )
+        raw = self._raw
         try:
-            same = raw == self._raw
+            same_s = raw is not None and sraw == raw[1]
+            same_v = same_s and vraw == raw[0]
         except (RuntimeError, TypeError, ValueError):  # e.g. a tensor compared with a float
-            same = False
-        if not same:
-            structure, values = config(*a, opt.param_groups)
+            same_s = same_v = False
+        if same_v:
+            return self._structure, self._values
+        if same_s and (sigma > 0) == self._structure.has_ema:
+            # Values only: check them alone (a schedule pays this, not the whole config).
+            self._values = Values(
+                sigma=number("sigma", sigma, 0.0),
+                lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
+                rhos=tuple(
+                    number(f"rho in param group {i}", g["rho"], 0.0) for i, g in enumerate(groups)
+                ),
+            )
+        else:
+            structure, self._values = config(
+                sigma, lmbda, opt.ema_order, opt.backend, opt.ema_dtype, opt.fixed_addresses, groups
+            )
             if structure != self._structure:
                 self._structure = structure
-            self._values = values
-            self._raw = raw
+        self._raw = (vraw, sraw)
         return self._structure, self._values

@@ -12,26 +12,13 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hooks, hparams
+from . import _messages, amp, checkpoint, hparams
 from .buffers import State
-from .engine import BucketSummary, Engine
-from .integrations import lightning
+from .reports import StepReports, own
 from .session import StepSession
 
 
-def _own(opt):
-    """The FSAM whose step this is: ``opt`` itself, or the FSAM inside a wrapper that borrows
-    its class (Lightning's ``LightningOptimizer`` has FSAM among its bases but not its
-    ``__dict__``): the step must run on the optimizer GradScaler and the state know."""
-    if "_session" in opt.__dict__:
-        return opt
-    inner = getattr(opt, "optimizer", None)
-    if isinstance(inner, FSAM) and "_session" in inner.__dict__:
-        return inner
-    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
-
-
-class FSAM(Optimizer):
+class FSAM(StepReports, Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
 
     Drop-in for the authors' ``FriendlySAM``: same constructor and methods. Each step keeps an
@@ -148,12 +135,6 @@ class FSAM(Optimizer):
     def _fresh_session(self) -> None:
         self._session = StepSession(self.param_groups, self.base_optimizer, id(self))
         self._config = hparams.ConfigCache()
-        self._range = None  # the profiler range of a two-pass step in flight
-
-    @property
-    def engine(self) -> Engine:
-        """The step engine (introspection and benchmarks: ``opt.engine.passes()``)."""
-        return self._session.engine
 
     # ------------------------------------------------------------------ groups and state
 
@@ -172,7 +153,7 @@ class FSAM(Optimizer):
         yet", so a following ``step(closure)`` runs both passes in the closure."""
         super().zero_grad(set_to_none)
         if not set_to_none:
-            self._session.note_zeroed()
+            self._session.sample.note_zeroed()
 
     def state_dict(self) -> dict[str, Any]:
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
@@ -200,7 +181,7 @@ class FSAM(Optimizer):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step."""
         self._session.refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_config", "_range")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_config")}
 
     def __setstate__(self, st):
         super().__setstate__(st)
@@ -209,80 +190,11 @@ class FSAM(Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self._fresh_session()
 
-    # ------------------------------------------------------------------ introspection
-
-    def plan_summary(self) -> list[BucketSummary]:
-        """One :class:`fsam_fused.engine.BucketSummary` per bucket of the last step's plan
-        (device, dtype, backend, tensors, elements, double-buffered tensors, bytes per step);
-        empty before the first step."""
-        return self._session.engine.summary()
-
-    def backend_for(self, param: torch.Tensor) -> str | None:
-        """The backend that ran ``param`` in the last step (None if it had no gradient)."""
-        return self._session.engine.backend_for(param)
-
-    def found_nonfinite(self) -> torch.Tensor | None:
-        """Whether the last step saw a non-finite gradient: a 0-dim float32 device tensor,
-        1.0 or 0.0 (more than 1.0 when both passes did, with a GradScaler), None before the
-        first step. It covers the first pass always, and the second pass too when a
-        GradScaler or ``skip_nonfinite=True`` checked it. Reading its value (``.item()``,
-        ``bool()``) synchronises with the device; passing it on does not.
-
-        Example:
-            >>> import torch
-            >>> from fsam_fused import FSAM
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-            >>> model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
-            >>> w = model.weight.detach().clone()
-            >>> opt.first_step(zero_grad=True)       # non-finite: the weights are not perturbed
-            >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
-            (True, 1.0)
-        """
-        return self._session.found
-
-    @property
-    def perturbed(self) -> bool:
-        """True between ``first_step()`` and the end of the step: the weights are ``w + e``
-        (not the model's weights: don't average, evaluate or save them now). Host state only.
-
-        Example:
-            >>> import torch
-            >>> from fsam_fused import FSAM
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-            >>> opt.perturbed
-            False
-        """
-        return _own(self)._session.perturbed
-
-    @torch.no_grad()
-    def abandon_step(self) -> bool:
-        """End a step in flight without a base step: the weights get their saved bits back
-        (the EMA keeps the first pass's update, as after any failed second pass). For a loop
-        whose second pass failed outside ``step(closure)`` (another rank died, a bad batch).
-        Returns False, changing nothing, when no step was in flight.
-
-        Example:
-            >>> import torch
-            >>> from fsam_fused import FSAM
-            >>> model = torch.nn.Linear(3, 1)
-            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
-            >>> w = model.weight.detach().clone()
-            >>> model(torch.randn(4, 3)).sum().backward()
-            >>> opt.first_step(zero_grad=True)
-            >>> opt.abandon_step(), torch.equal(model.weight, w), opt.perturbed
-            (True, True, False)
-        """
-        fs = _own(self)
-        with fs._session as s:
-            done = s.abandon()
-            if done:
-                rng, fs._range = fs._range, None
-                hooks.close(rng)
-            return done
-
     # ------------------------------------------------------------------ the step
+
+    def _inputs(self):
+        """What a step reads of this optimizer: validated settings, state, options."""
+        return (*self._config(self), self.state, self.skip_nonfinite)
 
     @torch.no_grad()
     def first_step(
@@ -294,43 +206,16 @@ class FSAM(Optimizer):
         1/scale is applied inside the passes); finish with ``scaler.step(opt)`` and
         ``scaler.update()`` (``docs/training-loops.md``). A non-finite first gradient leaves
         weights and EMA as they were; see :meth:`found_nonfinite`."""
-        fs = _own(self)
-        with fs._session as s:
-            rng, _, _ = hooks.begin(fs, (), {})
-            try:
-                s.first(*fs._config(fs), fs.state, grad_scaler)
-            except BaseException:
-                hooks.close(rng)
-                raise
-            fs._range = rng
-            if zero_grad:
-                fs.zero_grad()
+        fs = own(self)
+        fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the saved weights (bit for bit) and step the base optimizer with the
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead."""
-        fs = _own(self)
-        with fs._session:
-            fs._finish(None, None)
-            if zero_grad:
-                fs.zero_grad()
-
-    def _finish(self, grad_scale, found_inf) -> None:
-        s = self._session
-        try:
-            s.finish(grad_scale, found_inf, self.skip_nonfinite)
-        except BaseException:
-            if not s.perturbed:  # the step ended (restored): so does its profiler range
-                rng, self._range = self._range, None
-                hooks.close(rng)
-            raise
-        # A step taken through first/second_step is a step: tell an LR scheduler attached
-        # to this object (its warning looks only at optimizer.step, which may not have run).
-        self._opt_called = True
-        rng, self._range = self._range, None
-        hooks.end(self, rng, (), {})
+        fs = own(self)
+        fs._session.second_step(fs, fs._inputs, zero_grad)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -341,56 +226,14 @@ class FSAM(Optimizer):
         returned). If the second pass raises, the weights are restored. After
         ``first_step()`` it finishes the step (``scaler.step(opt)`` calls it so), running a
         given closure first as the second pass."""
-        fs = _own(self)
+        fs = own(self)
         grad_scale, found_inf = amp.from_scaler_step(self)
-        with fs._session as s:
-            if found_inf is not None:  # scaler.step(opt): it deletes the attributes after
-                try:
-                    if closure is not None:
-                        raise RuntimeError(_messages.SCALER_CLOSURE)
-                    if not s.perturbed:
-                        raise RuntimeError(_messages.NO_FIRST_STEP)
-                    return fs._finish(grad_scale, found_inf)
-                except BaseException:
-                    amp.forget_scaler_step(self)
-                    raise
-            if closure is not None and not callable(closure):
-                raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-            if s.perturbed:
-                try:
-                    loss = None if closure is None else s.finish_closure(closure)
-                except BaseException:
-                    rng, fs._range = fs._range, None
-                    hooks.close(rng)
-                    raise
-                fs._finish(None, None)
-                return loss
-            if closure is None:
-                raise RuntimeError(_messages.NO_FIRST_STEP)
-            return fs._whole_step(closure)
-
-    def _whole_step(self, closure):
-        s = self._session
-        rng, args, kwargs = hooks.begin(self, (closure,), {})
-        closure = args[0] if args else kwargs.get("closure", closure)
-        self._range = rng
         try:
-            first_loss = None
-            if s.first_pass_ran():  # the authors' convention: the closure runs the second
-                lightning.check_first_pass(closure)
-            else:  # torch.optim's convention: the closure runs both passes
-                with torch.enable_grad():
-                    first_loss = closure()
-            s.first(*self._config(self), self.state)
-            self.zero_grad()
-            loss = s.run_closure(closure)
-            self._finish(None, None)
+            return fs._session.step(fs, fs._inputs, closure, grad_scale, found_inf)
         except BaseException:
-            if not s.perturbed and self._range is rng:
-                self._range = None
-                hooks.close(rng)
+            if found_inf is not None:  # scaler.step deletes them only when step() returns
+                amp.forget_scaler_step(self)
             raise
-        return loss if first_loss is None else first_loss
 
 
 FSAM.step.hooked = True  # torch.optim must not wrap it: FSAM runs its hooks itself (hooks.py)

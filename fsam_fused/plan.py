@@ -244,16 +244,12 @@ def _spans(groups_of: list) -> list:
     return [tuple(x) for x in spans]
 
 
-def build(st: Structure, groups, select, buffers) -> Plan:
-    """Validate every parameter with a gradient and plan its bucket.
-
-    ``select(device, dtype, ema_dtype, dense)`` returns the backend for a bucket (see
-    :func:`fsam_fused.backends.select`); ``buffers`` is the
-    :class:`~fsam_fused.buffers.Buffers` that owns the per-parameter tensors. Raises before
-    anything the user can see is modified."""
-    flat, have, buckets = [], [], {}
-    seen = {}
-    named = []
+def _collect(st: Structure, groups):
+    """Check every parameter (and gradient) and sort those with a gradient into buckets.
+    Returns ``(flat, have, buckets, named)``: every parameter in order, the positions of those
+    with a gradient, the buckets (their parameters, group indices and this step's
+    gradients), and what must not share memory."""
+    flat, have, buckets, seen, named = [], [], {}, {}, []
     for gi, (group, adaptive) in enumerate(zip(groups, st.adaptive)):
         for pi, p in enumerate(group["params"]):
             if id(p) in seen:
@@ -270,12 +266,12 @@ def build(st: Structure, groups, select, buffers) -> Plan:
                 if q.layout == torch.strided and q.device.type != "meta":
                     named.append((f"parameter {_where(gi, pi, p)}", q))
                 continue
-            owner, key, groups = p, None, ()
+            owner, key, pgroups = p, None, ()
             if distributed.is_dtensor(p):
                 # FSDP2 / DTensor: the bucket runs on the local shards (see distributed.py).
                 where = _where(gi, pi, p)
                 distributed.check_grad(p, g, where)
-                key, groups = distributed.shard_spec(p, where)
+                key, pgroups = distributed.shard_spec(p, where)
                 p, g = p._local_tensor, g._local_tensor
             elif distributed.is_dtensor(g):
                 raise RuntimeError(
@@ -284,17 +280,16 @@ def build(st: Structure, groups, select, buffers) -> Plan:
             check_param(gi, pi, p, g)
             named.append((f"parameter {_where(gi, pi, p)}", p))
             named.append((f"the gradient of parameter {_where(gi, pi, p)}", g))
-            bkey = (p.device, p.dtype, key)
-            b = buckets.get(bkey)
+            b = buckets.get((p.device, p.dtype, key))
             if b is None:
-                b = buckets[bkey] = Bucket(
+                b = buckets[(p.device, p.dtype, key)] = Bucket(
                     device=p.device,
                     dtype=p.dtype,
                     paper=st.paper,
                     emas=[] if st.has_ema else None,
                     # FSDP2 all-gathers from the local shards' storage: never swap it.
                     fixed_addresses=st.fixed_addresses or key is not None,
-                    groups=groups,
+                    groups=pgroups,
                     reduce_key=key,
                 )
                 if key is not None:
@@ -308,7 +303,37 @@ def build(st: Structure, groups, select, buffers) -> Plan:
             b.first_grads.append(g)
             b.groups_of.append(gi)
             b.adaptive.append(adaptive)
-    buckets = list(buckets.values())
+    return flat, have, list(buckets.values()), named
+
+
+def _buffers(st: Structure, b: Bucket, buffers, new_emas: dict, named: list) -> None:
+    """The bucket's saved copies, EMAs (staging new ones in ``new_emas``) and device
+    values."""
+    for p, owner in zip(b.params, b.owners or b.params):
+        b.saved.append(buffers.saved_for(p))
+        if b.emas is None:
+            b.first.append(False)
+            continue
+        m, first, staged = buffers.ema_for(owner, st.ema_dtype_for(p.dtype), p)
+        if staged is not None:
+            new_emas[owner] = staged
+        else:  # the user's tensor: it must not share memory with anything either
+            named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
+        b.emas.append(m)
+        b.first.append(first)
+    b.spans = _spans(b.groups_of)
+    dv = b.device_values = Rows(b.device, b.dtype, b.spans, b.first, b.adaptive, st.paper)
+    b.rows, b.scalars = dv.rows, dv.scalars
+
+
+def build(st: Structure, groups, select, buffers) -> Plan:
+    """Validate every parameter with a gradient and plan its bucket.
+
+    ``select(device, dtype, ema_dtype, dense)`` returns the backend for a bucket (see
+    :func:`fsam_fused.backends.select`); ``buffers`` is the
+    :class:`~fsam_fused.buffers.Buffers` that owns the per-parameter tensors. Raises before
+    anything the user can see is modified."""
+    flat, have, buckets, named = _collect(st, groups)
     for b in buckets:
         dense = all(
             dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
@@ -319,21 +344,7 @@ def build(st: Structure, groups, select, buffers) -> Plan:
     for b in buckets:
         caps = b.backend.caps
         b.freeze(fused=caps.dense_only, checks_devices=caps.checks_devices)
-        for p, owner in zip(b.params, b.owners or b.params):
-            b.saved.append(buffers.saved_for(p))
-            if b.emas is None:
-                b.first.append(False)
-                continue
-            m, first, staged = buffers.ema_for(owner, st.ema_dtype_for(p.dtype), p)
-            if staged is not None:
-                new_emas[owner] = staged
-            else:  # the user's tensor: it must not share memory with anything either
-                named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
-            b.emas.append(m)
-            b.first.append(first)
-        b.spans = _spans(b.groups_of)
-        dv = b.device_values = Rows(b.device, b.dtype, b.spans, b.first, b.adaptive, st.paper)
-        b.rows, b.scalars = dv.rows, dv.scalars
+        _buffers(st, b, buffers, new_emas, named)
         b.first_grads = []  # (not kept: per-step inputs are the engine's)
     check_no_aliasing(named)
     # The largest bucket commits last: it is the one whose EMA needs no backup.

@@ -42,8 +42,9 @@ import threading
 
 import torch
 
-from . import _messages, amp, base_step
+from . import _messages, amp, base_step, hooks
 from .engine import Engine
+from .integrations import lightning
 
 
 class Phase(enum.Enum):
@@ -57,6 +58,58 @@ class Phase(enum.Enum):
 _PERTURBED = (Phase.PERTURBED, Phase.SCALED, Phase.RESTORE_FAILED)
 
 
+class GradientSample:
+    """Which closure convention a ``step(closure)`` follows (the module docstring): at most
+    four ``(parameter, gradient, versions)`` the last step left, compared with what the
+    parameters hold now."""
+
+    __slots__ = ("left",)
+
+    def __init__(self):
+        self.left: list | None = None
+
+    def first_pass_ran(self, groups) -> bool:
+        """True if a gradient was written since the last step (pattern (a) in the module
+        docstring); host metadata of at most four gradients, or of every parameter when
+        all four are None (then any gradient at all is a written one)."""
+        left = self.left
+        if left is not None:
+            none = True
+            for p, g, v in left:
+                pg = p.grad
+                if pg is not None:
+                    if pg is not g or pg._version not in v:
+                        return True
+                    none = False
+            if not none:
+                return False  # untouched (or only zeroed) since the last step
+        return any(p.grad is not None for g in groups for p in g["params"])
+
+    def note_zeroed(self) -> None:
+        """After ``zero_grad(set_to_none=False)``: zeroed gradients are not a first pass."""
+        left = self.left
+        if left is not None:
+            self.left = [
+                (p, g, v + (p.grad._version,)) if p.grad is g and g is not None else (p, g, v)
+                for p, g, v in left
+            ]
+
+    def leave(self, plan) -> None:
+        """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`."""
+        if plan is None or not plan.have:
+            self.left = None
+            return
+        have = plan.have
+        n = len(have)
+        picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
+        sample = []
+        for i in picks:
+            p = plan.flat[have[i]]
+            g = p.grad
+            sample.append((p, g, (g._version,) if g is not None else ()))
+        self.left = sample
+
+
 class StepSession:
     """One optimizer's steps. ``groups``: the (shared) param-group list; ``base``: the base
     optimizer; ``key``: what a GradScaler knows the optimizer by (its ``id``)."""
@@ -68,7 +121,8 @@ class StepSession:
         self.scaler = None  # the enabled GradScaler the step in flight was started with
         self.found: torch.Tensor | None = None  # the last step's non-finite flag
         self._resume = Phase.PERTURBED  # the phase IN_CLOSURE returns to
-        self._left: list | None = None  # (param, grad, version) the last step left
+        self.sample = GradientSample()
+        self._range = None  # the profiler range of the step in flight (hooks.py)
         # Re-entrant: a closure that calls first_step() from the stepping thread gets the
         # misuse error of its phase, not the other-thread one.
         self._lock = threading.RLock()
@@ -86,6 +140,103 @@ class StepSession:
                 "perturbed; call second_step() (or abandon_step()) first"
             )
 
+    # ------------------------------------------------------------------ FSAM's step API
+    # ``opt`` is the optimizer the hooks report and whose zero_grad runs; ``inputs()`` gives
+    # ``(structure, values, state, skip_nonfinite)``, read only when a step begins/ends.
+
+    def first_step(self, opt, inputs, zero_grad: bool, scaler) -> None:
+        with self:
+            rng, _, _ = hooks.begin(opt, (), {})
+            try:
+                st, values, state, _ = inputs()
+                self.first(st, values, state, scaler)
+            except BaseException:
+                hooks.close(rng)
+                raise
+            self._range = rng
+            if zero_grad:
+                opt.zero_grad()
+
+    def second_step(self, opt, inputs, zero_grad: bool) -> None:
+        with self:
+            self._finish(opt, inputs, None, None)
+            if zero_grad:
+                opt.zero_grad()
+
+    def step(self, opt, inputs, closure, grad_scale=None, found_inf=None):
+        """``FSAM.step``: ``scaler.step(opt)``'s call (``found_inf`` given), a two-pass step
+        finished (running ``closure`` first, as a framework's wrapper does), or a whole
+        step with ``closure`` in either convention."""
+        with self:
+            if found_inf is not None:
+                if closure is not None:
+                    raise RuntimeError(_messages.SCALER_CLOSURE)
+                if not self.perturbed:
+                    raise RuntimeError(_messages.NO_FIRST_STEP)
+                return self._finish(opt, inputs, grad_scale, found_inf)
+            if closure is not None and not callable(closure):
+                raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+            if self.perturbed:
+                loss = None
+                if closure is not None:
+                    try:
+                        loss = self.finish_closure(closure)
+                    except BaseException:
+                        self._end_range(None)
+                        raise
+                self._finish(opt, inputs, None, None)
+                return loss
+            if closure is None:
+                raise RuntimeError(_messages.NO_FIRST_STEP)
+            return self._whole(opt, inputs, closure)
+
+    def abandon_step(self) -> bool:
+        with self:
+            done = self.abandon()
+            self._end_range(None)
+            return done
+
+    def _whole(self, opt, inputs, closure):
+        self._range, args, kwargs = hooks.begin(opt, (closure,), {})
+        closure = args[0] if args else kwargs.get("closure", closure)
+        try:
+            first_loss = None
+            if self.sample.first_pass_ran(self.groups):  # the authors' convention
+                lightning.check_first_pass(closure)
+            else:  # torch.optim's: the closure runs both passes
+                with torch.enable_grad():
+                    first_loss = closure()
+            st, values, state, _ = inputs()
+            self.first(st, values, state)
+            opt.zero_grad()
+            loss = self.run_closure(closure)
+            self._finish(opt, inputs, None, None)
+        except BaseException:
+            if not self.perturbed:
+                self._end_range(None)
+            raise
+        return loss if first_loss is None else first_loss
+
+    def _finish(self, opt, inputs, grad_scale, found_inf) -> None:
+        try:
+            self.finish(grad_scale, found_inf, inputs()[3])
+        except BaseException:
+            if not self.perturbed:  # the step ended (restored): so does its range
+                self._end_range(None)
+            raise
+        # A step taken through first/second_step is a step: tell an LR scheduler attached
+        # to the optimizer (its warning looks only at whether optimizer.step ran).
+        opt._opt_called = True
+        self._end_range(opt)
+
+    def _end_range(self, opt) -> None:
+        """Close the step's range: with the post hooks (``opt`` given) or without."""
+        rng, self._range = self._range, None
+        if opt is None:
+            hooks.close(rng)
+        else:
+            hooks.end(opt, rng, (), {})
+
     # ------------------------------------------------------------------ the two halves
 
     def first(self, st, values, state, scaler=None) -> None:
@@ -94,8 +245,7 @@ class StepSession:
             raise RuntimeError(_messages.closure_called("first_step"))
         if self.perturbed:
             raise RuntimeError(
-                "first_step() called twice without second_step(): the weights are already "
-                "perturbed"
+                "first_step() called twice without second_step(): the weights are already perturbed"
             )
         inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
         self.engine.first_step(st, values, self.groups, state, inv)
@@ -134,7 +284,7 @@ class StepSession:
             key=self.key,
             skip_nonfinite=skip_nonfinite,
         )
-        self._leave()
+        self.sample.leave(self.engine.plan)
 
     def abandon(self) -> bool:
         """Restore the weights of a step in flight without a base step; False if none was."""
@@ -194,48 +344,6 @@ class StepSession:
             raise
         self.phase = self._resume
         return loss
-
-    def first_pass_ran(self) -> bool:
-        """True if a gradient was written since the last step (pattern (a) in the module
-        docstring); host metadata of at most four gradients, or of every parameter when
-        all four are None (then any gradient at all is a written one)."""
-        left = self._left
-        if left is not None:
-            none = True
-            for p, g, v in left:
-                pg = p.grad
-                if pg is not None:
-                    if pg is not g or pg._version not in v:
-                        return True
-                    none = False
-            if not none:
-                return False  # untouched (or only zeroed) since the last step
-        return any(p.grad is not None for g in self.groups for p in g["params"])
-
-    def note_zeroed(self) -> None:
-        """After ``zero_grad(set_to_none=False)``: zeroed gradients are not a first pass."""
-        left = self._left
-        if left is not None:
-            self._left = [
-                (p, g, v + (p.grad._version,)) if p.grad is g and g is not None else (p, g, v)
-                for p, g, v in left
-            ]
-
-    def _leave(self) -> None:
-        """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`."""
-        plan = self.engine.plan
-        if plan is None or not plan.have:
-            self._left = None
-            return
-        have = plan.have
-        n = len(have)
-        picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
-        sample = []
-        for i in picks:
-            p = plan.flat[have[i]]
-            g = p.grad
-            sample.append((p, g, (g._version,) if g is not None else ()))
-        self._left = sample
 
     # ------------------------------------------------------------------ concurrency
 

@@ -61,7 +61,12 @@ def _setup(backend, seed):
         lin.weight.copy_(w)
         lin.bias.copy_(b)
     opt = FSAM(
-        lin.parameters(), torch.optim.SGD, rho=RHO, sigma=SIGMA, lmbda=LMBDA, lr=LR,
+        lin.parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        sigma=SIGMA,
+        lmbda=LMBDA,
+        lr=LR,
         **opt_args(backend),
     )
     loss_fn = lambda: torch.nn.functional.mse_loss(lin(x.float()), y.float())  # noqa: E731

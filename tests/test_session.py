@@ -7,7 +7,10 @@ import threading
 
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from fsam_fused import FSAM
 from helpers import backend_available, make_net, opt_args

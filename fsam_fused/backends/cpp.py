@@ -69,7 +69,6 @@ class _Static:
             [s for s, w in zip(b.saved, self.swap) if not w],
         )
 
-
     def values(self, b) -> None:
         """The ops' float arguments, read from the bucket's CPU rows when they changed."""
         # lead: until the ops take the rows tensors themselves (issue 16's schema).

@@ -1,0 +1,96 @@
+"""What an F-SAM step reports and the in-flight controls: the part of ``FSAM``'s public
+surface that reads the step session (``FSAM`` inherits it; kept apart so the optimizer class
+stays the torch.optim surface)."""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import BucketSummary, Engine
+
+
+def own(opt):
+    """The FSAM whose step this is: ``opt`` itself, or the FSAM inside a wrapper that borrows
+    its class (Lightning's ``LightningOptimizer`` has FSAM among its bases but not its
+    ``__dict__``): the step must run on the optimizer GradScaler and the state know."""
+    if "_session" in opt.__dict__:
+        return opt
+    inner = getattr(opt, "optimizer", None)
+    if isinstance(inner, StepReports) and "_session" in inner.__dict__:
+        return inner
+    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
+
+
+class StepReports:
+    """``plan_summary``, ``backend_for``, ``found_nonfinite``, ``perturbed``,
+    ``abandon_step`` and ``engine`` of :class:`fsam_fused.FSAM`."""
+
+    @property
+    def engine(self) -> Engine:
+        """The step engine (introspection and benchmarks: ``opt.engine.passes()``)."""
+        return own(self)._session.engine
+
+    def plan_summary(self) -> list[BucketSummary]:
+        """One :class:`fsam_fused.engine.BucketSummary` per bucket of the last step's plan
+        (device, dtype, backend, tensors, elements, double-buffered tensors, bytes per step);
+        empty before the first step."""
+        return own(self)._session.engine.summary()
+
+    def backend_for(self, param: torch.Tensor) -> str | None:
+        """The backend that ran ``param`` in the last step (None if it had no gradient)."""
+        return own(self)._session.engine.backend_for(param)
+
+    def found_nonfinite(self) -> torch.Tensor | None:
+        """Whether the last step saw a non-finite gradient: a 0-dim float32 device tensor,
+        1.0 or 0.0 (more than 1.0 when both passes did, with a GradScaler), None before the
+        first step. It covers the first pass always, and the second pass too when a
+        GradScaler or ``skip_nonfinite=True`` checked it. Reading its value (``.item()``,
+        ``bool()``) synchronises with the device; passing it on does not.
+
+        Example:
+            >>> import torch
+            >>> from fsam_fused import FSAM
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+            >>> model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
+            >>> w = model.weight.detach().clone()
+            >>> opt.first_step(zero_grad=True)       # non-finite: the weights are not perturbed
+            >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
+            (True, 1.0)
+        """
+        return own(self)._session.found
+
+    @property
+    def perturbed(self) -> bool:
+        """True between ``first_step()`` and the end of the step: the weights are ``w + e``
+        (not the model's weights: don't average, evaluate or save them now). Host state only.
+
+        Example:
+            >>> import torch
+            >>> from fsam_fused import FSAM
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+            >>> opt.perturbed
+            False
+        """
+        return own(self)._session.perturbed
+
+    @torch.no_grad()
+    def abandon_step(self) -> bool:
+        """End a step in flight without a base step: the weights get their saved bits back
+        (the EMA keeps the first pass's update, as after any failed second pass). For a loop
+        whose second pass failed outside ``step(closure)`` (another rank died, a bad batch).
+        Returns False, changing nothing, when no step was in flight.
+
+        Example:
+            >>> import torch
+            >>> from fsam_fused import FSAM
+            >>> model = torch.nn.Linear(3, 1)
+            >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+            >>> w = model.weight.detach().clone()
+            >>> model(torch.randn(4, 3)).sum().backward()
+            >>> opt.first_step(zero_grad=True)
+            >>> opt.abandon_step(), torch.equal(model.weight, w), opt.perturbed
+            (True, True, False)
+        """
+        return own(self)._session.abandon_step()
