@@ -164,35 +164,52 @@ class FSAM(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
-        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.)."""
+        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.).
+
+        As torch.optim's: hooks registered with ``register_state_dict_pre_hook`` run first,
+        those of ``register_state_dict_post_hook`` last (on the whole dict; one may return a
+        new dict), and ``state`` entries that are not a parameter's are kept as they are.
+        ``docs/semantics.md`` states the format."""
         self._refuse_mid_step("state_dict() called")
-        sd = super().state_dict()
-        # Plain dicts, so torch.load(weights_only=True) reads them (Slot is an internal type).
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        sd["base_optimizer"] = self.base_optimizer.state_dict()
-        sd["fsam"] = {
-            "version": checkpoint.VERSION,
-            "sigma": self.sigma,
-            "lmbda": self.lmbda,
-            "ema_order": self.ema_order,
-        }
-        return sd
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict; every check (structure, shapes, dtypes, the base optimizer's
-        kind of state) runs before anything changes."""
+        kind of state, the format version) runs before anything changes.
+
+        As torch.optim's: ``register_load_state_dict_pre_hook`` hooks see a shallow copy
+        first (one may return a new dict), ``register_load_state_dict_post_hook`` hooks run
+        last; group flags a checkpoint of an older version lacks get the defaults torch
+        gives them; ``param_names`` the checkpoint lacks are kept. A checkpoint of davda54's
+        SAM, the authors' FriendlySAM or pytorch_optimizer's FriendlySAM is recognised and
+        translated, with a :class:`fsam_fused.peers.PeerCheckpointWarning` saying what was
+        imported (``docs/checkpoints.md``). A plain SAM checkpoint (sigma = 0) makes this
+        optimizer plain SAM, as the checkpoint's hyper-parameters replace the constructor's,
+        with a warning."""
         self._refuse_mid_step("load_state_dict() called")
         checkpoint.load(self, state_dict)
 
+    # Not copied: hooks (torch.optim's copies drop them too: a lambda hook would make the
+    # optimizer unpicklable) and what the next step rebuilds.
+    _NOT_COPIED = (
+        "engine",
+        "_config",
+        "_scaler",
+        "_nonfinite",
+        "_optimizer_step_pre_hooks",
+        "_optimizer_step_post_hooks",
+        "_optimizer_state_dict_pre_hooks",
+        "_optimizer_state_dict_post_hooks",
+        "_optimizer_load_state_dict_pre_hooks",
+        "_optimizer_load_state_dict_post_hooks",
+    )
+
     def __getstate__(self):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
-        state and the base optimizer; buffers and plans are rebuilt on the next step."""
+        state and the base optimizer; buffers and plans are rebuilt on the next step, and
+        hooks are not copied (as torch.optim's copies drop them)."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {
-            k: v
-            for k, v in self.__dict__.items()
-            if k not in ("engine", "_config", "_scaler", "_nonfinite")
-        }
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
 
     def __setstate__(self, st):
         super().__setstate__(st)
@@ -338,3 +355,11 @@ class SAM(FSAM):
             fixed_addresses=fixed_addresses,
             **base_kwargs,
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`FSAM.load_state_dict`, but an F-SAM checkpoint (sigma > 0, or an EMA:
+        FSAM's, or the authors' or pytorch_optimizer's FriendlySAM's) is refused with a
+        ``ValueError`` before anything changes: loading it would silently make this SAM
+        F-SAM. The error says how to drop the F-SAM part to continue as plain SAM."""
+        self._refuse_mid_step("load_state_dict() called")
+        checkpoint.load(self, state_dict, plain_sam=True)
