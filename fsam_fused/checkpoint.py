@@ -52,7 +52,8 @@ def _structure(base_cls, group: dict):
     try:
         p = torch.zeros(2, requires_grad=True)
         p.grad = torch.zeros(2)
-        settings = {k: v for k, v in group.items() if k not in ("params", "rho", "adaptive")}
+        drop = ("params", "param_names", "rho", "adaptive")
+        settings = {k: v for k, v in group.items() if k not in drop}
         settings.pop("fused", None)  # fused kernels may not exist on this device
         settings.pop("capturable", None)
         probe = base_cls([dict(settings, params=[p])])
@@ -266,11 +267,11 @@ def check_loadable(opt, sd):
             check_ema(m, p, where)
             check_sharded_ema(m, p, where)
             state[p]["ema"] = m.to(device=p.device, copy=True)
-    _check_base(opt, sd["base_optimizer"], id_map, group_of)
+    _check_base(opt, sd["base_optimizer"], saved_groups, id_map, group_of)
     return state, (sigma, lmbda, order)
 
 
-def _check_base(opt, bsd, id_map, group_of) -> None:
+def _check_base(opt, bsd, saved_groups, id_map, group_of) -> None:
     """The base optimizer's state_dict: its groups, and per parameter the keys this base
     optimizer keeps, each tensor of the parameter's shape where the base keeps a full-size
     tensor."""
@@ -296,7 +297,9 @@ def _check_base(opt, bsd, id_map, group_of) -> None:
             raise ValueError(f"the {where} must be a dict, got {type(s).__name__}")
         gi = group_of[pid]
         if gi not in structures:
-            structures[gi] = _structure(base_cls, opt.param_groups[gi])
+            # The settings being loaded, not the optimizer's present ones: a checkpoint
+            # saved with momentum loads into an optimizer built without it, as in torch.
+            structures[gi] = _structure(base_cls, saved_groups[gi])
         want = structures[gi]
         if want is not None and set(s) != set(want):
             raise ValueError(

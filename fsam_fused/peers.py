@@ -14,10 +14,11 @@ writes a format tag):
   between its two steps, so a dict holding it was saved with perturbed weights and is refused).
 
 All three build the base optimizer on their own param groups, so their ``state_dict()`` holds
-the base optimizer's options but not its state (momentum buffers, Adam moments): that lives
-only in ``base_optimizer.state_dict()``. A user who saved both passes them together,
+the base optimizer's options. Its state (momentum buffers, Adam moments) is in
+pytorch_optimizer's under ``base_optimizer`` (the key FSAM uses), but davda54's and the authors'
+keep it only in ``base_optimizer.state_dict()``: a user who saved both passes them together,
 ``dict(sd, base_optimizer=peer.base_optimizer.state_dict())``; without it the base optimizer
-starts afresh. All three compute the EMA in the authors' order (``ema_order="official"``).
+starts afresh, as it does when those libraries resume from their own checkpoints. All three compute the EMA in the authors' order (``ema_order="official"``).
 What was imported and what was not is said in one :class:`PeerCheckpointWarning`.
 """
 
@@ -119,10 +120,12 @@ def as_fsam(opt, sd: dict, version: int) -> tuple[dict, str | None]:
         "fsam": {"version": version, "sigma": sigma, "lmbda": lmbda, "ema_order": "official"},
     }
     with_base = "base_optimizer" in sd
-    return out, _message(opt, kind, keys, len(groups), len(state), sigma, hp, with_base)
+    hps = (sigma, lmbda, hp)
+    return out, _message(opt, kind, keys, len(groups), len(state), hps, with_base)
 
 
-def _message(opt, kind, keys, n_groups, n_emas, sigma, hp, with_base) -> str:
+def _message(opt, kind, keys, n_groups, n_emas, hps, with_base) -> str:
+    sigma, lmbda, hp = hps
     done = [f"the {n_groups} param group(s) (rho, adaptive and the base optimizer's options)"]
     left = [f"{k!r}: {_NOT_STATE[k]}" for k in sorted(keys & set(_NOT_STATE))]
     if n_emas:
@@ -130,23 +133,25 @@ def _message(opt, kind, keys, n_groups, n_emas, sigma, hp, with_base) -> str:
     elif sigma > 0:
         left.append(
             "an EMA (the checkpoint holds none): FSAM's starts from the next gradient, "
-            "whose step perturbs along the plain gradient as a fresh FSAM's first step does"
+            "whose step perturbs along the plain gradient as a fresh FSAM's first step does "
+            f"(sigma={sigma}, lmbda={lmbda})"
         )
     if hp:
         done.append(hp)
-    else:
+    elif kind != DAVDA54:  # SAM has no sigma nor lmbda to save
         left.append(
             f"sigma and lmbda ({kind} does not save them): this optimizer keeps "
-            f"sigma={opt.sigma}, lmbda={opt.lmbda}"
+            f"sigma={sigma}, lmbda={lmbda}"
         )
     if opt.ema_order != "official":
         done.append("ema_order='official' (the order it computed its EMA in)")
     if with_base:
-        done.append("the base optimizer's state from the 'base_optimizer' entry")
+        done.append("the base optimizer's state, from the 'base_optimizer' entry")
     else:
         left.append(
-            f"the base optimizer's state: {kind} keeps it only in base_optimizer.state_dict(), "
-            "so the base optimizer starts afresh (no momentum or moments); to carry it, load "
+            f"the base optimizer's state: {kind}'s state_dict does not hold it (it is in "
+            "peer.base_optimizer.state_dict()), so the base optimizer starts afresh (no "
+            "momentum or moments); to carry it, load "
             "dict(sd, base_optimizer=peer.base_optimizer.state_dict())"
         )
     return (
