@@ -36,7 +36,32 @@ PYTORCH_OPTIMIZER = "pytorch_optimizer's FriendlySAM"
 
 
 class PeerCheckpointWarning(UserWarning):
-    """Says what a checkpoint of another SAM library became when loaded into FSAM."""
+    """Says what a checkpoint of another SAM library became when loaded into FSAM.
+
+    Example (the authors' FriendlySAM, with the base optimizer's state saved beside it):
+        >>> import warnings, torch
+        >>> from fsam_fused import FSAM
+        >>> from fsam_fused.peers import PeerCheckpointWarning
+        >>> from fsam_fused.published import FriendlySAM
+        >>> model = torch.nn.Linear(4, 2)
+        >>> theirs = FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, momentum=0.9)
+        >>> x = torch.randn(8, 4)
+        >>> model(x).pow(2).mean().backward()
+        >>> theirs.first_step(zero_grad=True)
+        >>> model(x).pow(2).mean().backward()
+        >>> theirs.second_step(zero_grad=True)
+        >>> sd = dict(theirs.state_dict(), base_optimizer=theirs.base_optimizer.state_dict())
+        >>> opt = FSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     opt.load_state_dict(sd)
+        >>> caught[0].category is PeerCheckpointWarning
+        True
+        >>> str(caught[0].message).split(".")[0]
+        "loaded a checkpoint of the authors' FriendlySAM"
+        >>> sorted(opt.state[model.weight]), opt.param_groups[0]["rho"]
+        (['ema'], 0.1)
+    """
 
 
 def _not_ours(sd) -> ValueError:
