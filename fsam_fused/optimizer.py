@@ -181,7 +181,7 @@ class FSAM(Optimizer):
         first (one may return a new dict), ``register_load_state_dict_post_hook`` hooks run
         last; group flags a checkpoint of an older version lacks get the defaults torch
         gives them; ``param_names`` the checkpoint lacks are kept. A checkpoint of davda54's
-        SAM, the authors' FriendlySAM or pytorch_optimizer's FriendlySAM is recognised and
+        SAM, the authors' FriendlySAM or pytorch_optimizer's FriendlySAM or SAM is recognised and
         translated, with a :class:`fsam_fused.peers.PeerCheckpointWarning` saying what was
         imported (``docs/checkpoints.md``). A plain SAM checkpoint (sigma = 0) makes this
         optimizer plain SAM, as the checkpoint's hyper-parameters replace the constructor's,

@@ -1,6 +1,6 @@
 """Checkpoints of the SAM optimizers users switch from, translated into FSAM's state_dict.
 
-Three libraries are read, each recognised by the structure of its ``state_dict()`` (none
+Four optimizers are read, each recognised by the structure of its ``state_dict()`` (none
 writes a format tag):
 
 * davda54's ``SAM`` (github.com/davda54/sam): param groups with ``rho`` and ``adaptive``; per
@@ -11,14 +11,19 @@ writes a format tag):
   ``old_p``; ``sigma`` and ``lmbda`` are attributes, not saved;
 * pytorch_optimizer's ``FriendlySAM``: groups that also hold ``sigma`` and ``lmbda`` (one value
   per group; FSAM has one for all groups); per parameter ``momentum`` (``old_p`` exists only
-  between its two steps, so a dict holding it was saved with perturbed weights and is refused).
+  between its two steps, so a dict holding it was saved with perturbed weights and is refused);
+* pytorch_optimizer's ``SAM``, whose ``state`` *is* its base optimizer's (one dict shared):
+  groups with ``rho`` and ``adaptive``, per parameter the base optimizer's keys
+  (``momentum_buffer``...), checked against the base optimizer as any base state is.
 
-All three build the base optimizer on their own param groups, so their ``state_dict()`` holds
-the base optimizer's options. Its state (momentum buffers, Adam moments) is in
-pytorch_optimizer's under ``base_optimizer`` (the key FSAM uses), but davda54's and the authors'
-keep it only in ``base_optimizer.state_dict()``: a user who saved both passes them together,
+All of them build the base optimizer on their own param groups, so their ``state_dict()``
+holds the base optimizer's options. Its state (momentum buffers, Adam moments) is in
+pytorch_optimizer's FriendlySAM under ``base_optimizer`` (the key FSAM uses) and in its SAM's
+``state``, but davda54's and the authors' keep it only in ``base_optimizer.state_dict()``: a
+user who saved both passes them together,
 ``dict(sd, base_optimizer=peer.base_optimizer.state_dict())``; without it the base optimizer
-starts afresh, as it does when those libraries resume from their own checkpoints. All three compute the EMA in the authors' order (``ema_order="official"``).
+starts afresh, as it does when those libraries resume from their own checkpoints. The
+FriendlySAMs compute the EMA in the authors' order (``ema_order="official"``).
 What was imported and what was not is said in one :class:`PeerCheckpointWarning`.
 """
 
@@ -33,6 +38,7 @@ _NOT_STATE = {
 DAVDA54 = "davda54's SAM"
 AUTHORS = "the authors' FriendlySAM"
 PYTORCH_OPTIMIZER = "pytorch_optimizer's FriendlySAM"
+PYTORCH_OPTIMIZER_SAM = "pytorch_optimizer's SAM"
 
 
 class PeerCheckpointWarning(UserWarning):
@@ -89,21 +95,22 @@ def detect(sd: dict) -> tuple[str, set]:
         if not isinstance(s, dict):
             raise ValueError(f"the state of parameter index {pid} must be a dict, got {s!r:.100}")
         keys |= set(s)
+    own = {"momentum", *_NOT_STATE}
     if all("sigma" in g and "lmbda" in g for g in groups):
         kind = PYTORCH_OPTIMIZER
-        if "old_p" in keys:
-            raise ValueError(
-                f"this {kind} state_dict holds 'old_p': it was saved between first_step and "
-                "second_step, when the weights are perturbed; save after a whole step"
-            )
+    elif keys - own:
+        kind = PYTORCH_OPTIMIZER_SAM  # its state is the base optimizer's (checked as such)
     else:
         kind = AUTHORS if "momentum" in keys else DAVDA54
-    unknown = keys - {"momentum"} - set(_NOT_STATE)
-    if unknown or (kind == DAVDA54 and "momentum" in keys):
+    if kind in (PYTORCH_OPTIMIZER, PYTORCH_OPTIMIZER_SAM) and "old_p" in keys:
         raise ValueError(
-            f"a {kind} state_dict was expected (param groups with 'rho' and 'adaptive'), but "
-            f"its per-parameter state holds {sorted(map(str, unknown))}, which none of the "
-            "SAM optimizers FSAM reads keeps"
+            f"this {kind} state_dict holds 'old_p': it was saved between first_step and "
+            "second_step, when the weights are perturbed; save after a whole step"
+        )
+    if kind == PYTORCH_OPTIMIZER and keys - own:
+        raise ValueError(
+            f"this {kind} state_dict's per-parameter state holds "
+            f"{sorted(map(str, keys - own))}, which it never keeps (its own is 'momentum')"
         )
     return kind, keys
 
@@ -126,30 +133,33 @@ def as_fsam(opt, sd: dict, version: int) -> tuple[dict, str | None]:
         return sd, None
     kind, keys = detect(sd)
     groups = [dict(g) for g in sd["param_groups"]]
+    sigma, lmbda, hp = opt.sigma, opt.lmbda, None
     if kind == PYTORCH_OPTIMIZER:
         sigma, lmbda = _sigma_lmbda(groups)
         for g in groups:
             del g["sigma"], g["lmbda"]
         hp = f"sigma={sigma} and lmbda={lmbda} from its param groups"
+    state, base_from = {}, None
+    if kind == PYTORCH_OPTIMIZER_SAM:  # one state dict shared with its base optimizer
+        base = {"state": sd["state"], "param_groups": copy.deepcopy(groups)}
+        base_from = "from its 'state' (it shares the base optimizer's)"
     else:
-        sigma, lmbda = opt.sigma, opt.lmbda
-        hp = None
-    state = {pid: {"ema": s["momentum"]} for pid, s in sd["state"].items() if "momentum" in s}
-    base = sd.get("base_optimizer")
-    if base is None:
-        base = {"state": {}, "param_groups": copy.deepcopy(groups)}
+        state = {pid: {"ema": s["momentum"]} for pid, s in sd["state"].items() if "momentum" in s}
+        base = sd.get("base_optimizer")
+        if base is None:
+            base = {"state": {}, "param_groups": copy.deepcopy(groups)}
+        else:
+            base_from = "from the 'base_optimizer' entry"
     out = {
         "state": state,
         "param_groups": groups,
         "base_optimizer": base,
         "fsam": {"version": version, "sigma": sigma, "lmbda": lmbda, "ema_order": "official"},
     }
-    with_base = "base_optimizer" in sd
-    hps = (sigma, lmbda, hp)
-    return out, _message(opt, kind, keys, len(groups), len(state), hps, with_base)
+    return out, _message(opt, kind, keys, len(groups), len(state), (sigma, lmbda, hp), base_from)
 
 
-def _message(opt, kind, keys, n_groups, n_emas, hps, with_base) -> str:
+def _message(opt, kind, keys, n_groups, n_emas, hps, base_from) -> str:
     sigma, lmbda, hp = hps
     done = [f"the {n_groups} param group(s) (rho, adaptive and the base optimizer's options)"]
     left = [f"{k!r}: {_NOT_STATE[k]}" for k in sorted(keys & set(_NOT_STATE))]
@@ -163,15 +173,15 @@ def _message(opt, kind, keys, n_groups, n_emas, hps, with_base) -> str:
         )
     if hp:
         done.append(hp)
-    elif kind != DAVDA54:  # SAM has no sigma nor lmbda to save
+    elif kind == AUTHORS:  # SAM has no sigma nor lmbda to save
         left.append(
             f"sigma and lmbda ({kind} does not save them): this optimizer keeps "
             f"sigma={sigma}, lmbda={lmbda}"
         )
     if opt.ema_order != "official":
         done.append("ema_order='official' (the order it computed its EMA in)")
-    if with_base:
-        done.append("the base optimizer's state, from the 'base_optimizer' entry")
+    if base_from:
+        done.append(f"the base optimizer's state, {base_from}")
     else:
         left.append(
             f"the base optimizer's state: {kind}'s state_dict does not hold it (it is in "

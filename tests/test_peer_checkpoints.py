@@ -12,6 +12,7 @@ import io
 import pytest
 import torch
 from peers.davda54_sam import SAM as Davda54SAM
+from pytorch_optimizer import SAM as PyOptSAM
 from pytorch_optimizer import FriendlySAM as PyOptFriendlySAM
 
 from fsam_fused import FSAM, SAM
@@ -95,11 +96,16 @@ PEERS = {
         ),
         lambda groups: FSAM(groups, torch.optim.SGD, rho=0.3, sigma=0.5, lmbda=0.9, lr=1.0),
     ),
+    # Its state is its base optimizer's: always carried (no "alone" case).
+    "pytorch_optimizer_sam": (
+        lambda groups: PyOptSAM(groups, torch.optim.SGD, rho=0.1, foreach=False, **BASE),
+        lambda groups: SAM(groups, torch.optim.SGD, rho=0.3, lr=1.0),
+    ),
 }
+CASES = [(p, b) for p in PEERS for b in (True, False) if (p, b) != ("pytorch_optimizer_sam", False)]
 
 
-@pytest.mark.parametrize("with_base", [True, False], ids=["with_base", "alone"])
-@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("peer, with_base", CASES)
 def test_fsam_continues_a_peers_run(peer, with_base):
     make_peer, make_fsam = PEERS[peer]
     net = _net()
@@ -109,7 +115,9 @@ def test_fsam_continues_a_peers_run(peer, with_base):
     # pytorch_optimizer 4.x saves the base optimizer's state under 'base_optimizer' (an
     # older version did not: "alone" removes it); for the others, the recipe puts the pair
     # the user saved in one dict.
-    if "pytorch_optimizer" in peer:
+    if peer == "pytorch_optimizer_sam":
+        assert set(sd["state"][0]) == {"momentum_buffer"}
+    elif "pytorch_optimizer" in peer:
         assert "base_optimizer" in sd
         if not with_base:
             del sd["base_optimizer"]
@@ -129,14 +137,14 @@ def test_fsam_continues_a_peers_run(peer, with_base):
     message = str(caught[0].message)
     assert ours.param_groups[1]["rho"] == 0.2 and ours.param_groups[0]["lr"] == 0.05
     assert ours.base_optimizer.param_groups is ours.param_groups
-    if "davda54" in peer:
+    if peer in ("davda54", "pytorch_optimizer_sam"):
         assert not any(ours.state.values())
     else:
         assert "the EMA 'momentum' of 4 parameter(s)" in message
         assert (ours.sigma, ours.lmbda) == (theirs.param_groups[0].get("sigma", 0.8), 0.7)
         for p in net_f.parameters():
             assert ours.state[p]["ema"].dtype == torch.float64
-    if peer != "pytorch_optimizer" and peer != "pytorch_optimizer_foreach":
+    if peer in ("davda54", "authors"):
         assert "'old_p'" in message.split("Not imported")[1]
     assert ("starts afresh" in message) != with_base
 
