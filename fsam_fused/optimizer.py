@@ -15,6 +15,23 @@ from . import checkpoint, hparams, stepping
 from .buffers import State
 from .engine import BucketSummary, Engine
 
+# Not copied by __getstate__: what the next step rebuilds, and hooks (torch.optim's copies
+# drop them too; a lambda hook would make the optimizer unpicklable).
+_NOT_COPIED = frozenset(
+    ("engine", "_config", "_scaler", "_nonfinite")
+    + tuple(
+        f"_optimizer_{kind}_hooks"
+        for kind in (
+            "step_pre",
+            "step_post",
+            "state_dict_pre",
+            "state_dict_post",
+            "load_state_dict_pre",
+            "load_state_dict_post",
+        )
+    )
+)
+
 
 class FSAM(Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
@@ -164,52 +181,26 @@ class FSAM(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
-        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.).
-
-        As torch.optim's: hooks registered with ``register_state_dict_pre_hook`` run first,
-        those of ``register_state_dict_post_hook`` last (on the whole dict; one may return a
-        new dict), and ``state`` entries that are not a parameter's are kept as they are.
-        ``docs/semantics.md`` states the format."""
+        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.). Hooks
+        and non-parameter entries as torch.optim's (``docs/semantics.md``)."""
         self._refuse_mid_step("state_dict() called")
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict; every check (structure, shapes, dtypes, the base optimizer's
-        kind of state, the format version) runs before anything changes.
-
-        As torch.optim's: ``register_load_state_dict_pre_hook`` hooks see a shallow copy
-        first (one may return a new dict), ``register_load_state_dict_post_hook`` hooks run
-        last; group flags a checkpoint of an older version lacks get the defaults torch
-        gives them; ``param_names`` the checkpoint lacks are kept. A checkpoint of davda54's
-        SAM, the authors' FriendlySAM or pytorch_optimizer's FriendlySAM or SAM is recognised and
-        translated, with a :class:`fsam_fused.peers.PeerCheckpointWarning` saying what was
-        imported (``docs/checkpoints.md``). A plain SAM checkpoint (sigma = 0) makes this
-        optimizer plain SAM, as the checkpoint's hyper-parameters replace the constructor's,
-        with a warning."""
+        """Load a state_dict, every check first; hooks, older group flags and ``param_names``
+        as torch.optim's. A checkpoint of davda54's SAM, of the authors' or
+        pytorch_optimizer's FriendlySAM or of pytorch_optimizer's SAM is translated, with a
+        :class:`fsam_fused.peers.PeerCheckpointWarning` (``docs/checkpoints.md``); a plain SAM
+        checkpoint makes this optimizer plain SAM, with a warning (``docs/semantics.md``)."""
         self._refuse_mid_step("load_state_dict() called")
         checkpoint.load(self, state_dict)
-
-    # Not copied: hooks (torch.optim's copies drop them too: a lambda hook would make the
-    # optimizer unpicklable) and what the next step rebuilds.
-    _NOT_COPIED = (
-        "engine",
-        "_config",
-        "_scaler",
-        "_nonfinite",
-        "_optimizer_step_pre_hooks",
-        "_optimizer_step_post_hooks",
-        "_optimizer_state_dict_pre_hooks",
-        "_optimizer_state_dict_post_hooks",
-        "_optimizer_load_state_dict_pre_hooks",
-        "_optimizer_load_state_dict_post_hooks",
-    )
 
     def __getstate__(self):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
         state and the base optimizer; buffers and plans are rebuilt on the next step, and
         hooks are not copied (as torch.optim's copies drop them)."""
         self._refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED}
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, st):
         super().__setstate__(st)
