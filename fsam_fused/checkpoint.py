@@ -52,13 +52,14 @@ def state_dict(opt) -> dict:
     optimizer's state_dict and the ``fsam`` entry added before the post-hooks see it."""
     for hook in opt._optimizer_state_dict_pre_hooks.values():
         hook(opt)
+    # Indices exactly as torch numbers them (the base optimizer's state_dict uses the same).
     index: dict[int, int] = {}
-    groups = []
+    groups, start = [], 0
     for g in opt.param_groups:
         packed = {k: v for k, v in g.items() if k != "params"}
-        start = len(index)
         index.update({id(p): i for i, p in enumerate(g["params"], start) if id(p) not in index})
         packed["params"] = [index[id(p)] for p in g["params"]]
+        start += len(packed["params"])
         groups.append(packed)
     # A parameter's state as a plain dict, so torch.load(weights_only=True) reads it (Slot is
     # an internal type); an entry that is not a parameter's (put there by a hook) as it is.

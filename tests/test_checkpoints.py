@@ -380,3 +380,17 @@ def test_a_cpu_checkpoint_loads_onto_cuda():
     _steps(net_c, opt_c, [(x.cuda(), y.cuda()) for x, y in data])
     for a, b in zip(net.parameters(), net_c.parameters()):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-10, atol=1e-12)
+
+
+def test_indices_are_torchs_also_for_a_repeated_group():
+    """torch's test_state_dict_deterministic extends param_groups with themselves; the
+    indices must stay the base optimizer's (torch's own numbering)."""
+    net, opt = _stepped()
+    extra = [torch.zeros(2, requires_grad=True) for _ in range(2)]
+    # A repeated parameter, then new ones: torch counts the repeat in its numbering.
+    opt.param_groups.append({**opt.param_groups[0], "params": [net[0].weight, extra[0]]})
+    opt.param_groups.append({**opt.param_groups[0], "params": [extra[1]]})
+    sd = opt.state_dict()
+    assert [g["params"] for g in sd["param_groups"]] == [
+        g["params"] for g in sd["base_optimizer"]["param_groups"]
+    ]
