@@ -67,10 +67,16 @@ def state_dict(opt) -> dict:
         (index[id(k)] if torch.is_tensor(k) else k): (dict(v) if torch.is_tensor(k) else v)
         for k, v in opt.state.items()
     }
+    base = opt.base_optimizer.state_dict()
+    # The base's groups are FSAM's own dicts: their names are saved once, in FSAM's groups,
+    # where torch keeps (and its tests strip) them.
+    base["param_groups"] = [
+        {k: v for k, v in g.items() if k != "param_names"} for g in base["param_groups"]
+    ]
     sd = {
         "state": state,
         "param_groups": groups,
-        "base_optimizer": opt.base_optimizer.state_dict(),
+        "base_optimizer": base,
         "fsam": {
             "version": VERSION,
             "sigma": opt.sigma,

@@ -394,3 +394,40 @@ def test_indices_are_torchs_also_for_a_repeated_group():
     assert [g["params"] for g in sd["param_groups"]] == [
         g["params"] for g in sd["base_optimizer"]["param_groups"]
     ]
+
+
+def _equal(a, b, path=""):
+    if torch.is_tensor(a):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
+        for k in a:
+            _equal(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal(x, y, f"{path}/{i}")
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.mark.parametrize("named0", [True, False])
+@pytest.mark.parametrize("named1", [True, False])
+def test_state_dict_is_deterministic_with_or_without_names(named0, named1):
+    """torch's test_state_dict_deterministic: equal runs give equal state_dicts once the
+    groups' param_names are removed (names live in FSAM's groups only, not in the base's)."""
+    net, opt = _stepped(named=named0)
+    net_c = copy.deepcopy(net)
+    opt_c = _fsam(net_c, named=named1)
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))
+    data = _data(11, 3)
+    _steps(net, opt, data)
+    _steps(net_c, opt_c, data)
+
+    def without_names(sd):
+        sd = copy.deepcopy(sd)
+        for g in sd["param_groups"]:
+            g.pop("param_names", None)
+        return sd
+
+    _equal(without_names(opt.state_dict()), without_names(opt_c.state_dict()))
