@@ -247,3 +247,19 @@ def test_a_peers_base_state_of_another_optimizer_is_refused():
     with pytest.raises(ValueError, match="another optimizer"):
         ours.load_state_dict(sd)
     assert not ours.state
+
+
+def test_a_16_bit_peers_ema_loads_as_saved_and_steps_in_float32():
+    net = _net().to(torch.bfloat16)
+    theirs = AuthorsFriendlySAM(
+        _groups(net), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.7, lr=0.05
+    )
+    data = [(x.bfloat16(), y.bfloat16()) for x, y in _data(10, 3)]
+    _steps(net, theirs, data[:2])
+    ours = FSAM(_groups(net), torch.optim.SGD, rho=0.1, sigma=1.0, lmbda=0.7, lr=0.05)
+    with pytest.warns(PeerCheckpointWarning):
+        ours.load_state_dict(_saved(theirs.state_dict()))
+    for p in net.parameters():
+        assert torch.equal(ours.state[p]["ema"], theirs.state[p]["momentum"])
+    _steps(net, ours, data[2:])
+    assert all(ours.state[p]["ema"].dtype == torch.float32 for p in net.parameters())
