@@ -139,7 +139,7 @@ def load(opt, sd, *, plain_sam: bool = False) -> None:
 
 def _refuse_fsam(state, sigma) -> None:
     """SAM is FSAM with sigma = 0 and no EMA: loading F-SAM state would silently make it
-    F-SAM (it did, before this check, with sigma 1.0)."""
+    F-SAM."""
     emas = sum(1 for k, s in state.items() if torch.is_tensor(k) and "ema" in s)
     if sigma > 0 or emas:
         raise ValueError(

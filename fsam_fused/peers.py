@@ -154,7 +154,13 @@ def as_fsam(opt, sd: dict, version: int) -> tuple[dict, str | None]:
         "state": state,
         "param_groups": groups,
         "base_optimizer": base,
-        "fsam": {"version": version, "sigma": sigma, "lmbda": lmbda, "ema_order": "official"},
+        # Their EMA was computed in the authors' order; without one, the optimizer's stays.
+        "fsam": {
+            "version": version,
+            "sigma": sigma,
+            "lmbda": lmbda,
+            "ema_order": "official" if state else opt.ema_order,
+        },
     }
     return out, _message(opt, kind, keys, len(groups), len(state), (sigma, lmbda, hp), base_from)
 
@@ -178,7 +184,7 @@ def _message(opt, kind, keys, n_groups, n_emas, hps, base_from) -> str:
             f"sigma and lmbda ({kind} does not save them): this optimizer keeps "
             f"sigma={sigma}, lmbda={lmbda}"
         )
-    if opt.ema_order != "official":
+    if n_emas and opt.ema_order != "official":
         done.append("ema_order='official' (the order it computed its EMA in)")
     if base_from:
         done.append(f"the base optimizer's state, {base_from}")

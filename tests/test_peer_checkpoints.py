@@ -263,3 +263,17 @@ def test_a_16_bit_peers_ema_loads_as_saved_and_steps_in_float32():
         assert torch.equal(ours.state[p]["ema"], theirs.state[p]["momentum"])
     _steps(net, ours, data[2:])
     assert all(ours.state[p]["ema"].dtype == torch.float32 for p in net.parameters())
+
+
+def test_ema_order_becomes_the_authors_only_with_their_ema():
+    net = _net()
+    theirs = AuthorsFriendlySAM(_groups(net), torch.optim.SGD, rho=0.1, lr=0.05)
+    sam = Davda54SAM(_groups(net), torch.optim.SGD, rho=0.1, lr=0.05)
+    _steps(net, theirs, _data(12, 1))
+    _steps(net, sam, _data(13, 1))
+    for peer, order in ((sam, "paper"), (theirs, "official")):
+        ours = FSAM(_groups(net), torch.optim.SGD, ema_order="paper", lr=0.05)
+        with pytest.warns(PeerCheckpointWarning) as caught:
+            ours.load_state_dict(peer.state_dict())
+        assert ours.ema_order == order
+        assert ("ema_order='official'" in str(caught[0].message)) == (order == "official")
