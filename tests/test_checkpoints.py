@@ -379,7 +379,9 @@ def test_a_cpu_checkpoint_loads_onto_cuda():
     _steps(net, opt, data)
     _steps(net_c, opt_c, [(x.cuda(), y.cuda()) for x, y in data])
     for a, b in zip(net.parameters(), net_c.parameters()):
-        torch.testing.assert_close(a, b.cpu(), rtol=1e-10, atol=1e-12)
+        # The norm's squares are summed in float32 (on each device in its own order): the
+        # scale may differ by float32 rounding; a lost or misplaced EMA would be off by 1e-3.
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-8)
 
 
 def test_indices_are_torchs_also_for_a_repeated_group():
