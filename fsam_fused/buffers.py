@@ -79,7 +79,11 @@ class State(defaultdict):
 
     def __setitem__(self, key, value):
         _version[0] += 1
-        defaultdict.__setitem__(self, key, value if isinstance(value, Slot) else Slot(value))
+        # A parameter's state becomes a Slot; anything else (torch.optim lets hooks keep
+        # non-parameter entries, e.g. ``opt.state["epoch"] = 3``) is kept as it is.
+        if torch.is_tensor(key) and not isinstance(value, Slot):
+            value = Slot(value)
+        defaultdict.__setitem__(self, key, value)
 
     def __reduce__(self):  # pickles as itself, without the default factory argument
         return (State, (), None, None, iter(self.items()))

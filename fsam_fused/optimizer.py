@@ -17,6 +17,23 @@ from .buffers import State
 from .reports import StepReports, own
 from .session import StepSession
 
+# Not copied by __getstate__: what the next step rebuilds, and hooks (torch.optim's copies
+# drop them too; a lambda hook would make the optimizer unpicklable).
+_NOT_COPIED = frozenset(
+    ("_session", "_config")
+    + tuple(
+        f"_optimizer_{kind}_hooks"
+        for kind in (
+            "step_pre",
+            "step_post",
+            "state_dict_pre",
+            "state_dict_post",
+            "load_state_dict_pre",
+            "load_state_dict_post",
+        )
+    )
+)
+
 
 class FSAM(StepReports, Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
@@ -157,31 +174,26 @@ class FSAM(StepReports, Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
-        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.)."""
+        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.). Hooks
+        and non-parameter entries as torch.optim's (``docs/semantics.md``)."""
         self._session.refuse_mid_step("state_dict() called")
-        sd = super().state_dict()
-        # Plain dicts, so torch.load(weights_only=True) reads them (Slot is an internal type).
-        sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
-        sd["base_optimizer"] = self.base_optimizer.state_dict()
-        sd["fsam"] = {
-            "version": checkpoint.VERSION,
-            "sigma": self.sigma,
-            "lmbda": self.lmbda,
-            "ema_order": self.ema_order,
-        }
-        return sd
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict; every check (structure, shapes, dtypes, the base optimizer's
-        kind of state) runs before anything changes."""
+        """Load a state_dict, every check first; hooks, older group flags and ``param_names``
+        as torch.optim's. A checkpoint of davda54's SAM, of the authors' or
+        pytorch_optimizer's FriendlySAM or of pytorch_optimizer's SAM is translated, with a
+        :class:`fsam_fused.peers.PeerCheckpointWarning` (``docs/checkpoints.md``); a plain SAM
+        checkpoint makes this optimizer plain SAM, with a warning (``docs/semantics.md``)."""
         self._session.refuse_mid_step("load_state_dict() called")
         checkpoint.load(self, state_dict)
 
     def __getstate__(self):
         """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
-        state and the base optimizer; buffers and plans are rebuilt on the next step."""
+        state and the base optimizer; buffers and plans are rebuilt on the next step, and
+        hooks are not copied (as torch.optim's copies drop them)."""
         self._session.refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in ("_session", "_config")}
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, st):
         super().__setstate__(st)
@@ -280,3 +292,11 @@ class SAM(FSAM):
             fixed_addresses=fixed_addresses,
             **base_kwargs,
         )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :meth:`FSAM.load_state_dict`, but an F-SAM checkpoint (sigma > 0, or an EMA:
+        FSAM's, or the authors' or pytorch_optimizer's FriendlySAM's) is refused with a
+        ``ValueError`` before anything changes: loading it would silently make this SAM
+        F-SAM. The error says how to drop the F-SAM part to continue as plain SAM."""
+        self._session.refuse_mid_step("load_state_dict() called")
+        checkpoint.load(self, state_dict, plain_sam=True)
