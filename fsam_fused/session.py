@@ -208,8 +208,7 @@ class StepSession:
                     first_loss = closure()
             st, values, state, _ = inputs()
             self.first(st, values, state)
-            opt.zero_grad()
-            loss = self.run_closure(closure)
+            loss = self.run_closure(closure)  # (saves the first pass's .grad, then clears it)
             self._finish(opt, inputs, None, None)
         except BaseException:
             if not self.perturbed:
