@@ -205,8 +205,8 @@ class FSAM(StepReports, Optimizer):
     # ------------------------------------------------------------------ the step
 
     def _inputs(self):
-        """What a step reads of this optimizer: validated settings, state, options."""
-        return (*self._config(self), self.state, self.skip_nonfinite)
+        """What a step begins with: the validated settings and the state."""
+        return (*self._config(self), self.state)
 
     @torch.no_grad()
     def first_step(

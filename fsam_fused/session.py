@@ -142,13 +142,13 @@ class StepSession:
 
     # ------------------------------------------------------------------ FSAM's step API
     # ``opt`` is the optimizer the hooks report and whose zero_grad runs; ``inputs()`` gives
-    # ``(structure, values, state, skip_nonfinite)``, read only when a step begins/ends.
+    # ``(structure, values, state)``, read only when a step begins.
 
     def first_step(self, opt, inputs, zero_grad: bool, scaler) -> None:
         with self:
             rng, _, _ = hooks.begin(opt, (), {})
             try:
-                st, values, state, _ = inputs()
+                st, values, state = inputs()
                 self.first(st, values, state, scaler)
             except BaseException:
                 hooks.close(rng)
@@ -206,7 +206,7 @@ class StepSession:
             else:  # torch.optim's: the closure runs both passes
                 with torch.enable_grad():
                     first_loss = closure()
-            st, values, state, _ = inputs()
+            st, values, state = inputs()
             self.first(st, values, state)
             loss = self.run_closure(closure)  # (saves the first pass's .grad, then clears it)
             self._finish(opt, inputs, None, None)
@@ -218,7 +218,7 @@ class StepSession:
 
     def _finish(self, opt, inputs, grad_scale, found_inf) -> None:
         try:
-            self.finish(grad_scale, found_inf, inputs()[3])
+            self.finish(grad_scale, found_inf, opt.skip_nonfinite)
         except BaseException:
             if not self.perturbed:  # the step ended (restored): so does its range
                 self._end_range(None)
