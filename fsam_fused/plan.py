@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from ._warnings import warn_at_caller
 from .hparams import Config
 
 
@@ -65,7 +66,6 @@ class Bucket:
     fixed_addresses: bool = True
     sizes: list = field(default_factory=list)  # planned, for take_grads
     strides: list | None = None  # planned (fused backends: the kernels walk dense storage)
-    contiguous: bool = False
     device_check: Any = None
     grads: list = field(default_factory=list)  # this step's
     # Detached aliases of the parameters as planned: a restore through them gives the planned
@@ -114,11 +114,14 @@ class Bucket:
                 or list(map(torch.Tensor.size, grads)) != self.sizes
             ):
                 return False
-            if self.contiguous:
-                if not all(map(torch.Tensor.is_contiguous, grads)):
-                    return False
-            elif self.strides is not None and list(map(torch.Tensor.stride, grads)) != self.strides:
-                return False
+            if self.strides is not None:
+                # (Not is_contiguous(): it ignores the strides of size-1 dimensions, which
+                # the fused kernels compare.)
+                got = list(map(torch.Tensor.stride, grads))
+                if got != self.strides:
+                    grads = self._restrided(grads, got)
+                    if grads is None:
+                        return False
             if self.device_check is not None and not self.device_check(grads):
                 return False
         except (AttributeError, RuntimeError, NotImplementedError):
@@ -126,14 +129,25 @@ class Bucket:
         self.grads = grads
         return True
 
+    def _restrided(self, grads, got):
+        """Issue 14: gradients whose strides differ from the planned ones only on size-1
+        dimensions (Inductor's 1x1-convolution weight gradients: [64, 1, 64, 64] against
+        [64, 1, 1, 1]) walk the same memory in the same order: the kernels get them as views
+        with the parameter's strides (no copy). None if one is in another layout."""
+        out = list(grads)
+        for i, (s, want) in enumerate(zip(got, self.strides)):
+            if s != want:
+                if not same_order(self.sizes[i], s, want):
+                    return None
+                out[i] = out[i].as_strided(self.sizes[i], want)
+        return out
+
     def freeze(self, fused: bool, checks_devices: bool) -> None:
         """Record what take_grads compares each step's gradients with. ``checks_devices``:
         the backend's own kernels reject a tensor on another device before writing anything
         (the C++ ops), so the per-step check can be left to them."""
         self.sizes = [p.size() for p in self.params]
         self.strides = [p.stride() for p in self.params] if fused else None
-        # Same sizes and both contiguous is the same strides, and a cheaper check.
-        self.contiguous = fused and all(p.is_contiguous() for p in self.params)
         self._dtype_set = {self.dtype}
         dev = self.device
         if checks_devices:
@@ -171,6 +185,16 @@ class Plan:
         if self.every:
             return self.buckets[0].take_grads(grads)
         return all(b.take_grads([grads[i] for i in b.index]) for b in self.buckets)
+
+
+def same_order(size, stride, want) -> bool:
+    """True if a tensor of ``size`` and ``stride`` addresses the same elements in the same
+    order as one of ``size`` and ``want`` at the same offset: equal strides on every
+    dimension of size > 1 (a size-1 dimension is never stepped along; an empty tensor
+    addresses nothing)."""
+    if 0 in size:
+        return True
+    return all(n == 1 or a == b for n, a, b in zip(size, stride, want))
 
 
 def dense_format(p: torch.Tensor):
@@ -314,10 +338,19 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
             for p, g in zip(b.params, b.grads)
         )
+        if not dense and cfg.backend == "auto" and all(dense_format(p) for p in b.params):
+            # Issue 14: a gradient in another layout than its parameter's (not merely other
+            # strides on size-1 dimensions) routes the bucket to foreach, said once.
+            warn_at_caller(
+                f"fsam_fused: a gradient on {b.device} ({b.dtype}) has another memory "
+                "layout than its parameter; its bucket runs on the foreach backend"
+            )
         b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
     new_emas = {}
     for b in buckets:
         b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
+        if b.strides is not None:  # same memory order, other size-1 strides: see take_grads
+            b.grads = b._restrided(b.grads, [g.stride() for g in b.grads])
         for p, owner in zip(b.params, b.owners or b.params):
             b.saved.append(buffers.saved_for(p))
             if b.emas is None:
