@@ -222,7 +222,9 @@ class FSAM(Optimizer):
         1.0 or 0.0 (more than 1.0 when both passes did, with a GradScaler), None before the
         first step. It covers the first pass always, and the second pass too when a
         GradScaler or ``skip_nonfinite=True`` checked it. Reading its value (``.item()``,
-        ``bool()``) synchronises with the device; passing it on does not.
+        ``bool()``) synchronises with the device; passing it on does not. Each call returns
+        a new tensor (a device copy, no synchronisation) that later steps do not change, so
+        a logger may keep it and read it after the next step.
 
         Example:
             >>> import torch
@@ -235,7 +237,10 @@ class FSAM(Optimizer):
             >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
             (True, 1.0)
         """
-        return self._nonfinite
+        # Issue 14: a copy. The engine's flag is one tensor per device that every step
+        # rewrites in place; a kept reference would read a later step's value.
+        f = self._nonfinite
+        return None if f is None else f.clone()
 
     # ------------------------------------------------------------------ the step
 
