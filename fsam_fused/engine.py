@@ -245,7 +245,7 @@ class Engine:
             except BaseException:
                 self._roll_back(done, b)
                 raise
-            self.buffers.commit(plan.new_emas)
+            self.buffers.commit(self._seen(plan))
             if plan.new_emas:
                 plan.key = None  # the next step has no first sights: rebuild then
             self.inflight = done
@@ -260,6 +260,17 @@ class Engine:
             # back, as after a failed second pass.
             self.restore()
             raise
+
+    def _seen(self, plan) -> dict:
+        """The EMAs to enter into the state: issue 14, a parameter whose first gradient was
+        not finite has not been seen (the pass kept its zero EMA; its next finite gradient
+        must seed it, not decay into it). This reads the found flag on the host: one
+        synchronisation, only on a step that creates EMAs (a parameter's first step), never
+        in the steady state."""
+        new = plan.new_emas
+        if plan.first_sights and self._found_on(plan.buckets[0].device).item():
+            new = {p: m for p, m in new.items() if p not in plan.first_sights}
+        return new
 
     def _roll_back(self, done, failed) -> None:
         self.plan = None

@@ -177,6 +177,7 @@ class Plan:
     buckets: list  # in group order: the order partial sums are combined in
     commit: list  # the order buckets are perturbed in: the largest last (see engine.py)
     new_emas: dict  # EMAs created by this plan, entered into the state on success
+    first_sights: set = field(default_factory=set)  # those of parameters never seen
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
     cfg: Any = None  # the Config it was built for (the same object while nothing changed)
@@ -346,7 +347,7 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
                 "layout than its parameter; its bucket runs on the foreach backend"
             )
         b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
-    new_emas = {}
+    new_emas, first_sights = {}, set()
     for b in buckets:
         b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
         if b.strides is not None:  # same memory order, other size-1 strides: see take_grads
@@ -359,6 +360,8 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             m, first, staged = buffers.ema_for(owner, cfg.ema_dtype_for(p.dtype), p)
             if staged is not None:
                 new_emas[owner] = staged
+                if first:
+                    first_sights.add(owner)
             else:  # the user's tensor: it must not share memory with anything either
                 named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
             b.emas.append(m)
@@ -383,5 +386,6 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
         buckets=buckets,
         commit=commit,
         new_emas=new_emas,
+        first_sights=first_sights,
         every=len(buckets) == 1 and len(have) == len(flat),
     )
