@@ -97,7 +97,9 @@ class _Held:
         self.prev, self.caught = None, None
 
     def __enter__(self):
-        self.caught = None
+        # Issue 14: forget an earlier step's handler, or a step in a worker thread after one in
+        # the main thread would call signal.signal (main thread only) on exit and raise.
+        self.caught, self.prev = None, None
         if threading.current_thread() is threading.main_thread():
             try:
                 self.prev = _signal.signal(_SIGINT, self._catch)
@@ -149,6 +151,9 @@ class Engine:
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
         self._held = _Held()
+        # Issue 14: one step at a time per optimizer (stepping.exclusive); re-entrant, as
+        # step(closure) calls first_step and second_step.
+        self.lock = threading.RLock()
         # device -> 0-dim float32: set by the perturb pass, 1.0 when the first pass's
         # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
         self._found: dict = {}

@@ -4,9 +4,36 @@ in :mod:`fsam_fused.optimizer` delegate here; the step itself is the engine's)."
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _messages, amp
+
+
+def exclusive(fn):
+    """Issue 14: a step method of one optimizer entered from a second thread while another
+    thread is inside one raises instead of interleaving with it (which corrupts the weights
+    silently). A non-blocking re-entrant lock: the same thread may re-enter (step(closure)
+    calls first_step and second_step); two optimizers in two threads never contend."""
+
+    @functools.wraps(fn)
+    def run(opt, *args):
+        engine = opt.__dict__.get("engine")
+        if engine is None:  # a wrapper (Lightning's): its FSAM's own methods take the lock
+            return fn(opt, *args)
+        lock = engine.lock
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"FSAM.{fn.__name__}(): another thread is stepping this optimizer; one "
+                "optimizer takes one step at a time (nothing was modified)"
+            )
+        try:
+            return fn(opt, *args)
+        finally:
+            lock.release()
+
+    return run
 
 
 def _wrapped(opt):
@@ -27,6 +54,7 @@ def _is_fsam(obj) -> bool:
     return isinstance(obj, FSAM)
 
 
+@exclusive
 def first_step(opt, zero_grad, grad_scaler):
     """``FSAM.first_step``: the engine's first_step, with a GradScaler's 1/scale if given."""
     inner = _wrapped(opt)
@@ -48,6 +76,7 @@ def first_step(opt, zero_grad, grad_scaler):
         opt.zero_grad()
 
 
+@exclusive
 def second_step(opt, zero_grad):
     """``FSAM.second_step``: :func:`finish` without a GradScaler."""
     inner = _wrapped(opt)
@@ -91,6 +120,7 @@ def finish(opt, grad_scale, found_inf):
     opt._opt_called = True
 
 
+@exclusive
 def step(opt, closure):
     """``FSAM.step``: ``scaler.step(opt)``'s call, a step finished after ``first_step()``,
     or ``first_step`` + the closure's second pass + ``second_step``."""
