@@ -21,12 +21,17 @@ Failure policy (all-or-nothing):
   up first (one copy of the smaller buckets' EMA; none with a single bucket), so an error in
   any bucket's pass restores the weights of those done and their EMA. Each backend's perturb
   pass is atomic (checks before writes, undoes its own weights on failure, EMA last), so the
-  last bucket's pass is the commit point. SIGINT (Ctrl-C, ``_thread.interrupt_main``) is held
-  back while the buckets are written (and while they are restored), in the main thread, and
-  handed to its handler once they are: if the handler raises (the default raises
-  KeyboardInterrupt), the weights are restored first, as after a failed second pass (below);
-  a handler that only sets a flag, or an ignored SIGINT, lets the step complete. An
-  interrupt anywhere else leaves everything as it was.
+  last bucket's pass is the commit point. Every allocation of a pass is made before its
+  first write (issue 14: a real out-of-memory changes nothing). Signals are held back while
+  the buckets are written (issue 14: every signal with a Python handler, not only SIGINT:
+  a SIGALRM or SIGTERM timeout's handler raising at any bytecode would leave the weights
+  half written), in the main thread, and handed to their handlers once they are; SIGINT
+  (Ctrl-C, ``_thread.interrupt_main``) is also held while they are restored. If a handler
+  raises (the default SIGINT one raises KeyboardInterrupt), or anything raises between the
+  commit and the return of ``FSAM.first_step``, the weights are restored first, as after a
+  failed second pass (below); a handler that only sets a flag, or an ignored SIGINT, lets
+  the step complete. An exception anywhere before the write region leaves everything as it
+  was; one that interrupts a restore leaves the step in flight, to be restored again.
 * A failed second pass (the closure raising; a non-finite second gradient under a GradScaler
   or ``skip_nonfinite=True``) restores the
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
@@ -70,8 +75,10 @@ from __future__ import annotations
 # call, which costs more than the rest of the hold (measured 6 us against 0.4 us a step).
 import _signal  # noqa: E402
 import os
+import signal
 import threading
 from dataclasses import dataclass
+from itertools import compress
 from operator import attrgetter
 
 import torch
@@ -84,47 +91,88 @@ from .plan import Plan, build
 from .traffic import bytes_per_step
 
 _SIGINT = 2 if not hasattr(_signal, "SIGINT") else _signal.SIGINT
+_GETSIGNAL = _signal.getsignal
+_PYTHON_HANDLER = callable  # SIG_DFL, SIG_IGN (ints) and None (set outside Python) are not
+# Every signal a Python handler can be installed for (SIGKILL and SIGSTOP cannot be caught).
+_CATCHABLE = tuple(
+    int(s)
+    for s in signal.valid_signals()
+    if s not in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None))
+)
 _GRAD = attrgetter("grad")
 
 
 class _Held:
-    """SIGINT held back while a step writes or restores its buckets (main thread only), then
-    handed to the handler it was meant for."""
+    """Signals held back while a step writes or restores its buckets (main thread only),
+    then handed to the handlers they were meant for.
 
-    __slots__ = ("prev", "caught")
+    Issue 14: every signal with a Python handler, not only SIGINT: a handler that raises
+    (a SIGALRM or SIGTERM timeout, a job scheduler's) runs in the main thread at any
+    bytecode, and inside the write region it would leave the weights half written. Python
+    runs handlers only at bytecode boundaries of the main thread, whichever thread the OS
+    delivered the signal to (so blocking it with pthread_sigmask would not do: another
+    thread takes it); swapping the Python-level handler for a recorder is what holds it.
+    SIGINT is swapped whatever its handler (SIG_DFL: the process is then ended by
+    :meth:`deliver`, as it would have been). Cost: one C-level scan of the handler table
+    (about 1 us) and two ``signal.signal`` calls per signal that has a Python handler."""
 
-    def __init__(self):
-        self.prev, self.caught = None, None
+    __slots__ = ("prev", "caught", "every")
+
+    def __init__(self, every: bool = True):
+        # every=False: SIGINT only (the restore: a signal that interrupts it leaves the step
+        # in flight, and a restore can run again, so it need not pay for the scan)
+        self.prev, self.caught, self.every = None, [], every
 
     def __enter__(self):
-        # Issue 14: forget an earlier step's handler, or a step in a worker thread after one in
-        # the main thread would call signal.signal (main thread only) on exit and raise.
-        self.caught, self.prev = None, None
+        # Issue 14: forget an earlier step's handlers, or a step in a worker thread after one
+        # in the main thread would call signal.signal (main thread only) on exit and raise.
+        self.caught, self.prev = [], None
         if threading.current_thread() is threading.main_thread():
+            prev = {}
             try:
-                self.prev = _signal.signal(_SIGINT, self._catch)
-            except (ValueError, TypeError):  # no signal module support here
-                self.prev = None
+                # (C-level iteration: the scan is most of the cost; SIGINT always)
+                if self.every:
+                    handled = map(_PYTHON_HANDLER, map(_GETSIGNAL, _CATCHABLE))
+                    for s in compress(_CATCHABLE, handled):
+                        prev[s] = _signal.signal(s, self._catch)
+                if _SIGINT not in prev and _signal.getsignal(_SIGINT) is not None:
+                    prev[_SIGINT] = _signal.signal(_SIGINT, self._catch)
+                self.prev = prev
+            except (ValueError, TypeError, OSError):  # no signal module support here
+                self._put_back(prev)
         return self
 
     def _catch(self, signum, frame):
-        self.caught = (signum, frame)
+        self.caught.append((signum, frame))
+
+    @staticmethod
+    def _put_back(prev) -> None:
+        for s, h in (prev or {}).items():
+            _signal.signal(s, h)
 
     def __exit__(self, *exc):
-        if self.prev is not None:
-            _signal.signal(_SIGINT, self.prev)
+        self._put_back(self.prev)
         return False
 
     def deliver(self) -> None:
-        """Run the handler the interrupt was meant for: the default raises
-        KeyboardInterrupt, a user's may only set a flag, an ignored SIGINT stays ignored, and
-        SIG_DFL ends the process as it would have."""
-        if self.caught is None:
-            return
-        if callable(self.prev):
-            self.prev(*self.caught)
-        elif self.prev == _signal.SIG_DFL:
-            os.kill(os.getpid(), _SIGINT)
+        """Run the handlers the signals were meant for, in arrival order: the default SIGINT
+        handler raises KeyboardInterrupt, a user's may only set a flag or raise, an ignored
+        one stays ignored, and SIGINT's SIG_DFL ends the process as it would have. If one
+        raises, the signals after it are raised again (their handlers are back in place, so
+        Python runs them next, as it would have) and the exception propagates."""
+        caught, prev = self.caught, self.prev or {}
+        self.caught = []
+        for i, (signum, frame) in enumerate(caught):
+            h = prev.get(signum)
+            try:
+                if callable(h):
+                    h(signum, frame)
+                elif signum == _SIGINT and h == _signal.SIG_DFL:
+                    os.kill(os.getpid(), _SIGINT)
+            except BaseException:
+                for later, _ in caught[i + 1 :]:
+                    _signal.raise_signal(later)
+                raise
 
 
 @dataclass(frozen=True)
@@ -151,6 +199,7 @@ class Engine:
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
         self._held = _Held()
+        self._held_restore = _Held(every=False)
         # Issue 14: one step at a time per optimizer (stepping.exclusive); re-entrant, as
         # step(closure) calls first_step and second_step.
         self.lock = threading.RLock()
@@ -236,35 +285,42 @@ class Engine:
             self.plan = None  # re-check everything next time
             raise
         held = self._held
-        with held:
-            done = []
-            b = None
-            try:
-                for b in plan.commit:
-                    if b.backups is not None:
-                        torch._foreach_copy_(b.backups, b.emas)
-                    b.backend.perturb(b, b.sq, b.carry, b.inv, self._found_on(b.device))
-                    b.carry = None  # the reference's carry holds full-size tensors
-                    done.append(b)
-                b = None
-            except BaseException:
-                self._roll_back(done, b)
-                raise
-            self.buffers.commit(self._seen(plan))
-            if plan.new_emas:
-                plan.key = None  # the next step has no first sights: rebuild then
-            self.inflight = done
-            self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
-            # Autocast caches low-precision copies of the weights until its outermost block
-            # exits: a second forward inside the same block would reuse the unperturbed ones.
-            torch.clear_autocast_cache()
         try:
+            with held:
+                self._write(plan)
             held.deliver()
         except BaseException:
-            # The interrupt's handler raised (by default KeyboardInterrupt): give the weights
-            # back, as after a failed second pass.
-            self.restore()
+            # A signal's handler raised (by default SIGINT's, KeyboardInterrupt), or
+            # something between the commit and here did: give the weights back, as after a
+            # failed second pass (issue 14: any exception, not only SIGINT's).
+            if self.inflight is not None:
+                self.restore()
             raise
+
+    def _write(self, plan) -> None:
+        """The write region, run with signals held (:class:`_Held`): only the code's own
+        exceptions can arise in it, and they roll back."""
+        done = []
+        b = None
+        try:
+            for b in plan.commit:
+                if b.backups is not None:
+                    torch._foreach_copy_(b.backups, b.emas)
+                b.backend.perturb(b, b.sq, b.carry, b.inv, self._found_on(b.device))
+                b.carry = None  # the reference's carry holds full-size tensors
+                done.append(b)
+            b = None
+        except BaseException:
+            self._roll_back(done, b)
+            raise
+        self.inflight = done  # the commit point: from here on a failure restores
+        self.buffers.commit(self._seen(plan))
+        if plan.new_emas:
+            plan.key = None  # the next step has no first sights: rebuild then
+        self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
+        # Autocast caches low-precision copies of the weights until its outermost block
+        # exits: a second forward inside the same block would reuse the unperturbed ones.
+        torch.clear_autocast_cache()
 
     def _seen(self, plan) -> dict:
         """The EMAs to enter into the state: issue 14, a parameter whose first gradient was
@@ -345,7 +401,7 @@ class Engine:
         again)."""
         torch.clear_autocast_cache()  # (copies of the perturbed weights: see first_step)
         changed = []
-        held = self._held
+        held = self._held_restore
         with held:
             for b in self.inflight:
                 if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:

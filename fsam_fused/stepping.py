@@ -68,12 +68,19 @@ def first_step(opt, zero_grad, grad_scaler):
         )
     inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, opt)
     opt.engine.first_step(opt._config(opt), opt.param_groups, opt.state, inv)
-    opt._nonfinite = opt.engine.found
-    if grad_scaler is not None:
-        opt._scaler = grad_scaler if grad_scaler.is_enabled() else None
-        amp.after_first_step(grad_scaler, opt, unscaled)
-    if zero_grad:
-        opt.zero_grad()
+    try:
+        opt._nonfinite = opt.engine.found
+        if grad_scaler is not None:
+            opt._scaler = grad_scaler if grad_scaler.is_enabled() else None
+            amp.after_first_step(grad_scaler, opt, unscaled)
+        if zero_grad:
+            opt.zero_grad()
+    except BaseException:
+        # Issue 14: all-or-nothing also for an exception here (a signal handler's): the
+        # weights go back, as after a failed second pass.
+        opt._scaler = None
+        opt.engine.restore()
+        raise
 
 
 @exclusive

@@ -64,6 +64,11 @@ class ForeachBackend:
         # Not finite (a non-finite gradient): every write below selects the old value, on
         # the device (never a multiply by zero: 0 * inf is NaN).
         ok = torch.isfinite(total)
+        not_ok = ~ok
+        # Issue 14: the EMA's new values (full-size temporaries) are computed before the
+        # first write, so a real out-of-memory there changes nothing; after it, only in-place
+        # ops that allocate nothing.
+        emas = self._new_emas(b, ok, ct, inv) if b.emas is not None else ()
         torch._foreach_copy_(b.saved, b.params)
         try:
             self._write_weights(b, d, total, ok, ct)
@@ -71,20 +76,30 @@ class ForeachBackend:
             self.restore(b)
             raise
         if found is not None:
-            found.copy_(~ok)
-        if b.emas is not None:  # the last write: m <- decay * m + gain * g
-            for decay, gain, idx in b.ema_groups():
-                m = [b.emas[i] for i in idx]
-                g = [b.grads[i].to(ct) for i in idx]
-                if inv is not None:
-                    g = torch._foreach_mul(g, inv.reshape(()))
-                m_new = torch._foreach_mul([x.to(ct) for x in m], decay)
-                torch._foreach_add_(m_new, g, alpha=gain)
-                for x, y in zip(m, m_new):  # computed in ct, rounded once
-                    if x.dtype == ct:
-                        torch.where(ok, y, x, out=x)
-                    else:
-                        x.copy_(torch.where(ok, y, x))
+            found.copy_(not_ok)
+        for x, y in emas:  # the last write: m <- decay * m + gain * g, rounded once
+            if x.dtype == ct:
+                torch.where(ok, y, x, out=x)
+            else:
+                x.copy_(y)  # (y already holds the selection)
+
+    @staticmethod
+    def _new_emas(b, ok, ct, inv) -> list:
+        """``[(m, m_new)]``: each EMA and its new value in ``ct`` (for an EMA of another
+        dtype, already the selection by ``ok``, so its write is one copy)."""
+        out = []
+        for decay, gain, idx in b.ema_groups():
+            m = [b.emas[i] for i in idx]
+            g = [b.grads[i].to(ct) for i in idx]
+            if inv is not None:
+                g = torch._foreach_mul(g, inv.reshape(()))
+            m_new = torch._foreach_mul([x.to(ct) for x in m], decay)
+            torch._foreach_add_(m_new, g, alpha=gain)
+            for x, y in zip(m, m_new):
+                if x.dtype != ct:
+                    torch.where(ok, y, x, out=y)
+                out.append((x, y))
+        return out
 
     @staticmethod
     def _write_weights(b, d, total, ok, ct) -> None:
@@ -104,8 +119,11 @@ class ForeachBackend:
             for p, x, s in zip(b.params, d, b.saved):
                 torch.where(ok, x, s, out=p)
         else:
-            for p, x, s in zip(b.params, d, b.saved):  # ... rounded once to the storage dtype
-                p.copy_(torch.where(ok, x, s))
+            # ... rounded once to the storage dtype. The selection goes into d first (the
+            # old value is exact in ct), so the writes are one copy that allocates nothing.
+            for x, s in zip(d, b.saved):
+                torch.where(ok, x, s, out=x)
+            torch._foreach_copy_(b.params, d)
 
     def restore(self, b) -> None:
         torch._foreach_copy_(b.homes, b.saved)
