@@ -251,21 +251,33 @@ def _span(t: torch.Tensor):
 
 def check_no_aliasing(named) -> None:
     """``named``: ``[(description, tensor)]`` of tensors a step writes or reads beside each
-    other (parameters, gradients): no two may share memory, or one's update would change the
-    other (two Parameters on one storage would not be restored; a gradient that aliases a
-    weight would change under the perturbation)."""
+    other (parameters, gradients, EMAs): no two may share memory, or one's update would
+    change the other (two Parameters on one storage would not be restored; a gradient that
+    aliases a weight would change under the perturbation). Issue 14: gradients may share
+    memory with each other (two parameters given one ``.grad`` tensor, as torch allows):
+    the passes only read gradients. A description starting with "the gradient" marks one."""
     spans = []
     for what, t in named:
         s = _span(t)
         if s is not None:
-            spans.append((s[0], s[1], t.device, what))
-    spans.sort(key=lambda x: (str(x[2]), x[0]))
-    for a, b in zip(spans, spans[1:]):
-        if a[2] == b[2] and b[0] < a[1]:
+            spans.append((str(t.device), s[0], s[1], what, what.startswith("the gradient")))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    # A sweep by start address, keeping the furthest-reaching span seen so far of each kind:
+    # a span overlaps an earlier one exactly when it starts before that one's end.
+    device, far_any, far_written = None, None, None
+    for dev, start, end, what, is_grad in spans:
+        if dev != device:
+            device, far_any, far_written = dev, None, None
+        other = far_written if is_grad else far_any
+        if other is not None and start < other[0]:
             raise RuntimeError(
-                f"{a[3]} and {b[3]} share memory; FSAM needs every parameter "
-                "(and gradient) in storage of its own"
+                f"{other[1]} and {what} share memory; FSAM needs every parameter (and its "
+                "EMA) in storage of its own, and no gradient sharing a parameter's memory"
             )
+        if far_any is None or end > far_any[0]:
+            far_any = (end, what)
+        if not is_grad and (far_written is None or end > far_written[0]):
+            far_written = (end, what)
 
 
 def build(cfg: Config, groups, select, buffers) -> Plan:

@@ -8,7 +8,8 @@ import functools
 
 import torch
 
-from . import _messages, amp
+from . import _messages, amp, distributed
+from .distributed import _TEMPLATE
 
 
 def exclusive(fn):
@@ -66,6 +67,8 @@ def first_step(opt, zero_grad, grad_scaler):
         raise RuntimeError(
             "first_step() called twice without second_step(): the weights are already perturbed"
         )
+    if _TEMPLATE in opt.__dict__:  # issue 14: init_state(opt) with no load since
+        distributed.drop_template(opt)
     inv, unscaled = (None, False) if grad_scaler is None else amp.begin(grad_scaler, opt)
     opt.engine.first_step(opt._config(opt), opt.param_groups, opt.state, inv)
     try:
