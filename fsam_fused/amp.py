@@ -34,6 +34,8 @@ from collections import defaultdict
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
+from . import distributed
+
 __all__ = ["GradScaler", "begin", "after_first_step", "finish", "unscale_and_check"]
 
 
@@ -152,6 +154,10 @@ def base_step(opt, scaler, grad_scale, found_inf) -> None:
     base = opt.base_optimizer
     first = opt.engine.found
     device_skip = getattr(base, "_step_supports_amp_scaling", False)
+    if scaler is not None or opt.skip_nonfinite or (device_skip and first is not None):
+        # Issue 14: this decision reads the first pass's flag, which may differ between
+        # data-parallel ranks (DDP's per-replica mode): every rank decides on all of them.
+        first = opt._nonfinite = distributed.agreed_found(opt, first)
     if scaler is not None:
         found = opt._nonfinite = finish(scaler, opt, first, found_inf)
         if device_skip:
