@@ -280,6 +280,23 @@ def check_no_aliasing(named) -> None:
             far_written = (end, what)
 
 
+def _dense(cfg: Config, b: Bucket) -> bool:
+    """Whether every parameter of ``b`` is dense with a gradient in its memory order (what
+    the fused kernels walk)."""
+    dense = all(
+        dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
+        for p, g in zip(b.params, b.grads)
+    )
+    if not dense and cfg.backend == "auto" and all(dense_format(p) for p in b.params):
+        # Issue 14: a gradient in another layout than its parameter's (not merely other
+        # strides on size-1 dimensions) routes the bucket to foreach, said once.
+        warn_at_caller(
+            f"fsam_fused: a gradient on {b.device} ({b.dtype}) has another memory "
+            "layout than its parameter; its bucket runs on the foreach backend"
+        )
+    return dense
+
+
 def build(cfg: Config, groups, select, buffers) -> Plan:
     """Validate every parameter with a gradient and plan its bucket.
 
@@ -347,18 +364,7 @@ def build(cfg: Config, groups, select, buffers) -> Plan:
             b.adaptive.append(adaptive)
     buckets = list(buckets.values())
     for b in buckets:
-        dense = all(
-            dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
-            for p, g in zip(b.params, b.grads)
-        )
-        if not dense and cfg.backend == "auto" and all(dense_format(p) for p in b.params):
-            # Issue 14: a gradient in another layout than its parameter's (not merely other
-            # strides on size-1 dimensions) routes the bucket to foreach, said once.
-            warn_at_caller(
-                f"fsam_fused: a gradient on {b.device} ({b.dtype}) has another memory "
-                "layout than its parameter; its bucket runs on the foreach backend"
-            )
-        b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), dense)
+        b.backend = select(cfg, b.device, b.dtype, cfg.ema_dtype_for(b.dtype), _dense(cfg, b))
     new_emas, first_sights = {}, set()
     for b in buckets:
         b.freeze(fused=b.backend.name in ("triton", "cpp"), checks_devices=b.backend.name == "cpp")
