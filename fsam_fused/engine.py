@@ -150,8 +150,14 @@ class _Held:
         for s, h in (prev or {}).items():
             _signal.signal(s, h)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._put_back(self.prev)
+        if exc_type is not None and self.caught:
+            # The block failed (and rolled back): the signals it held are not lost but
+            # raised again, for their own handlers to run next, as Python would have.
+            caught, self.caught = self.caught, []
+            for signum, _ in caught:
+                _signal.raise_signal(signum)
         return False
 
     def deliver(self) -> None:

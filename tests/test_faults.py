@@ -252,3 +252,33 @@ def test_real_out_of_memory_changes_nothing(backend):
         assert out["inflight"] and out["restored"], out
     else:
         assert not out["inflight"] and out["weights_same"] and out["ema_same"], out
+
+
+def test_a_signal_held_in_a_failed_step_is_not_lost(monkeypatch):
+    """A signal held while the buckets were written reaches its handler also when the step
+    then fails (and rolls back), instead of being dropped with the step."""
+    import _thread
+
+    backend_available("foreach", "cpu")
+    ps, opt = _model("foreach")
+    gen = torch.Generator().manual_seed(9)
+    _grads(ps, gen)
+    w0 = [p.detach().clone() for p in ps]
+    from fsam_fused import backends
+
+    def fail(self, *a, **k):
+        _thread.interrupt_main()
+        raise RuntimeError("a failing perturb pass")
+
+    monkeypatch.setattr(backends.ForeachBackend, "perturb", fail)
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with pytest.raises(RuntimeError, match="a failing perturb pass"):
+            opt.first_step()
+        for _ in range(3):  # (the handler runs at the next bytecode boundaries)
+            pass
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert seen == [signal.SIGINT]
+    assert all(torch.equal(p, w) for p, w in zip(ps, w0))
