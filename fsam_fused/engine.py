@@ -32,6 +32,9 @@ Failure policy (all-or-nothing):
   failed second pass (below); a handler that only sets a flag, or an ignored SIGINT, lets
   the step complete. An exception anywhere before the write region leaves everything as it
   was; one that interrupts a restore leaves the step in flight, to be restored again.
+  ``second_step`` (``stepping.finish``) holds every signal across its restore and base step
+  (:attr:`Engine.held_step`): a torch for-loop base optimizer is never left stepped
+  part-way.
 * A failed second pass (the closure raising; a non-finite second gradient under a GradScaler
   or ``skip_nonfinite=True``) restores the
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
@@ -207,6 +210,7 @@ class Engine:
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
         self._held = _Held()
         self._held_restore = _Held(every=False)
+        self.held_step = _Held()  # second_step's restore and base step (stepping.finish)
         # Issue 14: one step at a time per optimizer (stepping.exclusive); re-entrant, as
         # step(closure) calls first_step and second_step.
         self.lock = threading.RLock()

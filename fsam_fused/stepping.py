@@ -113,21 +113,28 @@ def finish(opt, grad_scale, found_inf):
             "scaler.step(opt), then scaler.update() (the second pass's "
             "gradients are scaled; the weights are still perturbed)"
         )
-    opt._scaler = None
-    opt.engine.restore()
-    if scaler is None and found_inf is not None:
-        raise RuntimeError(
-            "scaler.step(opt) after a first_step() without grad_scaler: "
-            "the first pass's gradients were scaled. Pass "
-            "grad_scaler=scaler to first_step(). The weights are restored "
-            "and the base optimizer did not step"
-        )
-    amp.base_step(opt, scaler, grad_scale, found_inf)
-    opt.engine.leave()
-    # A step taken through first/second_step is a step: tell an LR scheduler attached
-    # to this object (torch's warning about scheduler.step() before optimizer.step()
-    # looks only at optimizer.step, which this path does not call).
-    opt._opt_called = True
+    # Issue 14: the restore and the base step run with every signal held (main thread), so
+    # a handler that raises (a timeout) finds the step either still in flight or finished,
+    # never a base optimizer stepped part-way (torch's for-loop SGD/Adam update parameter by
+    # parameter). A signal is handed to its handler once the step is done.
+    held = opt.engine.held_step
+    with held:
+        opt._scaler = None
+        opt.engine.restore()
+        if scaler is None and found_inf is not None:
+            raise RuntimeError(
+                "scaler.step(opt) after a first_step() without grad_scaler: "
+                "the first pass's gradients were scaled. Pass "
+                "grad_scaler=scaler to first_step(). The weights are restored "
+                "and the base optimizer did not step"
+            )
+        amp.base_step(opt, scaler, grad_scale, found_inf)
+        opt.engine.leave()
+        # A step taken through first/second_step is a step: tell an LR scheduler attached
+        # to this object (torch's warning about scheduler.step() before optimizer.step()
+        # looks only at optimizer.step, which this path does not call).
+        opt._opt_called = True
+    held.deliver()
 
 
 @exclusive

@@ -282,3 +282,87 @@ def test_a_signal_held_in_a_failed_step_is_not_lost(monkeypatch):
         signal.signal(signal.SIGINT, old)
     assert seen == [signal.SIGINT]
     assert all(torch.equal(p, w) for p, w in zip(ps, w0))
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpp"])
+def test_signal_handler_raising_during_second_step(backend):
+    """Timer-raised exceptions at random moments of ``second_step`` (restore, then a
+    for-loop SGD with momentum, which updates parameter by parameter): afterwards the step
+    is still in flight (and restorable), or restored with the base optimizer untouched (a
+    failed second pass), or finished; never some parameters (or momentum buffers) stepped
+    and others not."""
+    backend_available(backend, "cpu")
+    gen = torch.Generator().manual_seed(12)
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (3000, 200, 50, 7, 900)]
+    opt = FSAM(
+        ps, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9, foreach=False, **opt_args(backend)
+    )
+    base = opt.base_optimizer
+    rng = random.Random(13)
+
+    def momenta():
+        return [base.state[p]["momentum_buffer"].clone() for p in ps]
+
+    times = []
+    for _ in range(4):
+        _grads(ps, gen)
+        opt.first_step()
+        _grads(ps, gen)
+        t0 = time.perf_counter()
+        opt.second_step()
+        times.append(time.perf_counter() - t0)
+    span = sorted(times)[len(times) // 2]
+    armed = [False]
+
+    def handler(signum, frame):
+        if armed[0]:
+            raise Boom
+
+    old = signal.signal(signal.SIGALRM, handler)
+    outcomes = {
+        "finished": 0,
+        "in flight": 0,
+        "raised after finishing": 0,
+        "restored, no base step": 0,
+    }
+    try:
+        for trial in range(120):
+            _grads(ps, gen)
+            w0 = [p.detach().clone() for p in ps]
+            opt.first_step()
+            _grads(ps, gen)
+            b0 = momenta()
+            raised = False
+            armed[0] = True
+            try:
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, rng.uniform(1e-6, 1.2 * span))
+                    opt.second_step()
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    armed[0] = False
+            except Boom:
+                raised = True
+            armed[0] = False
+            where = f"{backend}, trial {trial}"
+            if opt.engine.inflight is not None:
+                assert raised, where
+                assert all(torch.equal(m, n) for m, n in zip(momenta(), b0)), where
+                opt.engine.restore()
+                assert all(torch.equal(p, w) for p, w in zip(ps, w0)), where
+                outcomes["in flight"] += 1
+                continue
+            stepped = [not torch.equal(p, w) for p, w in zip(ps, w0)]
+            moved = [not torch.equal(m, n) for m, n in zip(momenta(), b0)]
+            if not any(stepped) and not any(moved):
+                # restored, the base optimizer untouched: a failed second pass (documented)
+                assert raised, where
+                outcomes["restored, no base step"] += 1
+                continue
+            assert all(stepped) and all(moved), f"{where}: stepped {stepped}, momenta {moved}"
+            outcomes["raised after finishing" if raised else "finished"] += 1
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    print(backend, outcomes)
+    assert outcomes["finished"] < 120, outcomes
