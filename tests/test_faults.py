@@ -37,6 +37,15 @@ class Boom(Exception):
     """What the timer's handler raises."""
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_back():
+    """A handler raising inside torch's own ``no_grad`` decorator (between its
+    ``set_grad_enabled(False)`` and its ``with``) leaves grad mode off in this thread: that
+    is torch's, not the step's, and must not leak into later tests."""
+    yield
+    torch.set_grad_enabled(True)
+
+
 def _model(backend):
     """Two buckets (float32 and bfloat16) of a few tensors, so the write region has many
     bytecodes; the Triton interpreter gets few small tensors (it is slow)."""
