@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import amp
+from . import amp, distributed
 
 
 def _step(base) -> None:
@@ -56,12 +56,19 @@ def run(
     found_inf=None,
     key=None,
     skip_nonfinite=False,
+    group=None,
+    plan=None,
 ) -> torch.Tensor | None:
     """Step (or skip) ``base`` after the restore. ``first``: the first pass's found flag (a
     0-dim device tensor) or None; ``scaler``/``grad_scale``/``found_inf``: the GradScaler the
-    step started with and what ``scaler.step`` handed over, ``owner`` the optimizer the
-    scaler knows. Returns the step's combined found flag (None when nothing checked it)."""
+    step started with and what ``scaler.step`` handed over, ``key`` what the scaler knows
+    the optimizer by; ``group``/``plan``: see :func:`fsam_fused.distributed.agreed_found`.
+    Returns the step's combined found flag (None when nothing checked it)."""
     device_skip = getattr(base, "_step_supports_amp_scaling", False)
+    if scaler is not None or skip_nonfinite or (device_skip and first is not None):
+        # This decision reads the first pass's flag, which may differ between data-parallel
+        # ranks (DDP's per-replica mode): every rank decides on all of them.
+        first = distributed.agreed_found(first, group, plan)
     if scaler is not None:
         found = amp.finish(scaler, key, first, found_inf)
         if device_skip:

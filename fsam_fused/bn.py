@@ -29,7 +29,9 @@ def _norms(model):
 def bn_frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Within the block, no BatchNorm (or InstanceNorm with running stats) of ``model``
     updates its running statistics or ``num_batches_tracked``; training-mode layers still use
-    the batch's statistics. Restores every layer's setting on exit, also on error.
+    the batch's statistics. Restores every layer's setting on exit, also on error. Blocks
+    nest, and mix with :func:`disable_running_stats` in any order: a layer is frozen while
+    any of them holds it, and gets its own setting back when the last one ends.
 
     Example:
         >>> import torch
@@ -46,16 +48,38 @@ def bn_frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         1
     """
     layers = _norms(model)
-    saved = [m.track_running_stats for m in layers]
+    for m in layers:
+        _freeze(m)
     try:
-        for m in layers:
-            # With track_running_stats off a training-mode layer normalises with the batch's
-            # statistics and passes no running buffers: nothing is updated or counted.
-            m.track_running_stats = False
         yield model
     finally:
-        for m, s in zip(layers, saved):
-            m.track_running_stats = s
+        for m in layers:
+            _thaw(m)
+
+
+# Issue 14: the helpers compose. Each layer counts the holds on it (every bn_frozen block
+# it is in, plus one for disable_running_stats until enable_running_stats) and keeps its own
+# setting from before the first: nesting and mixing the two styles in any order leave it
+# frozen while any hold remains, and give its setting back when the last one ends.
+
+
+def _freeze(m) -> None:
+    n = m.__dict__.get("_fsam_holds", 0)
+    if n == 0:
+        # With track_running_stats off a training-mode layer normalises with the batch's
+        # statistics and passes no running buffers: nothing is updated or counted.
+        m._fsam_tracking = m.track_running_stats
+    m._fsam_holds = n + 1
+    m.track_running_stats = False
+
+
+def _thaw(m) -> None:
+    n = m.__dict__.get("_fsam_holds", 0)
+    if n > 1:
+        m._fsam_holds = n - 1
+    elif n == 1:
+        m.track_running_stats = m._fsam_tracking
+        del m._fsam_holds, m._fsam_tracking
 
 
 def disable_running_stats(model: torch.nn.Module) -> None:
@@ -72,14 +96,14 @@ def disable_running_stats(model: torch.nn.Module) -> None:
         0
     """
     for m in _norms(model):
-        if not hasattr(m, "_fsam_saved_tracking"):
-            m._fsam_saved_tracking = m.track_running_stats
-        m.track_running_stats = False
+        if not m.__dict__.get("_fsam_disabled", False):  # twice is once, as in the authors'
+            m._fsam_disabled = True
+            _freeze(m)
 
 
 def enable_running_stats(model: torch.nn.Module) -> None:
-    """Undo :func:`disable_running_stats`."""
+    """Undo :func:`disable_running_stats` (a layer still inside a :func:`bn_frozen` block
+    stays frozen until the block ends)."""
     for m in _norms(model):
-        if hasattr(m, "_fsam_saved_tracking"):
-            m.track_running_stats = m._fsam_saved_tracking
-            del m._fsam_saved_tracking
+        if m.__dict__.pop("_fsam_disabled", False):
+            _thaw(m)

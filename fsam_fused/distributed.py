@@ -99,6 +99,43 @@ def all_reduce_sum(t: torch.Tensor, groups) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
 
 
+def agreed_found(found, group=None, plan=None):
+    """The first pass's found flag as every data-parallel rank must act on it.
+
+    Under DDP's per-replica mode (the first backward under ``no_sync()``) each rank's flag
+    is its own: a NaN on one rank would make that rank alone skip its base step (a fused
+    base, ``skip_nonfinite=True``) or back its GradScaler's scale off, and the replicas
+    would diverge silently. So before any decision that reads it, the flag is all-reduced
+    (MAX, a copy: one collective of one float32 device tensor, no host synchronisation)
+    over ``group`` (``FSAM.nonfinite_group``; ``plan``: the step's plan):
+
+    * not set (the default): the default process group, when torch.distributed is
+      initialised with more than one rank and the step has plain-tensor parameters
+      (DTensor-only steps, FSDP2's, already have a global flag: their norm is all-reduced);
+    * a process group: that one (e.g. DDP's ``process_group``);
+    * ``False``: never (an optimizer that steps on some ranks only: the collective would
+      wait for the others).
+
+    Every rank of the group must then take the step, as it must for DDP's all-reduces."""
+    if found is None:
+        return None
+    if group is False:
+        return found
+    dist = sys.modules.get("torch.distributed")
+    if group is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return found
+        if dist.get_world_size() < 2:
+            return found
+        if plan is not None and all(b.owners is not None for b in plan.buckets):
+            return found
+    import torch.distributed as dist
+
+    out = found.clone()  # never the engine's own flag
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
+
+
 @torch.no_grad()
 def init_state(opt) -> None:
     """Create every state entry a checkpoint may hold, so ``opt.state_dict()`` can be the
@@ -107,7 +144,10 @@ def init_state(opt) -> None:
     made by one base step with zero gradients and a learning rate of 0 (what
     ``torch.distributed.checkpoint.state_dict`` does for other optimizers). Only an
     optimizer that has no state yet may be initialised; the values are overwritten by the
-    load.
+    load. If no load follows (neither ``opt.load_state_dict`` nor a load in place into the
+    template's tensors), the next ``first_step`` drops the template, so training is exactly
+    what it would have been without ``init_state`` (the zero EMA would count as seen, and
+    the base state would hold a step that never was).
 
     Example (the resume half of a DCP round trip; ``docs/distributed.md`` has both)::
 
@@ -127,7 +167,7 @@ def init_state(opt) -> None:
     >>> list(opt.state[w]), list(opt.base_optimizer.state[w]), w.grad is None, w.tolist()
     (['ema'], ['momentum_buffer'], True, [1.0, 1.0, 1.0])
     """
-    if opt.engine.inflight is not None:
+    if opt.perturbed:
         raise RuntimeError("init_state(opt) called between first_step() and second_step()")
     if any(len(s) for s in opt.state.values()) or any(opt.base_optimizer.state.values()):
         raise RuntimeError(
@@ -161,3 +201,42 @@ def init_state(opt) -> None:
         for p, g in zip(params, grads):
             p.grad = g
     opt.engine.plan = None
+    opt.__dict__[_TEMPLATE] = (opt.state, base.state, _versions(opt.state, base.state))
+
+
+_TEMPLATE = "_fsam_init_state_template"
+
+
+def _versions(*states) -> list:
+    """The version counter of every tensor in ``states`` (and of each DTensor's local
+    tensor): a load in place (``torch.distributed.checkpoint.load``) bumps them."""
+    out = []
+    for state in states:
+        for entry in state.values():
+            for v in entry.values():
+                if torch.is_tensor(v):
+                    out.append(v._version)
+                    if is_dtensor(v):
+                        out.append(v._local_tensor._version)
+    return out
+
+
+def drop_unloaded_template(opt) -> None:
+    """At a ``first_step``: :func:`drop_template` if :func:`init_state` left a template."""
+    if _TEMPLATE in opt.__dict__:
+        drop_template(opt)
+
+
+def drop_template(opt) -> None:
+    """Called by the first ``first_step`` after :func:`init_state`: when no load replaced
+    the template (the optimizer's and the base optimizer's state are the very objects
+    init_state filled, every tensor unwritten since), the template is removed, so the step
+    runs as on a fresh optimizer. Host metadata only."""
+    state, base_state, versions = opt.__dict__.pop(_TEMPLATE)
+    if (
+        opt.state is state
+        and opt.base_optimizer.state is base_state
+        and _versions(state, base_state) == versions
+    ):
+        state.clear()
+        base_state.clear()

@@ -23,12 +23,20 @@ Failure policy (all-or-nothing):
   up first (one copy of the smaller buckets' EMA; none with a single bucket), so an error in
   any bucket's pass restores the weights of those done and their EMA. Each backend's perturb
   pass is atomic (checks before writes, undoes its own weights on failure, EMA last), so the
-  last bucket's pass is the commit point. SIGINT (Ctrl-C, ``_thread.interrupt_main``) is held
-  back while the buckets are written (and while they are restored), in the main thread, and
-  handed to its handler once they are: if the handler raises (the default raises
-  KeyboardInterrupt), the weights are restored first, as after a failed second pass (below);
-  a handler that only sets a flag, or an ignored SIGINT, lets the step complete. An
-  interrupt anywhere else leaves everything as it was.
+  last bucket's pass is the commit point. Every allocation of a pass is made before its
+  first write (a real out-of-memory changes nothing). Signals are held back while
+  the buckets are written (every signal with a Python handler, not only SIGINT:
+  a SIGALRM or SIGTERM timeout's handler raising at any bytecode would leave the weights
+  half written), in the main thread, and handed to their handlers once they are; SIGINT
+  (Ctrl-C, ``_thread.interrupt_main``) is also held while they are restored. If a handler
+  raises (the default SIGINT one raises KeyboardInterrupt), or anything raises between the
+  commit and the return of ``FSAM.first_step``, the weights are restored first, as after a
+  failed second pass (below); a handler that only sets a flag, or an ignored SIGINT, lets
+  the step complete. An exception anywhere before the write region leaves everything as it
+  was; one that interrupts a restore leaves the step in flight, to be restored again.
+  ``second_step`` (the session's finish) holds every signal across its restore and base step
+  (:attr:`Engine.held_step`): a torch for-loop base optimizer is never left stepped
+  part-way.
 * A failed second pass (the closure raising; a non-finite second gradient under a GradScaler
   or ``skip_nonfinite=True``) restores the
   weights bit for bit and leaves the base optimizer untouched; the EMA keeps this step's
@@ -110,6 +118,8 @@ class Engine:
         self.plan: Plan | None = None
         self.inflight: list | None = None  # buckets perturbed by first_step, until restored
         self._held = Held()
+        self._held_restore = Held(every=False)
+        self.held_step = Held()  # second_step's restore and base step (the session's finish)
         # device -> 0-dim float32: set by the perturb pass, 1.0 when the first pass's
         # sum of squares was not finite. ``found`` is the last step's (the first bucket's).
         self._found: dict = {}
@@ -195,35 +205,53 @@ class Engine:
             self.plan = None  # re-check everything next time
             raise
         held = self._held
-        with held:
-            done = []
-            b = None
-            try:
-                for b in plan.commit:
-                    if b.backups is not None:
-                        torch._foreach_copy_(b.backups, b.emas)
-                    k = id(b)
-                    b.backend.perturb(b, inputs[k], sqs[k], carries.pop(k))
-                    done.append(b)
-                b = None
-            except BaseException:
-                self._roll_back(done, b)
-                raise
-            self.buffers.commit(plan.new_emas)
-            if plan.new_emas:
-                plan.key = None  # the next step has no first sights: rebuild then
-            self.inflight = done
-            self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
-            # Autocast caches low-precision copies of the weights until its outermost block
-            # exits: a second forward inside the same block would reuse the unperturbed ones.
-            torch.clear_autocast_cache()
         try:
+            with held:
+                self._write(plan, inputs, sqs, carries)
             held.deliver()
         except BaseException:
-            # The interrupt's handler raised (by default KeyboardInterrupt): give the weights
-            # back, as after a failed second pass.
-            self.restore()
+            # A signal's handler raised (by default SIGINT's, KeyboardInterrupt), or
+            # something between the commit and here did: give the weights back, as after a
+            # failed second pass (any exception, not only SIGINT's).
+            if self.inflight is not None:
+                self.restore()
             raise
+
+    def _write(self, plan, inputs, sqs, carries) -> None:
+        """The write region, run with signals held (:class:`Held`): only the code's own
+        exceptions can arise in it, and they roll back."""
+        done = []
+        b = None
+        try:
+            for b in plan.commit:
+                if b.backups is not None:
+                    torch._foreach_copy_(b.backups, b.emas)
+                k = id(b)
+                b.backend.perturb(b, inputs[k], sqs[k], carries.pop(k))
+                done.append(b)
+            b = None
+        except BaseException:
+            self._roll_back(done, b)
+            raise
+        self.inflight = done  # the commit point: from here on a failure restores
+        self.buffers.commit(self._seen(plan))
+        if plan.new_emas:
+            plan.key = None  # the next step has no first sights: rebuild then
+        self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
+        # Autocast caches low-precision copies of the weights until its outermost block
+        # exits: a second forward inside the same block would reuse the unperturbed ones.
+        torch.clear_autocast_cache()
+
+    def _seen(self, plan) -> dict:
+        """The EMAs to enter into the state: a parameter whose first gradient was not finite
+        has not been seen (the pass kept its zero EMA; its next finite gradient must seed
+        it, not decay into it). This reads the found flag on the host: one synchronisation,
+        only on a step that creates EMAs (a parameter's first step), never in the steady
+        state."""
+        new = plan.new_emas
+        if plan.first_sights and self._found_on(plan.buckets[0].device).item():
+            new = {p: m for p, m in new.items() if p not in plan.first_sights}
+        return new
 
     def _roll_back(self, done, failed) -> None:
         self.plan = None
@@ -242,7 +270,7 @@ class Engine:
         again)."""
         torch.clear_autocast_cache()  # (copies of the perturbed weights: see first_step)
         changed = []
-        held = self._held
+        held = self._held_restore
         with held:
             for b in self.inflight:
                 if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:

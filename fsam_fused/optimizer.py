@@ -75,7 +75,9 @@ class FSAM(StepReports, Optimizer):
     ``step(closure)`` takes both closure conventions (``fsam_fused.session``): the authors'
     (the caller ran the first backward; the closure runs the second) and torch.optim's (the
     closure runs the step's only forward/backward, after ``zero_grad()``; FSAM calls it
-    twice). ``perturbed`` says whether a step is in flight, ``abandon_step()`` ends one
+    twice). Under torch.distributed a non-finite first pass skips the step on every rank
+    alike (``nonfinite_group``: ``fsam_fused.distributed.agreed_found``). ``perturbed`` says
+    whether a step is in flight, ``abandon_step()`` ends one
     without a base step. Mixed precision, accumulation, BatchNorm, Lightning:
     ``docs/training-loops.md``.
 
@@ -134,6 +136,8 @@ class FSAM(StepReports, Optimizer):
         self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
+        # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
+        self.nonfinite_group = None
         self.base_optimizer = None
         super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
@@ -200,6 +204,7 @@ class FSAM(StepReports, Optimizer):
         if not isinstance(self.state, State):
             self.state = State(self.state)
         self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("nonfinite_group", None)
         self._fresh_session()
 
     # ------------------------------------------------------------------ the step

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from ._warnings import warn_at_caller
 from .hparams import Structure
 from .rows import Rows
 
@@ -57,7 +58,6 @@ class Bucket:
     fixed_addresses: bool = True
     sizes: list = field(default_factory=list)  # planned, for take_grads
     strides: list | None = None  # planned (fused backends: the kernels walk dense storage)
-    contiguous: bool = False
     device_check: Any = None
     # Detached aliases of the parameters as planned: a restore through them gives the planned
     # storage its bits back even if the user re-viewed a parameter in between (p.data = p.t()).
@@ -96,16 +96,32 @@ class Bucket:
                 or list(map(torch.Tensor.size, grads)) != self.sizes
             ):
                 return None
-            if self.contiguous:
-                if not all(map(torch.Tensor.is_contiguous, grads)):
-                    return None
-            elif self.strides is not None and list(map(torch.Tensor.stride, grads)) != self.strides:
-                return None
+            if self.strides is not None:
+                # (Not is_contiguous(): it ignores the strides of size-1 dimensions, which
+                # the fused kernels' checks compare.)
+                got = list(map(torch.Tensor.stride, grads))
+                if got != self.strides:
+                    grads = self.restrided(grads, got)
+                    if grads is None:
+                        return None
             if self.device_check is not None and not self.device_check(grads):
                 return None
         except (AttributeError, RuntimeError, NotImplementedError):
             return None  # a None (no gradient), a sparse gradient's strides...
         return grads
+
+    def restrided(self, grads, got):
+        """Gradients whose strides differ from the planned ones only on size-1 dimensions
+        (Inductor's 1x1-convolution weight gradients: [64, 1, 64, 64] against [64, 1, 1, 1])
+        walk the same memory in the same order: the kernels get them as views with the
+        parameter's strides (no copy). None if one is in another layout."""
+        out = list(grads)
+        for i, (s, want) in enumerate(zip(got, self.strides)):
+            if s != want:
+                if not same_order(self.sizes[i], s, want):
+                    return None
+                out[i] = out[i].as_strided(self.sizes[i], want)
+        return out
 
     def freeze(self, fused: bool, checks_devices: bool) -> None:
         """Record what take_grads compares each step's gradients with. ``checks_devices``:
@@ -113,8 +129,6 @@ class Bucket:
         (the C++ ops), so the per-step check can be left to them."""
         self.sizes = [p.size() for p in self.params]
         self.strides = [p.stride() for p in self.params] if fused else None
-        # Same sizes and both contiguous is the same strides, and a cheaper check.
-        self.contiguous = fused and all(p.is_contiguous() for p in self.params)
         self._dtype_set = {self.dtype}
         dev = self.device
         if checks_devices:
@@ -144,6 +158,7 @@ class Plan:
     buckets: list  # in group order: the order partial sums are combined in
     commit: list  # the order buckets are perturbed in: the largest last (see engine.py)
     new_emas: dict  # EMAs created by this plan, entered into the state on success
+    first_sights: set = field(default_factory=set)  # those of parameters never seen
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
     structure: Any = None  # the Structure it was built for
@@ -161,6 +176,16 @@ class Plan:
                 return None
             out.append(g)
         return out
+
+
+def same_order(size, stride, want) -> bool:
+    """True if a tensor of ``size`` and ``stride`` addresses the same elements in the same
+    order as one of ``size`` and ``want`` at the same offset: equal strides on every
+    dimension of size > 1 (a size-1 dimension is never stepped along; an empty tensor
+    addresses nothing)."""
+    if 0 in size:
+        return True
+    return all(n == 1 or a == b for n, a, b in zip(size, stride, want))
 
 
 def dense_format(p: torch.Tensor):
@@ -216,21 +241,50 @@ def _span(t: torch.Tensor):
 
 def check_no_aliasing(named) -> None:
     """``named``: ``[(description, tensor)]`` of tensors a step writes or reads beside each
-    other (parameters, gradients): no two may share memory, or one's update would change the
-    other (two Parameters on one storage would not be restored; a gradient that aliases a
-    weight would change under the perturbation)."""
+    other (parameters, gradients, EMAs): no two may share memory, or one's update would
+    change the other (two Parameters on one storage would not be restored; a gradient that
+    aliases a weight would change under the perturbation). Gradients may share
+    memory with each other (two parameters given one ``.grad`` tensor, as torch allows):
+    the passes only read gradients. A description starting with "the gradient" marks one."""
     spans = []
     for what, t in named:
         s = _span(t)
         if s is not None:
-            spans.append((s[0], s[1], t.device, what))
-    spans.sort(key=lambda x: (str(x[2]), x[0]))
-    for a, b in zip(spans, spans[1:]):
-        if a[2] == b[2] and b[0] < a[1]:
+            spans.append((str(t.device), s[0], s[1], what, what.startswith("the gradient")))
+    spans.sort(key=lambda x: (x[0], x[1]))
+    # A sweep by start address, keeping the furthest-reaching span seen so far of each kind:
+    # a span overlaps an earlier one exactly when it starts before that one's end.
+    device, far_any, far_written = None, None, None
+    for dev, start, end, what, is_grad in spans:
+        if dev != device:
+            device, far_any, far_written = dev, None, None
+        other = far_written if is_grad else far_any
+        if other is not None and start < other[0]:
             raise RuntimeError(
-                f"{a[3]} and {b[3]} share memory; FSAM needs every parameter "
-                "(and gradient) in storage of its own"
+                f"{other[1]} and {what} share memory; FSAM needs every parameter (and its "
+                "EMA) in storage of its own, and no gradient sharing a parameter's memory"
             )
+        if far_any is None or end > far_any[0]:
+            far_any = (end, what)
+        if not is_grad and (far_written is None or end > far_written[0]):
+            far_written = (end, what)
+
+
+def _dense(st: Structure, b: Bucket) -> bool:
+    """Whether every parameter of ``b`` is dense with a gradient in its memory order (what
+    the fused kernels walk)."""
+    dense = all(
+        dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
+        for p, g in zip(b.params, b.first_grads)
+    )
+    if not dense and st.backend == "auto" and all(dense_format(p) for p in b.params):
+        # A gradient in another layout than its parameter's (not merely other strides on
+        # size-1 dimensions) routes the bucket to foreach, said once.
+        warn_at_caller(
+            f"fsam_fused: a gradient on {b.device} ({b.dtype}) has another memory "
+            "layout than its parameter; its bucket runs on the foreach backend"
+        )
+    return dense
 
 
 def _spans(groups_of: list) -> list:
@@ -306,9 +360,9 @@ def _collect(st: Structure, groups):
     return flat, have, list(buckets.values()), named
 
 
-def _buffers(st: Structure, b: Bucket, buffers, new_emas: dict, named: list) -> None:
-    """The bucket's saved copies, EMAs (staging new ones in ``new_emas``) and device
-    values."""
+def _buffers(st: Structure, b: Bucket, buffers, new_emas: dict, first_sights, named) -> None:
+    """The bucket's saved copies, EMAs (staging new ones in ``new_emas``, and the owners of
+    those seen for the first time in ``first_sights``) and device values."""
     for p, owner in zip(b.params, b.owners or b.params):
         b.saved.append(buffers.saved_for(p))
         if b.emas is None:
@@ -317,6 +371,8 @@ def _buffers(st: Structure, b: Bucket, buffers, new_emas: dict, named: list) -> 
         m, first, staged = buffers.ema_for(owner, st.ema_dtype_for(p.dtype), p)
         if staged is not None:
             new_emas[owner] = staged
+            if first:
+                first_sights.add(owner)
         else:  # the user's tensor: it must not share memory with anything either
             named.append((f"the EMA of parameter (shape {tuple(p.shape)})", m))
         b.emas.append(m)
@@ -335,16 +391,12 @@ def build(st: Structure, groups, select, buffers) -> Plan:
     anything the user can see is modified."""
     flat, have, buckets, named = _collect(st, groups)
     for b in buckets:
-        dense = all(
-            dense_format(p) is not None and g.is_contiguous(memory_format=dense_format(p))
-            for p, g in zip(b.params, b.first_grads)
-        )
-        b.backend = select(b.device, b.dtype, st.ema_dtype_for(b.dtype), dense)
-    new_emas = {}
+        b.backend = select(b.device, b.dtype, st.ema_dtype_for(b.dtype), _dense(st, b))
+    new_emas, first_sights = {}, set()
     for b in buckets:
         caps = b.backend.caps
         b.freeze(fused=caps.dense_only, checks_devices=caps.checks_devices)
-        _buffers(st, b, buffers, new_emas, named)
+        _buffers(st, b, buffers, new_emas, first_sights, named)
         b.first_grads = []  # (not kept: per-step inputs are the engine's)
     check_no_aliasing(named)
     # The largest bucket commits last: it is the one whose EMA needs no backup.
@@ -363,5 +415,6 @@ def build(st: Structure, groups, select, buffers) -> Plan:
         buckets=buckets,
         commit=commit,
         new_emas=new_emas,
+        first_sights=first_sights,
         every=len(buckets) == 1 and len(have) == len(flat),
     )

@@ -45,7 +45,9 @@ class StepReports:
         1.0 or 0.0 (more than 1.0 when both passes did, with a GradScaler), None before the
         first step. It covers the first pass always, and the second pass too when a
         GradScaler or ``skip_nonfinite=True`` checked it. Reading its value (``.item()``,
-        ``bool()``) synchronises with the device; passing it on does not.
+        ``bool()``) synchronises with the device; passing it on does not. Each call returns
+        a new tensor (a device copy, no synchronisation) that later steps do not change, so a
+        logger may keep it and read it after the next step.
 
         Example:
             >>> import torch
@@ -58,7 +60,9 @@ class StepReports:
             >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
             (True, 1.0)
         """
-        return own(self)._session.found
+        # A copy: the engine's flag is one tensor per device that every step rewrites.
+        f = own(self)._session.found
+        return None if f is None else f.clone()
 
     @property
     def perturbed(self) -> bool:

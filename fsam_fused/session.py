@@ -42,7 +42,7 @@ import threading
 
 import torch
 
-from . import _messages, amp, base_step, hooks
+from . import _messages, amp, base_step, distributed, hooks
 from .engine import Engine
 from .integrations import lightning
 
@@ -148,6 +148,8 @@ class StepSession:
         with self:
             rng, _, _ = hooks.begin(opt, (), {})
             try:
+                if not self.perturbed:  # (init_state's template, when no load followed)
+                    distributed.drop_unloaded_template(opt)
                 st, values, state = inputs()
                 self.first(st, values, state, scaler)
             except BaseException:
@@ -155,7 +157,11 @@ class StepSession:
                 raise
             self._range = rng
             if zero_grad:
-                opt.zero_grad()
+                try:
+                    opt.zero_grad()
+                except BaseException:  # (a signal handler's): all-or-nothing, restored
+                    self.abandon_step()
+                    raise
 
     def second_step(self, opt, inputs, zero_grad: bool) -> None:
         with self:
@@ -218,7 +224,7 @@ class StepSession:
 
     def _finish(self, opt, inputs, grad_scale, found_inf) -> None:
         try:
-            self.finish(grad_scale, found_inf, opt.skip_nonfinite)
+            self.finish(grad_scale, found_inf, opt.skip_nonfinite, opt.nonfinite_group)
         except BaseException:
             if not self.perturbed:  # the step ended (restored): so does its range
                 self._end_range(None)
@@ -248,15 +254,21 @@ class StepSession:
             )
         inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
         self.engine.first_step(st, values, self.groups, state, inv)
-        self.found = self.engine.found
         self.phase = Phase.PERTURBED
-        if scaler is not None:
-            if scaler.is_enabled():
-                self.scaler = scaler
-                self.phase = Phase.SCALED
-            amp.after_first_step(scaler, self.key, unscaled)
+        try:
+            self.found = self.engine.found
+            if scaler is not None:
+                if scaler.is_enabled():
+                    self.scaler = scaler
+                    self.phase = Phase.SCALED
+                amp.after_first_step(scaler, self.key, unscaled)
+        except BaseException:
+            # All-or-nothing also for an exception here (a signal handler's): the weights go
+            # back, as after a failed second pass.
+            self.abandon()
+            raise
 
-    def finish(self, grad_scale=None, found_inf=None, skip_nonfinite=False) -> None:
+    def finish(self, grad_scale=None, found_inf=None, skip_nonfinite=False, group=None) -> None:
         """``second_step`` (or ``scaler.step(opt)``, which hands over ``grad_scale`` and
         ``found_inf``): restore, then the base step or its skip."""
         if self.phase is Phase.IN_CLOSURE:
@@ -268,22 +280,31 @@ class StepSession:
         scaler = self.scaler
         if scaler is not None and found_inf is None:
             raise RuntimeError(_messages.SCALED_SECOND_STEP)
-        self._restore()
-        self.scaler = None
-        if scaler is None and found_inf is not None:
-            raise RuntimeError(_messages.UNSCALED_SCALER_STEP)
-        params = [p for g in self.groups for p in g["params"]]
-        self.found = base_step.run(
-            self.base,
-            params,
-            self.engine.found,
-            scaler=scaler,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            key=self.key,
-            skip_nonfinite=skip_nonfinite,
-        )
-        self.sample.leave(self.engine.plan)
+        # The restore and the base step run with every signal held (main thread): a handler
+        # that raises (a timeout) finds the step either still in flight or finished, never a
+        # base optimizer stepped part-way (torch's for-loop SGD/Adam update parameter by
+        # parameter). A signal is handed to its handler once the step is done.
+        held = self.engine.held_step
+        with held:
+            self._restore()
+            self.scaler = None
+            if scaler is None and found_inf is not None:
+                raise RuntimeError(_messages.UNSCALED_SCALER_STEP)
+            params = [p for g in self.groups for p in g["params"]]
+            self.found = base_step.run(
+                self.base,
+                params,
+                self.engine.found,
+                scaler=scaler,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                key=self.key,
+                skip_nonfinite=skip_nonfinite,
+                group=group,
+                plan=self.engine.plan,
+            )
+            self.sample.leave(self.engine.plan)
+        held.deliver()
 
     def abandon(self) -> bool:
         """Restore the weights of a step in flight without a base step; False if none was."""
@@ -349,8 +370,8 @@ class StepSession:
     def __enter__(self):
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(
-                "this FSAM optimizer is already stepping in another thread: one optimizer "
-                "must not be stepped from two threads at once (give each thread its own)"
+                "FSAM: another thread is stepping this optimizer; one optimizer takes one "
+                "step at a time (nothing was modified; give each thread its own optimizer)"
             )
         return self
 

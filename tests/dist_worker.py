@@ -167,9 +167,65 @@ def run_errors(job, rank, ws, device, out):
     torch.save({"msgs": msgs}, os.path.join(out, f"{job['name']}.rank{rank}.pt"))
 
 
+NAN_BASES = {
+    # (base class, its kwargs, FSAM kwargs, GradScaler)
+    "sgd_fused": (torch.optim.SGD, dict(lr=0.2, momentum=0.9, fused=True), {}, False),
+    "adamw_fused": (torch.optim.AdamW, dict(lr=0.02, fused=True), {}, False),
+    "sgd": (torch.optim.SGD, dict(lr=0.2, momentum=0.9), {}, False),
+    "skip": (torch.optim.SGD, dict(lr=0.2, momentum=0.9), dict(skip_nonfinite=True), False),
+    "scaler": (torch.optim.SGD, dict(lr=0.2, momentum=0.9), {}, True),
+    "scaler_fused": (torch.optim.AdamW, dict(lr=0.02, fused=True), {}, True),
+}
+
+
+def run_nan(job, rank, ws, device, out):
+    """Issue 14: DDP, a NaN in rank 0's first-pass gradient at step 1 only (``job["sync"]``:
+    the synced mode, else per-replica under no_sync). Records every rank's parameters after
+    each step and its found flags: the replicas must stay identical."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from fsam_fused import FSAM
+
+    base, kw, fkw, use_scaler = NAN_BASES[job["base"]]
+    net = make_net(device)
+    model = DDP(net)
+    opt = FSAM(net.parameters(), base, backend=job.get("backend", "auto"), **HP, **fkw, **kw)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if use_scaler else None
+    traj, flags, scales = [], [], []
+    for step in range(job.get("steps", 3)):
+        x, y = batch(step, device)
+        xs, ys = x.chunk(ws)[rank], y.chunk(ws)[rank]
+
+        def loss():
+            out_ = torch.nn.functional.mse_loss(model(xs), ys)
+            return scaler.scale(out_) if scaler is not None else out_
+
+        with _null() if job["sync"] else model.no_sync():
+            loss().backward()
+        if rank == 0 and step == 1:
+            net.fc1.weight.grad[0, 0] = float("nan")
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        loss().backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+            opt.zero_grad()
+        else:
+            opt.second_step(zero_grad=True)
+        flags.append(float(opt.found_nonfinite()))
+        traj.append({n: full(p) for n, p in net.named_parameters()})
+    torch.save(
+        {"traj": traj, "flags": flags, "scales": scales},
+        os.path.join(out, f"{job['name']}.rank{rank}.pt"),
+    )
+
+
 def run_job(job, rank, ws, device, out):
     if job["mode"] == "errors":
         return run_errors(job, rank, ws, device, out)
+    if job["mode"] == "nan":
+        return run_nan(job, rank, ws, device, out)
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -195,6 +251,10 @@ def run_job(job, rank, ws, device, out):
     start = 0
     if job.get("load"):
         start = load_checkpoint(job["load"], net, opt)
+    elif job.get("init_state"):  # issue 14: a template no load follows changes nothing
+        from fsam_fused.distributed import init_state
+
+        init_state(opt)
     rec = Recorder(groups)
     traj, collectives, dtensor_ops, plans = [], [], [], []
     ops = DTensorOps()

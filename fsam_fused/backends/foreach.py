@@ -100,17 +100,11 @@ class ForeachBackend(Unfused):
         # Not finite (a non-finite gradient): every write below selects the old value, on
         # the device (never a multiply by zero: 0 * inf is NaN).
         ok = torch.isfinite(total)
-        m_new = None
-        if b.emas is not None:
-            # m_new = decay * m + gain * g, computed before the first write (it allocates).
-            g = self._unscaled(b, inputs.grads, inputs.inv)
-            m_new = [None] * len(d)
-            for idx in b.prep.ema_groups:
-                row = b.rows[idx[0]]
-                mi = torch._foreach_mul([b.emas[i].to(ct) for i in idx], row[DECAY])
-                torch._foreach_add_(mi, torch._foreach_mul([g[i] for i in idx], row[GAIN]))
-                for i, x in zip(idx, mi):
-                    m_new[i] = x
+        not_ok = ~ok
+        # The EMA's new values (full-size temporaries) are computed before the first write,
+        # so a real out-of-memory there changes nothing; after it, only in-place ops that
+        # allocate nothing.
+        emas = self._new_emas(b, inputs, ok, ct) if b.emas is not None else ()
         torch._foreach_copy_(b.saved, b.params)
         try:
             self._write_weights(b, d, total, ok, ct)
@@ -118,13 +112,28 @@ class ForeachBackend(Unfused):
             self.restore(b)
             raise
         if inputs.found is not None:
-            inputs.found.copy_(~ok)
-        if m_new is not None:  # the last write
-            for x, y in zip(b.emas, m_new):  # computed in ct, rounded once
-                if x.dtype == ct:
-                    torch.where(ok, y, x, out=x)
-                else:
-                    x.copy_(torch.where(ok, y, x))
+            inputs.found.copy_(not_ok)
+        for x, y in emas:  # the last write: m <- decay * m + gain * g, rounded once
+            if x.dtype == ct:
+                torch.where(ok, y, x, out=x)
+            else:
+                x.copy_(y)  # (y already holds the selection)
+
+    def _new_emas(self, b, inputs, ok, ct) -> list:
+        """``[(m, m_new)]``: each EMA and its new value in ``ct`` (for an EMA of another
+        dtype, already the selection by ``ok``, so its write is one copy)."""
+        g = self._unscaled(b, inputs.grads, inputs.inv)
+        out = []
+        for idx in b.prep.ema_groups:
+            row = b.rows[idx[0]]
+            mi = torch._foreach_mul([b.emas[i].to(ct) for i in idx], row[DECAY])
+            torch._foreach_add_(mi, torch._foreach_mul([g[i] for i in idx], row[GAIN]))
+            for i, y in zip(idx, mi):
+                x = b.emas[i]
+                if x.dtype != ct:
+                    torch.where(ok, y, x, out=y)
+                out.append((x, y))
+        return out
 
     @staticmethod
     def _write_weights(b, d, total, ok, ct) -> None:
@@ -143,8 +152,11 @@ class ForeachBackend(Unfused):
             for p, x, s in zip(b.params, d, b.saved):
                 torch.where(ok, x, s, out=p)
         else:
-            for p, x, s in zip(b.params, d, b.saved):  # ... rounded once to the storage dtype
-                p.copy_(torch.where(ok, x, s))
+            # ... rounded once to the storage dtype. The selection goes into d first (the
+            # old value is exact in ct), so the writes are one copy that allocates nothing.
+            for x, s in zip(d, b.saved):
+                torch.where(ok, x, s, out=x)
+            torch._foreach_copy_(b.params, d)
 
     def restore(self, b) -> None:
         torch._foreach_copy_(b.homes, b.saved)

@@ -72,24 +72,33 @@ class ReferenceBackend(Unfused):
         # A non-finite sum of squares (a non-finite gradient): select the old values, on
         # the device; never multiply by zero (0 * inf is NaN).
         ok = torch.isfinite(total)
+        # Every new value is computed (every allocation made) before the first write, so an
+        # allocation failure changes nothing; the writes are plain copies, which allocate
+        # nothing.
+        new_w = []
+        for i, (p, d) in enumerate(zip(b.params, directions)):
+            ct = opmath(p.dtype)
+            scale = (b.rows[i, RHO].float() / norm_eps).to(ct)
+            w = p.to(ct)
+            a2 = w * w if b.adaptive[i] else 1.0
+            # computed in opmath, rounded once to storage
+            new_w.append(torch.where(ok, w + scale * a2 * d, w).to(p.dtype))
+        new_m = []
+        if b.emas is not None:
+            new_m = [torch.where(ok, mn, m).to(m.dtype) for m, mn in zip(b.emas, m_news)]
+        not_ok = ~ok
         for s, p in zip(b.saved, b.params):
             s.copy_(p)
         try:
-            for i, (p, d) in enumerate(zip(b.params, directions)):
-                ct = opmath(p.dtype)
-                scale = (b.rows[i, RHO].float() / norm_eps).to(ct)
-                w = p.to(ct)
-                a2 = w * w if b.adaptive[i] else 1.0
-                # computed in opmath, rounded once to storage
-                p.copy_(torch.where(ok, w + scale * a2 * d, w))
+            for p, x in zip(b.params, new_w):
+                p.copy_(x)
         except BaseException:
             self.restore(b)
             raise
         if inputs.found is not None:
-            inputs.found.copy_(~ok)
-        if b.emas is not None:  # the last write: nothing after it can fail
-            for m, m_new in zip(b.emas, m_news):
-                m.copy_(torch.where(ok, m_new, m))
+            inputs.found.copy_(not_ok)
+        for m, x in zip(b.emas or (), new_m):  # the last write: nothing after it can fail
+            m.copy_(x)
 
     def restore(self, b) -> None:
         for p, s in zip(b.homes, b.saved):
