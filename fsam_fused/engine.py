@@ -280,7 +280,7 @@ class Engine:
                     except Exception:  # e.g. a view of another shape on the same storage
                         pass
                 self.plan = None
-                changed += self._restore_each(b)
+                changed += _restore_each(b)
             self.inflight = None
         if changed:
             raise RuntimeError(
@@ -290,71 +290,10 @@ class Engine:
             )
         held.deliver()
 
-    @staticmethod
-    def _restore_each(b) -> list:
-        """The slow path: one parameter at a time, for a bucket where some parameter's storage
-        or view changed since first_step. Returns the parameters that could not be restored:
-        a new storage of another shape."""
-        changed = []
-        swapped = b.backend.double_buffered(b)
-        for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
-            orig = b.backend.original(b, i)
-            same_kind = p.dtype == orig.dtype and p.device == orig.device
-            same_place = p.data_ptr() == ptr
-            if p.shape != orig.shape:
-                if same_place and same_kind:
-                    # Another view of the same storage (p.data = p.data.t(), p.data[:k]): the
-                    # storage gets its bits back, the parameter keeps the view it was given.
-                    if swapped[i]:
-                        p.data = orig.as_strided(p.shape, p.stride())
-                    else:
-                        p.data.as_strided(orig.shape, orig.stride()).copy_(orig)
-                else:
-                    changed.append(
-                        f"the parameter planned as shape {tuple(orig.shape)} (now {tuple(p.shape)})"
-                    )
-            elif swapped[i] and (same_place or same_kind):
-                p.data = orig  # the double buffer: the untouched home storage goes back
-            else:
-                if not same_kind:
-                    warn_at_caller(
-                        f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
-                        f"{p.dtype} on {p.device} between first_step() and "
-                        f"second_step(); its saved {orig.dtype} value was cast"
-                    )
-                p.data.copy_(orig)
-        return changed
-
     # ------------------------------------------------------------------ introspection
 
     def summary(self) -> list[BucketSummary]:
-        plan = self.plan
-        if plan is None:
-            return []
-        out = []
-        for b in plan.buckets:
-            swap = b.backend.double_buffered(b)
-            m_dtype = b.emas[0].dtype if b.emas else None
-            w = b.dtype.itemsize
-            m = m_dtype.itemsize if m_dtype else 0
-            traffic = sum(
-                bytes_per_step(p.numel(), w, m, b.emas is not None, a, s)
-                for p, a, s in zip(b.params, b.adaptive, swap)
-            )
-            out.append(
-                BucketSummary(
-                    device=b.device,
-                    dtype=b.dtype,
-                    backend=b.backend.name,
-                    tensors=len(b.params),
-                    numel=b.numel,
-                    ema_dtype=m_dtype,
-                    double_buffered=swap,
-                    bytes_per_step=traffic,
-                    aligned=b.backend.aligned(b),
-                )
-            )
-        return out
+        return [] if self.plan is None else [_summary(b) for b in self.plan.buckets]
 
     def backend_for(self, p) -> str | None:
         plan = self.plan
@@ -372,6 +311,63 @@ class Engine:
         if grads is None:
             raise RuntimeError("passes(): the gradients no longer match the last step's plan")
         return Passes(self.plan.buckets[0], grads[0])
+
+
+def _restore_each(b) -> list:
+    """The slow path: one parameter at a time, for a bucket where some parameter's storage
+    or view changed since first_step. Returns the parameters that could not be restored:
+    a new storage of another shape."""
+    changed = []
+    swapped = b.backend.double_buffered(b)
+    for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
+        orig = b.backend.original(b, i)
+        same_kind = p.dtype == orig.dtype and p.device == orig.device
+        same_place = p.data_ptr() == ptr
+        if p.shape != orig.shape:
+            if same_place and same_kind:
+                # Another view of the same storage (p.data = p.data.t(), p.data[:k]): the
+                # storage gets its bits back, the parameter keeps the view it was given.
+                if swapped[i]:
+                    p.data = orig.as_strided(p.shape, p.stride())
+                else:
+                    p.data.as_strided(orig.shape, orig.stride()).copy_(orig)
+            else:
+                changed.append(
+                    f"the parameter planned as shape {tuple(orig.shape)} (now {tuple(p.shape)})"
+                )
+        elif swapped[i] and (same_place or same_kind):
+            p.data = orig  # the double buffer: the untouched home storage goes back
+        else:
+            if not same_kind:
+                warn_at_caller(
+                    f"fsam_fused: a parameter of shape {tuple(p.shape)} became "
+                    f"{p.dtype} on {p.device} between first_step() and "
+                    f"second_step(); its saved {orig.dtype} value was cast"
+                )
+            p.data.copy_(orig)
+    return changed
+
+
+def _summary(b) -> BucketSummary:
+    swap = b.backend.double_buffered(b)
+    m_dtype = b.emas[0].dtype if b.emas else None
+    w = b.dtype.itemsize
+    m = m_dtype.itemsize if m_dtype else 0
+    traffic = sum(
+        bytes_per_step(p.numel(), w, m, b.emas is not None, a, s)
+        for p, a, s in zip(b.params, b.adaptive, swap)
+    )
+    return BucketSummary(
+        device=b.device,
+        dtype=b.dtype,
+        backend=b.backend.name,
+        tensors=len(b.params),
+        numel=b.numel,
+        ema_dtype=m_dtype,
+        double_buffered=swap,
+        bytes_per_step=traffic,
+        aligned=b.backend.aligned(b),
+    )
 
 
 class Passes:

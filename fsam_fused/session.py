@@ -110,7 +110,30 @@ class GradientSample:
         self.left = sample
 
 
-class StepSession:
+class OneThread:
+    """A step of one optimizer entered from a second thread while another is inside one
+    raises instead of interleaving with it (which corrupts the weights silently). A
+    non-blocking re-entrant lock: a closure that calls ``first_step()`` from the stepping
+    thread gets the misuse error of its phase, not this one; two optimizers in two threads
+    never contend."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                "FSAM: another thread is stepping this optimizer; one optimizer takes one "
+                "step at a time (nothing was modified; give each thread its own optimizer)"
+            )
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        return False
+
+
+class StepSession(OneThread):
     """One optimizer's steps. ``groups``: the (shared) param-group list; ``base``: the base
     optimizer; ``key``: what a GradScaler knows the optimizer by (its ``id``)."""
 
@@ -123,9 +146,7 @@ class StepSession:
         self._resume = Phase.PERTURBED  # the phase IN_CLOSURE returns to
         self.sample = GradientSample()
         self._range = None  # the profiler range of the step in flight (hooks.py)
-        # Re-entrant: a closure that calls first_step() from the stepping thread gets the
-        # misuse error of its phase, not the other-thread one.
-        self._lock = threading.RLock()
+        super().__init__()
 
     # ------------------------------------------------------------------ queries
 
@@ -186,7 +207,7 @@ class StepSession:
                 loss = None
                 if closure is not None:
                     try:
-                        loss = self.finish_closure(closure)
+                        loss = self.second_pass(closure, fresh=False)
                     except BaseException:
                         self._end_range(None)
                         raise
@@ -214,7 +235,7 @@ class StepSession:
                     first_loss = closure()
             st, values, state = inputs()
             self.first(st, values, state)
-            loss = self.run_closure(closure)  # (saves the first pass's .grad, then clears it)
+            loss = self.second_pass(closure, fresh=True)
             self._finish(opt, inputs, None, None)
         except BaseException:
             if not self.perturbed:
@@ -330,11 +351,13 @@ class StepSession:
 
     # ------------------------------------------------------------------ closures
 
-    def run_closure(self, closure):
-        """The second pass of ``step(closure)`` on fresh gradients. If the closure raises,
-        the weights are restored and the first pass's ``.grad`` given back (the EMA keeps
-        this step's update: see the engine's failure policy)."""
-        params = [p for g in self.groups for p in g["params"]]
+    def second_pass(self, closure, fresh: bool):
+        """Run ``closure`` as the second pass (phase IN_CLOSURE). ``fresh``: on cleared
+        gradients, the first pass's ``.grad`` given back if it raises (``step(closure)``);
+        else as they are (a framework's closure after ``first_step()``). If it raises, the
+        step is abandoned: weights restored, the EMA keeping this step's update (see the
+        engine's failure policy)."""
+        params = [p for g in self.groups for p in g["params"]] if fresh else []
         first_grads = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -350,31 +373,3 @@ class StepSession:
             raise
         self.phase = self._resume
         return loss
-
-    def finish_closure(self, closure):
-        """A closure handed to ``step`` after ``first_step()`` (a framework's wrapper): it runs
-        the second pass; if it raises, the step is abandoned (weights restored)."""
-        self._resume, self.phase = self.phase, Phase.IN_CLOSURE
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.phase = self._resume
-            self.abandon()
-            raise
-        self.phase = self._resume
-        return loss
-
-    # ------------------------------------------------------------------ concurrency
-
-    def __enter__(self):
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError(
-                "FSAM: another thread is stepping this optimizer; one optimizer takes one "
-                "step at a time (nothing was modified; give each thread its own optimizer)"
-            )
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.release()
-        return False
