@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import checkpoint, hparams, stepping
+from . import checkpoint, hparams, integrations, stepping
 from .buffers import State
 from .engine import BucketSummary, Engine
 
@@ -142,6 +142,8 @@ class FSAM(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         self._in_closure = False
         self._config = hparams.ConfigCache()
+        # issue 18: accelerate's optimizer wrapper gets first_step & co. (fsam_fused/integrations).
+        integrations._on_fsam_created()
 
     # ------------------------------------------------------------------ groups and state
 
