@@ -130,10 +130,12 @@ class FSAMTrainerMixin:
                     with sync:
                         super().training_step(model, mb, n)
         except BaseException as err:
+            failure = err
+
             # FSAM restores the weights (bit for bit) when a step's closure raises: hand it
             # the error that way, so the model is never left at w + e.
             def reraise():
-                raise err
+                raise failure
 
             opt.step(reraise)
         return loss
