@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -312,3 +313,56 @@ def test_trainer_second_pass_error_restores_the_weights(tmp_path):
         trainer.train()
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), start[name]), name
+
+
+def test_trainer_ddp_two_processes_match_single_process_global_batch(tmp_path):
+    """Two gloo processes on 127.0.0.1 (tests/hf_ddp_worker.py), 2 micro-batches of 2 per
+    rank and cycle, 3 steps: both ranks hold the same weights after every step, and they
+    are single-process F-SAM on the global batch (every rank's micro-batches, each loss /
+    (k * world size)), as DDP's mean of the ranks' gradients makes them."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(
+        os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(here),
+    )  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, os.path.join(here, "hf_ddp_worker.py"), str(tmp_path)],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    assert all(p.returncode == 0 for p in procs), "\n".join(t[-3000:] for t in logs)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["ddp"] == "DistributedDataParallel"
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    model = bert()
+    model.load_state_dict(ranks[0]["init"], strict=False)
+    # The global batch of each cycle: micro-batch i of every rank, each loss / (k * 2).
+    cycles = [
+        [mb for i in range(len(c0)) for mb in (c0[i], c1[i])]
+        for c0, c1 in zip(ranks[0]["cycles"], ranks[1]["cycles"])
+    ]
+    want = manual(model, cycles, *SGD)
+    assert_same_trajectory(ranks[0]["params"], want, rtol=1e-5, atol=1e-6)
