@@ -202,7 +202,7 @@ def plot(records, path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install 'fsam-fused[bench]'") from e
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]' (from a clone)") from e
     groups = {}
     for r in records:
         if r.get("kind", "optimizer") == "optimizer":
