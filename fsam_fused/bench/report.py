@@ -28,36 +28,31 @@ def doubts(r) -> list[str]:
     were measured are judged by the first rule only."""
     out = []
     if r["pct_copy"] > 100:
-        out.append(
-            f"the copy it is compared with ran slower ({r['copy_gbps']:.1f} GB/s) than this "
-            f"step's own traffic ({r['pct_copy']:.0f}%), so that copy was disturbed"
-        )
+        out.append(f"copy slower than the step ({r['pct_copy']:.0f}%)")
     for key, what in (
-        ("spread", "its times"),
-        ("copy_spread", "the copy's times"),
-        ("torch_copy_spread", "torch copy_'s times"),
+        ("spread", "spread"),
+        ("copy_spread", "copy spread"),
+        ("torch_copy_spread", "torch copy_ spread"),
     ):
         if r.get(key) is not None and r[key] > SPREAD_LIMIT:
-            out.append(
-                f"{what} spread {r[key]:.0%} (interquartile range / median; "
-                f"limit {SPREAD_LIMIT:.0%})"
-            )
+            out.append(f"{what} {r[key]:.0%}")
     return out
 
 
-def _doubt_lines(records, prefix="") -> list[str]:
+RULE = (
+    f"{MARK} cannot be trusted: a copy slower than the step it bounds (over 100%), or a "
+    f"spread (interquartile range / median of the rounds) over {SPREAD_LIMIT:.0%}; the "
+    "machine was busy: rerun it quiet, compare ratios within a run"
+)
+
+
+def _doubt_lines(records) -> list[str]:
     rows = [r for r in records if r.get("kind", "optimizer") == "optimizer" and doubts(r)]
     if not rows:
         return []
-    lines = [
-        f"{prefix}{MARK} cannot be trusted (the machine was busy: rerun it quiet, compare "
-        "ratios within a run):"
+    return [RULE + ":"] + [
+        f"- {r['preset']} {r['dtype']} {r['backend']}: " + ", ".join(doubts(r)) for r in rows
     ]
-    for r in rows:
-        lines.append(
-            f"{prefix}- {r['preset']} {r['dtype']} {r['backend']}: " + "; ".join(doubts(r))
-        )
-    return lines
 
 
 def _pct(r) -> str:
@@ -169,10 +164,13 @@ def auto_summary(records, preset="resnet18", dtype="float32", plain=False) -> st
 
 
 def _summary_doubts(auto, best) -> str:
-    said = [f"{r['backend']}: " + "; ".join(doubts(r)) for r in (auto, best) if doubts(r)]
+    said = [f"{r['backend']}: " + ", ".join(doubts(r)) for r in (auto, best) if doubts(r)]
     if not said:
         return ""
-    return " Not to be trusted, the machine was busy (" + " / ".join(said) + ")."
+    return (
+        f" Not to be trusted, the machine was busy ({'; '.join(said)}; limit: spread "
+        f"{SPREAD_LIMIT:.0%}, copy not slower than the step)."
+    )
 
 
 def markdown_e2e(records) -> str:
