@@ -105,6 +105,40 @@ def test_accelerate_recipe_matches_plain_loop(precision, accelerator_factory):
     assert opt.backend_for(model[0].weight) == inner.backend_for(model[0].weight)
 
 
+def test_accelerate_accumulation_recipe(accelerator_factory):
+    """The docs' accumulation loop through accelerate: every micro-batch in both passes
+    (no_sync on all but the last), one first_step, one opt.step(); against the same loop
+    without accelerate, over several steps."""
+    accelerator = accelerator_factory()
+    torch.manual_seed(1)
+    model = net()
+    ref = copy.deepcopy(model)
+    model, opt = accelerator.prepare(model, FSAM(model.parameters(), torch.optim.SGD, **KW))
+    ref_opt = FSAM(ref.parameters(), torch.optim.SGD, **KW)
+    for step in range(STEPS):
+        micro = [batch(10 * step + i) for i in range(3)]
+        for second in (False, True):
+            with bn_frozen(model) if second else contextlib.nullcontext():
+                for i, (x, y) in enumerate(micro):
+                    last = i == len(micro) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        accelerator.backward(loss_fn(model, x, y) / len(micro))
+            if not second:
+                opt.first_step(zero_grad=True)
+        opt.step()
+        opt.zero_grad()
+        for second in (False, True):
+            with bn_frozen(ref) if second else contextlib.nullcontext():
+                for x, y in micro:
+                    (loss_fn(ref, x, y) / len(micro)).backward()
+            if not second:
+                ref_opt.first_step(zero_grad=True)
+        ref_opt.second_step(zero_grad=True)
+        for name, want in ref.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], want, rtol=1e-6, atol=1e-7)
+    assert int(model[1].num_batches_tracked) == 3 * STEPS
+
+
 def test_wrapper_without_fsam_keeps_its_attribute_errors(accelerator_factory):
     accelerator = accelerator_factory()
     model = net()
