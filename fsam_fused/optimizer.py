@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hparams
+from . import _messages, amp, checkpoint, hparams, integrations
 from .buffers import State
 from .reports import StepReports, own
 from .session import StepSession
@@ -156,6 +156,8 @@ class FSAM(StepReports, Optimizer):
     def _fresh_session(self) -> None:
         self._session = StepSession(self.param_groups, self.base_optimizer, id(self))
         self._config = hparams.ConfigCache()
+        # issue 18: accelerate's optimizer wrapper gets first_step & co. (fsam_fused/integrations).
+        integrations._on_fsam_created()
 
     # ------------------------------------------------------------------ groups and state
 

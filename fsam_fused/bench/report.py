@@ -2,7 +2,61 @@
 
 from __future__ import annotations
 
+import statistics
+
 PEER_ORDER = ("po-foreach", "po-loop", "compiled-foreach")
+
+# A figure is not trusted when its repetitions spread more than this: the interquartile
+# range over the median (an undisturbed CPU run stays well under it; a neighbour's
+# burst during the run goes over). The copy it is compared with is judged the same way.
+SPREAD_LIMIT = 0.25
+MARK = "(!)"
+
+
+def spread(times) -> float:
+    """Interquartile range / median of one figure's repetitions (0.0 for fewer than 2)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
+
+
+def doubts(r) -> list[str]:
+    """Why record ``r``'s figures cannot be trusted (empty when they can): its copy was
+    slower than the step it bounds (over 100% of a ceiling: the copy was disturbed), or its
+    time, or its copy's, spread over :data:`SPREAD_LIMIT`. Records written before the spreads
+    were measured are judged by the first rule only."""
+    out = []
+    if r["pct_copy"] > 100:
+        out.append(f"copy slower than the step ({r['pct_copy']:.0f}%)")
+    for key, what in (
+        ("spread", "spread"),
+        ("copy_spread", "copy spread"),
+        ("torch_copy_spread", "torch copy_ spread"),
+    ):
+        if r.get(key) is not None and r[key] > SPREAD_LIMIT:
+            out.append(f"{what} {r[key]:.0%}")
+    return out
+
+
+RULE = (
+    f"{MARK} cannot be trusted: a copy slower than the step it bounds (over 100%), or a "
+    f"spread (interquartile range / median of the rounds) over {SPREAD_LIMIT:.0%}; the "
+    "machine was busy: rerun it quiet, compare ratios within a run"
+)
+
+
+def _doubt_lines(records) -> list[str]:
+    rows = [r for r in records if r.get("kind", "optimizer") == "optimizer" and doubts(r)]
+    if not rows:
+        return []
+    return [RULE + ":"] + [
+        f"- {r['preset']} {r['dtype']} {r['backend']}: " + ", ".join(doubts(r)) for r in rows
+    ]
+
+
+def _pct(r) -> str:
+    return f"{r['pct_copy']:.0f}%" + (f" {MARK}" if doubts(r) else "")
 
 
 def _peers(records):
@@ -19,7 +73,7 @@ def terminal_table(records) -> str:
     the speed-up over the reference and over each peer."""
     peers = _peers(records)
     head = (
-        f"{'preset':<10}{'dtype':<10}{'candidate':<18}{'ms':>10}{'GB/s':>8}{'% copy':>8}"
+        f"{'preset':<10}{'dtype':<10}{'candidate':<18}{'ms':>10}{'GB/s':>8}{'% copy':>12}"
         f"{'x ref':>8}" + "".join(f"{'x ' + p:>19}" for p in peers)
     )
     lines = [head, "-" * len(head)]
@@ -28,7 +82,7 @@ def terminal_table(records) -> str:
             continue
         lines.append(
             f"{r['preset']:<10}{r['dtype']:<10}{r['backend']:<18}{r['ms']:>10.3f}"
-            f"{r['gbps']:>8.1f}{r['pct_copy']:>7.0f}%{_x(r['speedup_vs_reference']):>8}"
+            f"{r['gbps']:>8.1f}{_pct(r):>12}{_x(r['speedup_vs_reference']):>8}"
             + "".join(f"{_x(r['speedup_vs'].get(p)):>19}" for p in peers)
         )
     copies = {}
@@ -48,6 +102,7 @@ def terminal_table(records) -> str:
             for (p, d), (g, t, k) in copies.items()
         )
     )
+    lines += _doubt_lines(records)
     summary = auto_summary(records, plain=True)
     if summary:
         lines.append("summary: " + summary)
@@ -76,12 +131,13 @@ def markdown_table(records) -> str:
         torch_copy = f" | {r['torch_copy_gbps']:.1f}" if stream else ""
         out.append(
             f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
-            f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {r['pct_copy']:.0f}%{torch_copy} "
+            f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {_pct(r)}{torch_copy} "
             f"| {_x(r['speedup_vs_reference'])} | "
             + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers)
             + " |"
         )
-    return "\n".join(out)
+    doubt = _doubt_lines(records)
+    return "\n".join(out + ([""] + doubt if doubt else []))
 
 
 def auto_summary(records, preset="resnet18", dtype="float32", plain=False) -> str:
@@ -104,6 +160,16 @@ def auto_summary(records, preset="resnet18", dtype="float32", plain=False) -> st
         f"the best peer ({best['backend']}, {best['ms']:.2f} ms); its {auto['gbps']:.1f} "
         f"GB/s of counted traffic is {auto['pct_copy']:.0f}% of the "
         f"{auto['copy_gbps']:.1f} GB/s {kind} measured beside it."
+    ) + _summary_doubts(auto, best)
+
+
+def _summary_doubts(auto, best) -> str:
+    said = [f"{r['backend']}: " + ", ".join(doubts(r)) for r in (auto, best) if doubts(r)]
+    if not said:
+        return ""
+    return (
+        f" Not to be trusted, the machine was busy ({'; '.join(said)}; limit: spread "
+        f"{SPREAD_LIMIT:.0%}, copy not slower than the step)."
     )
 
 
@@ -134,7 +200,7 @@ def plot(records, path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install 'fsam-fused[bench]'") from e
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[bench]' (from a clone)") from e
     groups = {}
     for r in records:
         if r.get("kind", "optimizer") == "optimizer":

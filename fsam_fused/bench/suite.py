@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from . import report
 from .candidates import candidates
 from .presets import PRESETS, numel
 
@@ -32,9 +33,10 @@ def _time_once(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def time_interleaved(steps: dict, device, reps: int, warmup: int) -> dict:
+def time_interleaved(steps: dict, device, reps: int, warmup: int, spreads=None) -> dict:
     """Median ms per entry of ``steps`` (name -> (prepare or None, step)), taking turns every
-    round, so a slow spell of a shared machine hits every candidate alike."""
+    round, so a slow spell of a shared machine hits every candidate alike. ``spreads``: a
+    dict to fill with each entry's spread (report.spread), which says whether it held."""
     times = {name: [] for name in steps}
     for r in range(warmup + reps):
         for name, (prepare, step) in steps.items():
@@ -44,6 +46,8 @@ def time_interleaved(steps: dict, device, reps: int, warmup: int) -> dict:
             t = _time_once(step, device)
             if r >= warmup:
                 times[name].append(t)
+    if spreads is not None:  # issue 18: the benchmark knows when it was disturbed
+        spreads.update({name: report.spread(v) for name, v in times.items()})
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -140,7 +144,8 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             if stream is not None:
                 steps["stream-copy"] = (None, lambda dst=dst, src=src, f=stream: f(dst, src))
             log(f"; timing {reps} rounds", end="")
-            ms = time_interleaved(steps, device, reps, warmup)
+            spreads = {}  # issue 18: each figure's spread, for report.doubts
+            ms = time_interleaved(steps, device, reps, warmup, spreads)
             log(f"; {time.perf_counter() - t0:.0f} s")
             moved = 2 * src.numel() * src.element_size() / 1e6
             torch_copy_gbps = moved / ms.pop("copy")
@@ -170,6 +175,10 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                         "tensors": len(shapes),
                         "params": n,
                         "reps": reps,
+                        # issue 18: the spreads report.doubts judges the figures by.
+                        "spread": spreads[name],
+                        "copy_spread": spreads["stream-copy" if stream is not None else "copy"],
+                        "torch_copy_spread": spreads["copy"],
                     }
                 )
             ref = ms.get("reference")
