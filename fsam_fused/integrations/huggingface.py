@@ -129,15 +129,9 @@ class FSAMTrainerMixin:
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                     with sync:
                         super().training_step(model, mb, n)
-        except BaseException as err:
-            failure = err
-
-            # FSAM restores the weights (bit for bit) when a step's closure raises: hand it
-            # the error that way, so the model is never left at w + e.
-            def reraise():
-                raise failure
-
-            opt.step(reraise)
+        except BaseException:
+            opt.abandon_step()  # the weights back (bit for bit), no base step
+            raise
         return loss
 
 
