@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from . import checkpoint, hparams, stepping
+from .backends import build_ahead
 from .buffers import State
 from .engine import BucketSummary, Engine
 
@@ -119,6 +120,7 @@ class FSAM(Optimizer):
         cfg = hparams.config(
             sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, [defaults]
         )
+        build_ahead(backend)  # backend="cpp" compiles or loads the C++ ops now (issue 18.4)
         self.sigma, self.lmbda, self.ema_order = cfg.sigma, cfg.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)

@@ -1,4 +1,4 @@
-"""The C++ backend's build on first use and its cache (``fsam_fused/cpp_build.py``).
+"""The C++ backend's build on first use and its cache (``fsam_fused/ops/cpp_build.py``, loaded by ``fsam_fused/ops/cpp.py``).
 
 Every scenario runs in a fresh process (the ops can be loaded once per process) on a fresh
 cache directory. There are two real compilations: the ``built`` fixture, and the rebuild of
@@ -23,7 +23,7 @@ import warnings
 
 import pytest
 
-from fsam_fused import cpp_build
+from fsam_fused.ops import cpp_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = os.path.basename(cpp_build.build_directory())
@@ -189,7 +189,7 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
         return 0, ""
 
     monkeypatch.setattr(cpp_build, "_run", fake_run)
-    assert cpp_build._ensure_built() == os.path.join(d, SO)
+    assert cpp_build.ensure_built() == os.path.join(d, SO)
     s = seen[0]
     assert os.path.dirname(s["directory"]) == d and s["sources"][0].endswith("fsam_cpu.cpp")
     assert [x for x in s["left"] if x != os.path.basename(s["directory"])] == [LOCK]
@@ -201,14 +201,14 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
     os.remove(os.path.join(d, MANIFEST))
     monkeypatch.setenv("MAX_JOBS", "1")
     with pytest.warns(cpp_build.CachedBuildWarning, match="has no manifest.*; rebuilding"):
-        cpp_build._ensure_built()
+        cpp_build.ensure_built()
     assert seen[1]["jobs"] == "1" and cpp_build._check(d) == ("ok", None)
     with open(os.path.join(d, SO), "rb") as f:
         assert f.read() == b"\x7fELF built 2"
     # A verified build is used as it is: no rebuild, no warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cpp_build._ensure_built()
+        cpp_build.ensure_built()
     assert len(seen) == 2
 
 
@@ -241,7 +241,7 @@ def test_a_truncated_cache_is_never_loaded_and_is_rebuilt(built, tmp_path):
 
     fake_compile = f"""
         import json, os, shutil
-        from fsam_fused import cpp_build
+        from fsam_fused.ops import cpp_build
         def fake_run(args, env, timeout):
             shutil.copy({str(built / SO)!r}, os.path.join(json.loads(args[-1])["directory"],
                                                           {SO!r}))
@@ -293,7 +293,7 @@ def test_b_an_empty_or_garbage_cache_is_rebuilt(built, tmp_path):
 
 
 # Imports first, so that "loading" means the lock is a moment away.
-LOADING = "import fsam_fused.cpp_build\nprint('loading', flush=True)\n"
+LOADING = "import fsam_fused.ops.cpp_build\nprint('loading', flush=True)\n"
 
 HOLDER = """
 import fcntl, os, shutil, sys
@@ -331,7 +331,7 @@ def test_c_a_held_lock_is_named_and_the_wait_is_bounded(built, tmp_path):
         timed = """
             import time
             t0 = time.monotonic()
-            from fsam_fused import cpp_build
+            from fsam_fused.ops import cpp_build
             cpp_build.load()  # builds nothing: gives up waiting
             print("waited:", time.monotonic() - t0)
         """

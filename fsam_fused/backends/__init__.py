@@ -43,6 +43,7 @@ __all__ = [
     "TritonBackend",
     "CppBackend",
     "select",
+    "build_ahead",
 ]
 
 _DENSE = (
@@ -51,9 +52,25 @@ _DENSE = (
 )
 
 
+def build_ahead(name: str) -> None:
+    """Called by ``FSAM(...)``: an explicit ``backend="cpp"`` builds (or loads the cached
+    build of) the C++ ops at construction, so the compile happens, and a missing compiler is
+    reported, where the optimizer is made rather than inside the first step. ``"auto"``
+    builds only when a CPU bucket needs it. Raises ``ValueError`` with the reason."""
+    if name == "cpp":
+        from ..ops import cpp as cpp_ops
+
+        reason = cpp_ops.load()
+        if reason is not None:
+            raise ValueError(
+                f"backend='cpp' cannot run these parameters: {reason}; use backend='auto', "
+                "'foreach' or 'reference'"
+            )
+
+
 def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
     """The backend name that runs a bucket, by the rule in this module's docstring."""
-    from .. import cpp_build
+    from ..ops import cpp as cpp_ops
 
     if name == "auto":
         if not dense:
@@ -65,17 +82,17 @@ def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:
                 else "foreach"
             )
         if device.type == "cpu" and CppBackend.unsupported(device, dtype, ema_dtype) is None:
-            reason = cpp_build.load()  # builds on first use, cached on disk
+            reason = cpp_ops.load()  # builds on first use, cached on disk
             if reason is None:
                 return "cpp"
-            cpp_build.fallback_warning(reason)
+            cpp_ops.fallback_warning(reason)
         return "foreach"
     if name in ("triton", "cpp"):
         reason = CLASSES[name].unsupported(device, dtype, ema_dtype)
         if reason is None and not dense:
             reason = _DENSE.format(name)
         if reason is None and name == "cpp":
-            reason = cpp_build.load()
+            reason = cpp_ops.load()
         if reason is not None:
             raise ValueError(
                 f"backend={name!r} cannot run these parameters: {reason}; "

@@ -1,12 +1,12 @@
-"""Adapter from buckets to the C++ CPU ops (``backends/cpp_ops.py``; the build and loader
-are in ``fsam_fused/cpp_build.py``)."""
+"""Adapter from buckets to the C++ CPU ops (``fsam_fused/ops/cpp.py``: loader, typed
+wrappers; the build is ``fsam_fused/ops/cpp_build.py``)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..hparams import EPS
-from . import cpp_ops
+from ..ops import cpp as cpp_ops
 from .base import fused_unsupported
 
 # Double-buffer a tensor only from this size on. Swapping storages costs two ``p.data``
@@ -29,23 +29,21 @@ def owns_storage(p: torch.Tensor) -> bool:
 class _Static:
     """Per-plan arguments of the ops (the plan is rebuilt whenever any of them changes)."""
 
-    __slots__ = (
-        "weights",
-        "emas",
-        "adaptive",
-        "decay",
-        "gain",
-        "rhos",
-        "swap",
-        "swapped",
-        "copied",
-    )
+    __slots__ = ("weights", "emas", "rows", "scalars", "swap", "swapped", "copied")
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
-        self.adaptive = [int(a) for a in b.adaptive]
-        self.decay, self.gain = list(b.decay), list(b.gain)
-        self.rhos = [float(r) for r in b.rhos]
+        # lead: replaced by the engine's b.rows/b.scalars at merge
+        # The ops' values as float32 tensors (the contract of fsam_fused.ops.cpp): per tensor
+        # (rho, adaptive, decay, gain), then (sigma, eps).
+        self.rows = torch.tensor(
+            [
+                [float(r), float(bool(a)), float(d), float(g)]
+                for r, a, d, g in zip(b.rhos, b.adaptive, b.decay, b.gain)
+            ],
+            dtype=torch.float32,
+        ).reshape(-1, 4)
+        self.scalars = torch.tensor([float(b.sigma), float(EPS)], dtype=torch.float32)
         # Per parameter: double-buffer it, or save an exact copy in place.
         self.swap = [
             int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL and owns_storage(p))
@@ -98,7 +96,7 @@ class CppBackend:
     def norm(self, b, inv=None):
         st = b.prep
         return cpp_ops.norm_sq(
-            st.weights, b.grads, st.emas, st.adaptive, st.decay, st.gain, b.sigma, b.paper, inv
+            st.weights, b.grads, st.emas, st.rows, st.scalars, b.paper, inv
         ), None
 
     def perturb(self, b, sq, carry, inv=None, found=None) -> None:
@@ -110,13 +108,9 @@ class CppBackend:
             st.emas,
             b.saved,
             sq,
-            st.rhos,
-            st.adaptive,
-            st.decay,
-            st.gain,
+            st.rows,
+            st.scalars,
             st.swap,
-            b.sigma,
-            EPS,
             b.paper,
             inv,
             found,

@@ -57,10 +57,9 @@ def streaming_copy(device):
     ``copy_`` is already a streaming device copy, and None is returned."""
     if device.type != "cpu":
         return None
-    from .. import cpp_build
-    from ..backends import cpp_ops
+    from ..ops import cpp as cpp_ops
 
-    if cpp_build.load() is not None:
+    if cpp_ops.load() is not None:
         return None
     return lambda dst, src: cpp_ops.restore_([dst], [src])
 
@@ -120,9 +119,9 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                 if names is not None and c.name not in names:
                     continue
                 if c.name.startswith("cpp"):
-                    from .. import cpp_build
+                    from ..ops import cpp as cpp_ops
 
-                    if not cpp_build.attempted():
+                    if not cpp_ops.attempted():
                         log(
                             " [loading the C++ backend: compiled on first use, then cached]", end=""
                         )
