@@ -344,3 +344,54 @@ def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
         )
     assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
     assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))
+
+
+# ------------------------------------------------------------------ the direct bindings
+
+
+def test_direct_bindings_match_the_dispatcher_bit_for_bit(ops):
+    """The wrappers' eager path (pybind bindings calling the kernels) and torch.ops give the
+    same bits, raise the same errors, and leave the same version counters."""
+    from fsam_fused.ops import cpp as cpp_ops
+
+    assert cpp_ops._eager()
+    results = []
+    for path in ("direct", "dispatcher"):
+        ws, gs, ms, ad, dec, gain, rho = _op_args(seed=3)
+        saved = [torch.full_like(w, float("nan")) for w in ws]
+        rows, sc = _rows(ad, dec, gain, rho), _sc(0.7, 1e-12)
+        call = cpp_ops if path == "direct" else ops
+        sq = call.norm_sq(ws, gs, ms, rows, sc, False)
+        v0 = [t._version for t in ws + ms + saved]
+        call.perturb_(ws, gs, ms, saved, sq, rows, sc, [0, 1, 0], False)
+        bumps = [t._version - v for t, v in zip(ws + ms + saved, v0)]
+        perturbed = [t.clone() for t in ws + ms + saved]
+        call.restore_([ws[0], ws[2]], [saved[0], saved[2]])
+        with pytest.raises(RuntimeError, match=r"^fsam_fused: saved has 1 tensors, weights has 2$"):
+            call.restore_(ws[:2], saved[:1])
+        results.append((sq, bumps, perturbed, [w.clone() for w in ws]))
+    (sq1, b1, p1, w1), (sq2, b2, p2, w2) = results
+    assert torch.equal(sq1, sq2) and b1 == b2
+    for x, y in zip(p1 + w1, p2 + w2):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+def test_direct_bindings_defer_to_dispatch_modes(ops):
+    """Under a TorchDispatchMode (what FakeTensor, tracing and profilers use) the wrappers'
+    calls go through the dispatcher, so the mode sees them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fsam_fused.ops import cpp as cpp_ops
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ws, gs, ms, ad, dec, gain, rho = _op_args()
+    with Log():
+        cpp_ops.norm_sq(ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), False)
+        cpp_ops.restore_(ws, [w.clone() for w in ws])
+    assert "fsam_fused.norm_sq.default" in seen and "fsam_fused.restore_.default" in seen
