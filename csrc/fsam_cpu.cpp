@@ -171,9 +171,12 @@ std::vector<Chunk> chunk_table(const std::vector<Spec>& specs) {
 // 0.8 ms. Measured on the 2-core EPYC (loaded by other jobs, 1 vs 2 threads, medians of 3x200
 // calls), one float32 tensor: norm 13.4 vs 10.8 us at 64 Ki elements, 23.7 vs 14.9 us at
 // 128 Ki, 40.9 vs 25.4 us at 256 Ki; perturb 20.9 vs 18.1, 38.2 vs 28.9, 64.0 vs 49.5 us.
-// Two threads gain little below 128 Ki elements and risk a time slice, so that is the line.
+// Two threads save at most ~15-25 us below 256 Ki elements and risk a whole time slice, so
+// that is the line: a pass of under ~50 us of single-thread work runs serially. With 64 per
+// tensor, the benchmark's 2,000 tiny tensors (65 k elements) run serially: on the loaded
+// machine their step went from 42.7 ms (2 threads, a parallel region per pass) to ~1-2 ms.
 constexpr int64_t kItemCost = 64;
-constexpr int64_t kSerialWork = int64_t{1} << 17;
+constexpr int64_t kSerialWork = int64_t{1} << 18;
 
 // Runs f(lo, hi) on contiguous runs of items [lo, hi), one run per thread, cut where the
 // running total of `sizes` crosses an equal share. at::parallel_for would split by item
