@@ -403,8 +403,8 @@ def test_c_a_held_lock_is_named_and_the_wait_is_bounded(built, tmp_path):
         timed = """
             import time
             t0 = time.monotonic()
-            from fsam_fused.ops import cpp_build
-            cpp_build.load()  # builds nothing: gives up waiting
+            from fsam_fused.ops import cpp as cpp_ops
+            cpp_ops.load()  # builds nothing: gives up waiting
             print("waited:", time.monotonic() - t0)
         """
         r = _python(
