@@ -100,7 +100,8 @@ from importlib import metadata
 import torch
 
 import fsam_fused
-from fsam_fused import FSAM, cpp_build
+from fsam_fused import FSAM
+from fsam_fused.ops import cpp_build
 
 venv = os.path.realpath(os.environ["VENV"])
 inside = lambda path: os.path.realpath(path).startswith(venv + os.sep)

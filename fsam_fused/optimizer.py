@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from . import _messages, amp, checkpoint, hparams, integrations
+from .backends import build_ahead
 from .buffers import State
 from .reports import StepReports, own
 from .session import StepSession
@@ -133,6 +134,7 @@ class FSAM(StepReports, Optimizer):
         st, values = hparams.config(
             sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, [defaults]
         )
+        build_ahead(backend)  # backend="cpp" compiles or loads the C++ ops now
         self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)

@@ -29,10 +29,10 @@ def backend_available(backend: str, device) -> None:
     if backend.startswith("cpp"):
         if device.type != "cpu":
             pytest.skip("the C++ backend takes CPU tensors")
-        from fsam_fused import cpp_build
+        from fsam_fused.ops import cpp as cpp_ops
 
         # A compiler and ninja are part of the test set-up: a failed build is a failure.
-        reason = cpp_build.load()
+        reason = cpp_ops.load()
         assert reason is None, f"the C++ backend did not build: {reason}"
     if backend == "triton":
         require_triton()
@@ -227,3 +227,19 @@ def lowp_yardstick(got, ref32, lowp, dtype, scale):
         f"{dtype}: error {err:.3g} > 2 x torch's {torch_err:.3g} + floor {floor:.3g}"
     )
     return err, torch_err
+
+
+def cpp_rows(adaptive, decay, gain, rho=None):
+    """The C++ ops' ``rows`` tensor (float32 ``[n, 4]``: rho, adaptive, decay, gain) from
+    per-tensor lists; rho defaults to 0 (the norm pass does not read it). Rows stop at the
+    shortest list, so a short list gives a table of the wrong shape."""
+    rho = [0.0] * len(adaptive) if rho is None else rho
+    data = [
+        [float(r), float(a), float(d), float(g)] for r, a, d, g in zip(rho, adaptive, decay, gain)
+    ]
+    return torch.tensor(data, dtype=torch.float32).reshape(-1, 4)
+
+
+def cpp_scalars(sigma, eps=1e-12):
+    """The C++ ops' ``scalars`` tensor: float32 ``[sigma, eps]``."""
+    return torch.tensor([sigma, eps], dtype=torch.float32)

@@ -9,6 +9,8 @@ import torch
 
 from fsam_fused import FSAM
 from helpers import backend_available, opt_args
+from helpers import cpp_rows as _rows
+from helpers import cpp_scalars as _sc
 
 BACKENDS = ["reference", "foreach", "cpp", "cpp-fixed", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -120,38 +122,60 @@ def test_cpp_opcheck_with_inv_scale_and_found():
     ad, dec, gain, rho = [0, 1, 0], [0.9] * 3, [0.1] * 3, [0.05, 0.1, 0.2]
     inv = torch.tensor(0.25)
     found = torch.zeros(())
-    sq = ops.norm_sq(ws, gs, ms, ad, dec, gain, 1.0, False, inv)
+    sq = ops.norm_sq(ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), False, inv)
     # The 1/scale multiplies each gradient: the same as the op on pre-unscaled gradients.
     torch.testing.assert_close(
         sq,
-        ops.norm_sq(ws, [g * 0.25 for g in gs], ms, ad, dec, gain, 1.0, False),
+        ops.norm_sq(ws, [g * 0.25 for g in gs], ms, _rows(ad, dec, gain), _sc(1.0), False),
         rtol=1e-6,
         atol=0,
     )
     saved = [torch.empty_like(w) for w in ws]
     for args in [
-        (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 1, 0], 1.0, 1e-12, False, inv, found),
-        (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True, None, found),
+        (
+            ws,
+            gs,
+            ms,
+            saved,
+            sq,
+            _rows(ad, dec, gain, rho),
+            _sc(1.0, 1e-12),
+            [0, 1, 0],
+            False,
+            inv,
+            found,
+        ),
+        (
+            ws,
+            gs,
+            ms,
+            saved,
+            sq,
+            _rows(ad, dec, gain, rho),
+            _sc(0.5, 1e-12),
+            [1, 0, 1],
+            True,
+            None,
+            found,
+        ),
         (
             ws,
             gs,
             ms,
             saved,
             torch.tensor([float("nan")]),
-            rho,
-            ad,
-            dec,
-            gain,
+            _rows(ad, dec, gain, rho),
+            _sc(0.5, 1e-12),
             [0, 1, 0],
-            0.5,
-            1e-12,
             False,
             inv,
             found,
         ),
     ]:
         torch.library.opcheck(ops.perturb_.default, args)
-    torch.library.opcheck(ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True, inv))
+    torch.library.opcheck(
+        ops.norm_sq.default, (ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), True, inv)
+    )
     # Bad arguments are refused by name before any write.
     w0 = [w.clone() for w in ws]
     with pytest.raises(RuntimeError, match="inv_scale"):
@@ -161,13 +185,9 @@ def test_cpp_opcheck_with_inv_scale_and_found():
             ms,
             saved,
             sq,
-            rho,
-            ad,
-            dec,
-            gain,
+            _rows(ad, dec, gain, rho),
+            _sc(1.0, 1e-12),
             [0, 0, 0],
-            1.0,
-            1e-12,
             False,
             torch.ones(2),
             found,
@@ -179,13 +199,9 @@ def test_cpp_opcheck_with_inv_scale_and_found():
             ms,
             saved,
             sq,
-            rho,
-            ad,
-            dec,
-            gain,
+            _rows(ad, dec, gain, rho),
+            _sc(1.0, 1e-12),
             [0, 0, 0],
-            1.0,
-            1e-12,
             False,
             inv,
             torch.zeros(2, dtype=torch.float64),
@@ -200,13 +216,9 @@ def test_cpp_opcheck_with_inv_scale_and_found():
         ms,
         saved,
         torch.tensor([1.0, float("inf")]),
-        rho,
-        ad,
-        dec,
-        gain,
+        _rows(ad, dec, gain, rho),
+        _sc(1.0, 1e-12),
         [0, 1, 0],
-        1.0,
-        1e-12,
         False,
         None,
         found,

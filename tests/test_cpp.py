@@ -12,6 +12,8 @@ import torch
 from fsam_fused import FSAM
 from fsam_fused.backends import cpp as cpp_backend
 from helpers import backend_available, check_against_reference
+from helpers import cpp_rows as _rows
+from helpers import cpp_scalars as _sc
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IDS = ["fp32", "bf16", "fp16"]
@@ -224,17 +226,17 @@ def test_opcheck(ops, dtype):
     """Schemas (mutations declared), fake implementations and autograd registration are
     consistent, so torch.compile can trace the ops."""
     ws, gs, ms, ad, dec, gain, rho = _op_args(dtype)
-    sq = ops.norm_sq(ws, gs, ms, ad, dec, gain, 1.0, False)
+    sq = ops.norm_sq(ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), False)
     saved = [torch.empty_like(w) for w in ws]
     cases = [
-        (ops.norm_sq.default, (ws, gs, ms, ad, dec, gain, 1.0, True)),
+        (ops.norm_sq.default, (ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), True)),
         (
             ops.perturb_.default,
-            (ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False),
+            (ws, gs, ms, saved, sq, _rows(ad, dec, gain, rho), _sc(1.0, 1e-12), [0, 0, 0], False),
         ),
         (
             ops.perturb_.default,
-            (ws, gs, ms, saved, sq, rho, ad, dec, gain, [1, 0, 1], 0.5, 1e-12, True),
+            (ws, gs, ms, saved, sq, _rows(ad, dec, gain, rho), _sc(0.5, 1e-12), [1, 0, 1], True),
         ),
         (ops.restore_.default, (ws, saved)),
     ]
@@ -250,7 +252,8 @@ def test_norm_is_deterministic_and_independent_of_thread_count(ops):
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             got[n] = [
-                ops.norm_sq(ws, gs, ms, ad, dec, gain, 0.7, paper).item() for paper in (False, True)
+                ops.norm_sq(ws, gs, ms, _rows(ad, dec, gain), _sc(0.7), paper).item()
+                for paper in (False, True)
             ]
     finally:
         torch.set_num_threads(threads)
@@ -274,10 +277,14 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
         m_copy = [m.clone() for m in ms]
         sq = torch.tensor([4.0])
         spare = [torch.full_like(w, float("nan")) for w in ws]
-        ops.perturb_(ws, gs, m_copy, spare, sq, rho, ad, dec, gain, [1, 1, 1], 1.0, 1e-12, False)
+        ops.perturb_(
+            ws, gs, m_copy, spare, sq, _rows(ad, dec, gain, rho), _sc(1.0, 1e-12), [1, 1, 1], False
+        )
         assert all(torch.equal(w.view(torch.int8), x.view(torch.int8)) for w, x in zip(ws, w0))
         saved = [torch.full_like(w, float("nan")) for w in ws]
-        ops.perturb_(ws, gs, ms, saved, sq, rho, ad, dec, gain, [0, 0, 0], 1.0, 1e-12, False)
+        ops.perturb_(
+            ws, gs, ms, saved, sq, _rows(ad, dec, gain, rho), _sc(1.0, 1e-12), [0, 0, 0], False
+        )
         for _w, s, x, a, b in zip(ws, saved, w0, ms, m_copy):
             assert torch.equal(s.view(torch.int8), x.view(torch.int8))
             assert torch.equal(a, b)
@@ -301,7 +308,7 @@ def test_restore_and_double_buffer_are_bit_exact(ops):
             lambda a: a.update(ws=[w.double() for w in a["ws"]], gs=[g.double() for g in a["gs"]]),
             "weights must be float32",
         ),
-        (lambda a: a.update(ad=a["ad"][:1]), "adaptive has 1 entries"),
+        (lambda a: a.update(ad=a["ad"][:1]), r"rows must have shape \[3, 4\]"),
         (lambda a: a.update(swap=[1]), "swap has 1 entries"),
         (
             lambda a: a.update(
@@ -322,7 +329,7 @@ def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
     saved = [torch.empty_like(w) for w in a["ws"]]
     if "swap" not in match:  # norm_sq has no swap flags
         with pytest.raises(RuntimeError, match=match):
-            ops.norm_sq(a["ws"], a["gs"], a["ms"], a["ad"], dec, gain, 1.0, False)
+            ops.norm_sq(a["ws"], a["gs"], a["ms"], _rows(a["ad"], dec, gain), _sc(1.0), False)
     with pytest.raises(RuntimeError, match=match):
         ops.perturb_(
             a["ws"],
@@ -330,14 +337,61 @@ def test_ops_reject_bad_arguments_before_writing(ops, bad, match):
             a["ms"],
             saved,
             torch.ones(1),
-            rho,
-            a["ad"],
-            dec,
-            gain,
+            _rows(a["ad"], dec, gain, rho),
+            _sc(1.0, 1e-12),
             a["swap"],
-            1.0,
-            1e-12,
             False,
         )
     assert all(torch.equal(w, x) for w, x in zip(a["ws"], w0))
     assert all(torch.equal(m, x) for m, x in zip(a["ms"], m0))
+
+
+# ------------------------------------------------------------------ the direct bindings
+
+
+def test_direct_bindings_match_the_dispatcher_bit_for_bit(ops):
+    """The wrappers' eager path (pybind bindings calling the kernels) and torch.ops give the
+    same bits, raise the same errors, and leave the same version counters."""
+    from fsam_fused.ops import cpp as cpp_ops
+
+    assert cpp_ops._eager()
+    results = []
+    for path in ("direct", "dispatcher"):
+        ws, gs, ms, ad, dec, gain, rho = _op_args(seed=3)
+        saved = [torch.full_like(w, float("nan")) for w in ws]
+        rows, sc = _rows(ad, dec, gain, rho), _sc(0.7, 1e-12)
+        call = cpp_ops if path == "direct" else ops
+        sq = call.norm_sq(ws, gs, ms, rows, sc, False)
+        v0 = [t._version for t in ws + ms + saved]
+        call.perturb_(ws, gs, ms, saved, sq, rows, sc, [0, 1, 0], False)
+        bumps = [t._version - v for t, v in zip(ws + ms + saved, v0)]
+        perturbed = [t.clone() for t in ws + ms + saved]
+        call.restore_([ws[0], ws[2]], [saved[0], saved[2]])
+        with pytest.raises(RuntimeError, match=r"^fsam_fused: saved has 1 tensors, weights has 2$"):
+            call.restore_(ws[:2], saved[:1])
+        results.append((sq, bumps, perturbed, [w.clone() for w in ws]))
+    (sq1, b1, p1, w1), (sq2, b2, p2, w2) = results
+    assert torch.equal(sq1, sq2) and b1 == b2
+    for x, y in zip(p1 + w1, p2 + w2):
+        assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+def test_direct_bindings_defer_to_dispatch_modes(ops):
+    """Under a TorchDispatchMode (what FakeTensor, tracing and profilers use) the wrappers'
+    calls go through the dispatcher, so the mode sees them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fsam_fused.ops import cpp as cpp_ops
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ws, gs, ms, ad, dec, gain, rho = _op_args()
+    with Log():
+        cpp_ops.norm_sq(ws, gs, ms, _rows(ad, dec, gain), _sc(1.0), False)
+        cpp_ops.restore_(ws, [w.clone() for w in ws])
+    assert "fsam_fused.norm_sq.default" in seen and "fsam_fused.restore_.default" in seen

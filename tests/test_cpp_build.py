@@ -1,4 +1,4 @@
-"""The C++ backend's build on first use and its cache (``fsam_fused/cpp_build.py``).
+"""The C++ backend's build on first use and its cache (``fsam_fused/ops/cpp_build.py``, loaded by ``fsam_fused/ops/cpp.py``).
 
 Every scenario runs in a fresh process (the ops can be loaded once per process) on a fresh
 cache directory. There are two real compilations: the ``built`` fixture, and the rebuild of
@@ -8,7 +8,9 @@ reported failures each have a test:
 (a) a truncated cached .so killed every later run with SIGBUS;
 (b) an empty or garbage cached .so made "auto" fall back forever, never rebuilt;
 (c) a live process holding the build lock made the first CPU step wait silently, forever;
-(d) a complete cached build was not used from a read-only directory or without a compiler.
+(d) a complete cached build was not used from a read-only directory or without a compiler;
+(e) the first build was silent (a minute or more inside the first step, unexplained) and could
+    not be done ahead of time.
 """
 
 import json
@@ -23,7 +25,7 @@ import warnings
 
 import pytest
 
-from fsam_fused import cpp_build
+from fsam_fused.ops import cpp_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = os.path.basename(cpp_build.build_directory())
@@ -69,8 +71,9 @@ for w in caught:
 p = torch.nn.Parameter(torch.randn(4)); p.grad = torch.ones(4)
 try:
     FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp").first_step()
-    print("explicit: ok", torch.ops.fsam_fused.norm_sq([torch.ones(4)], [torch.ones(4)], [],
-                                                      [0], [0.0], [1.0], 0.0, False).item())
+    print("explicit: ok", torch.ops.fsam_fused.norm_sq(
+        [torch.ones(4)], [torch.ones(4)], [], torch.tensor([[0.0, 0.0, 0.0, 1.0]]),
+        torch.tensor([0.0, 1e-12]), False).item())
 except ValueError as e:
     print("explicit:", e)
 """
@@ -119,21 +122,90 @@ def test_real_build_clears_leftovers_and_writes_a_manifest(built):
     assert list(m["fingerprint"]["sources"]) == ["fsam_cpu.cpp"]
 
 
-def test_nothing_is_built_at_import_or_construction(tmp_path):
+def test_nothing_is_built_at_import_or_auto_construction(tmp_path):
     build = tmp_path / "build"
     r = _python(
         """
         import torch, fsam_fused
-        from fsam_fused import FSAM, cpp_build
+        from fsam_fused import FSAM
+        from fsam_fused.ops import cpp as cpp_ops
         p = torch.nn.Parameter(torch.randn(3))
-        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
-        assert not cpp_build.attempted()
+        FSAM([p], torch.optim.SGD, lr=0.1)
+        assert not cpp_ops.attempted()
         print("ok")
     """,
         _env(FSAM_FUSED_BUILD_DIR=str(build)),
     )
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     assert not build.exists()
+
+
+def test_explicit_cpp_builds_at_construction_and_says_so_once(built, tmp_path):
+    """(e) backend="cpp" compiles at construction, not inside the first step, and the
+    compile is announced once on stderr with the expected time and the command that builds
+    ahead; a cached build loads silently. (The compile is faked: a copy of the fixture's.)"""
+    fake = f"""
+        import json, os, shutil, sys, torch
+        from fsam_fused import FSAM
+        from fsam_fused.ops import cpp as cpp_ops, cpp_build
+        def fake_run(args, env, timeout):
+            sys.stderr.write("COMPILING\\n")
+            shutil.copy({str(built / SO)!r}, os.path.join(json.loads(args[-1])["directory"],
+                                                          {SO!r}))
+            return 0, ""
+        cpp_build._run = fake_run
+        p = torch.nn.Parameter(torch.randn(3))
+        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
+        print("built at construction:", cpp_ops.attempted() and cpp_ops.load() is None)
+        FSAM([p], torch.optim.SGD, lr=0.1, backend="cpp")
+    """
+    root = tmp_path / "fresh"
+    r = _python(fake, _env(FSAM_FUSED_BUILD_DIR=str(root)))
+    assert r.returncode == 0, r.stderr
+    assert _lines(r.stdout, "built at construction: ") == ["True"]
+    notice = cpp_build.BUILD_NOTICE.format(directory=root / TAG).strip()
+    assert r.stderr.count("fsam_fused: compiling the C++ CPU backend") == 1, r.stderr
+    assert r.stderr.index(notice) < r.stderr.index("COMPILING"), r.stderr  # said before
+    assert "1-3 minutes" in notice and "python -m fsam_fused.ops" in notice
+    r = _python(fake, _env(FSAM_FUSED_BUILD_DIR=str(root)))  # cached: silent, no compile
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # No compiler and no cache: construction itself refuses, naming the reason.
+    r = _python(
+        "import torch\nfrom fsam_fused import FSAM\n"
+        "try:\n    FSAM([torch.nn.Parameter(torch.randn(3))], torch.optim.SGD, lr=0.1, "
+        "backend='cpp')\nexcept ValueError as e:\n    print('refused:', e)\n",
+        _env(FSAM_FUSED_BUILD_DIR=str(tmp_path / "none"), CXX="/nonexistent/c++"),
+    )
+    assert _lines(r.stdout, "refused: ") == [
+        "backend='cpp' cannot run these parameters: RuntimeError: no C++ compiler: "
+        "'/nonexistent/c++' is not on PATH (set CXX); use backend='auto', 'foreach' or "
+        "'reference'"
+    ], (r.stdout, r.stderr)
+
+
+def test_the_build_command_builds_ahead(built, tmp_path):
+    """(e) python -m fsam_fused.ops verifies or builds, prints the path, exit status 0; with
+    no way to build it says why and exits 1."""
+    root = _copy(built, tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "fsam_fused.ops"],
+        cwd=ROOT,
+        env=_env(FSAM_FUSED_BUILD_DIR=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"fsam_fused: C++ CPU backend ready: {root / TAG / SO} ("), r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "fsam_fused.ops"],
+        cwd=ROOT,
+        env=_env(FSAM_FUSED_BUILD_DIR=str(tmp_path / "none"), CXX="/nonexistent/c++"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "cannot be built: no C++ compiler" in r.stderr, r.stderr
 
 
 def test_without_a_compiler_auto_warns_once_and_uses_foreach(tmp_path):
@@ -189,7 +261,7 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
         return 0, ""
 
     monkeypatch.setattr(cpp_build, "_run", fake_run)
-    assert cpp_build._ensure_built() == os.path.join(d, SO)
+    assert cpp_build.ensure_built() == os.path.join(d, SO)
     s = seen[0]
     assert os.path.dirname(s["directory"]) == d and s["sources"][0].endswith("fsam_cpu.cpp")
     assert [x for x in s["left"] if x != os.path.basename(s["directory"])] == [LOCK]
@@ -201,14 +273,14 @@ def test_build_bounds_jobs_stages_and_installs_with_a_manifest(tmp_path, monkeyp
     os.remove(os.path.join(d, MANIFEST))
     monkeypatch.setenv("MAX_JOBS", "1")
     with pytest.warns(cpp_build.CachedBuildWarning, match="has no manifest.*; rebuilding"):
-        cpp_build._ensure_built()
+        cpp_build.ensure_built()
     assert seen[1]["jobs"] == "1" and cpp_build._check(d) == ("ok", None)
     with open(os.path.join(d, SO), "rb") as f:
         assert f.read() == b"\x7fELF built 2"
     # A verified build is used as it is: no rebuild, no warning.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cpp_build._ensure_built()
+        cpp_build.ensure_built()
     assert len(seen) == 2
 
 
@@ -241,7 +313,7 @@ def test_a_truncated_cache_is_never_loaded_and_is_rebuilt(built, tmp_path):
 
     fake_compile = f"""
         import json, os, shutil
-        from fsam_fused import cpp_build
+        from fsam_fused.ops import cpp_build
         def fake_run(args, env, timeout):
             shutil.copy({str(built / SO)!r}, os.path.join(json.loads(args[-1])["directory"],
                                                           {SO!r}))
@@ -293,7 +365,7 @@ def test_b_an_empty_or_garbage_cache_is_rebuilt(built, tmp_path):
 
 
 # Imports first, so that "loading" means the lock is a moment away.
-LOADING = "import fsam_fused.cpp_build\nprint('loading', flush=True)\n"
+LOADING = "import fsam_fused.ops.cpp_build\nprint('loading', flush=True)\n"
 
 HOLDER = """
 import fcntl, os, shutil, sys
@@ -331,8 +403,8 @@ def test_c_a_held_lock_is_named_and_the_wait_is_bounded(built, tmp_path):
         timed = """
             import time
             t0 = time.monotonic()
-            from fsam_fused import cpp_build
-            cpp_build.load()  # builds nothing: gives up waiting
+            from fsam_fused.ops import cpp as cpp_ops
+            cpp_ops.load()  # builds nothing: gives up waiting
             print("waited:", time.monotonic() - t0)
         """
         r = _python(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-from helpers import backend_available
+from helpers import backend_available, cpp_rows, cpp_scalars
 
 N = 300  # elements per tensor; all the same size so any two may be swapped for each other
 
@@ -43,17 +43,21 @@ def _args(n=3, seed=0):
     )
 
 
+def _rows(a):
+    """The per-tensor values as the ops take them (helpers.cpp_rows), from the lists."""
+    if a.get("rows_override") is not None:
+        return a["rows_override"]
+    return cpp_rows(a["adaptive"], a["decay"], a["gain"], a["rho"])
+
+
+def _scalars(a):
+    if a.get("scalars_override") is not None:
+        return a["scalars_override"]
+    return cpp_scalars(a["sigma"], a["eps"])
+
+
 def _norm_sq(ops, a):
-    return ops.norm_sq(
-        a["weights"],
-        a["grads"],
-        a["emas"],
-        a["adaptive"],
-        a["decay"],
-        a["gain"],
-        a["sigma"],
-        a["paper"],
-    )
+    return ops.norm_sq(a["weights"], a["grads"], a["emas"], _rows(a), _scalars(a), a["paper"])
 
 
 def _perturb(ops, a):
@@ -63,13 +67,9 @@ def _perturb(ops, a):
         a["emas"],
         a["saved"],
         a["sq"],
-        a["rho"],
-        a["adaptive"],
-        a["decay"],
-        a["gain"],
+        _rows(a),
+        _scalars(a),
         a["swap"],
-        a["sigma"],
-        a["eps"],
         a["paper"],
     )
 
@@ -148,6 +148,44 @@ def _set(key, value, i=None):
     ],
 )
 def test_non_finite_or_out_of_range_scalars_are_rejected(ops, op, bad, match):
+    a = _args()
+    bad(a)
+    _rejects(ops, op, a, "fsam_fused: " + match)
+
+
+def _values(rows=None, scalars=None):
+    """Replaces the values the calls build (helpers.cpp_rows, cpp_scalars) with bad ones."""
+
+    def f(a):
+        a["rows_override"], a["scalars_override"] = rows, scalars
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "op,bad,match",
+    [
+        ("perturb_", _set("adaptive", 0.5, 1), r"adaptive\[1\] must be 0 or 1, got 0.5"),
+        ("norm_sq", _set("adaptive", 2, 0), r"adaptive\[0\] must be 0 or 1"),
+        ("norm_sq", _set("adaptive", NAN, 2), r"adaptive\[2\] must be finite"),
+        (
+            "perturb_",
+            _values(rows=torch.zeros(3, 4, dtype=torch.float64)),
+            "rows must be a contiguous float32 CPU tensor",
+        ),
+        ("norm_sq", _values(rows=torch.zeros(4, 3).t()), "rows must be a contiguous"),
+        ("perturb_", _values(rows=torch.zeros(3, 5)), r"rows must have shape \[3, 4\]"),
+        ("norm_sq", _values(rows=torch.zeros(12)), r"rows must have shape \[3, 4\]"),
+        ("perturb_", _values(scalars=torch.ones(3)), r"scalars must have shape \[2\]"),
+        ("norm_sq", _values(scalars=torch.ones(2, dtype=torch.bfloat16)), "scalars must be a"),
+        (
+            "perturb_",
+            _values(scalars=torch.ones(2, requires_grad=True)),
+            "scalars must not require grad",
+        ),
+    ],
+)
+def test_bad_value_tensors_are_rejected(ops, op, bad, match):
     a = _args()
     bad(a)
     _rejects(ops, op, a, "fsam_fused: " + match)

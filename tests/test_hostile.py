@@ -343,10 +343,10 @@ def test_step_without_closure_finishes_a_step_and_is_an_error_otherwise():
 
 
 def test_the_auto_fallback_warning_points_at_the_callers_line(monkeypatch):
-    from fsam_fused import cpp_build
+    from fsam_fused.ops import cpp as cpp_ops
 
-    monkeypatch.setattr(cpp_build, "_status", "RuntimeError: no C++ compiler (test)")
-    monkeypatch.setattr(cpp_build, "_warned", False)
+    monkeypatch.setattr(cpp_ops, "_status", "RuntimeError: no C++ compiler (test)")
+    monkeypatch.setattr(cpp_ops, "_warned", False)
     p = torch.nn.Parameter(torch.randn(3))
     p.grad = torch.randn(3)
     opt = FSAM([p], torch.optim.SGD, lr=0.1)

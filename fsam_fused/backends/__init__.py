@@ -48,6 +48,7 @@ __all__ = [
     "TritonBackend",
     "CppBackend",
     "select",
+    "build_ahead",
 ]
 
 _DENSE = (
@@ -64,6 +65,22 @@ def _fits(cls, device, dtype, ema_dtype, dense: bool) -> bool:
         and (dense or not caps.dense_only)
         and cls.unsupported(device, dtype, ema_dtype) is None
     )
+
+
+def build_ahead(name: str) -> None:
+    """Called by ``FSAM(...)``: a backend named explicitly that is built on first use
+    (``caps.built``: the C++ ops) is built (or its verified cache loaded) at construction, so
+    the compile happens, and a missing compiler is reported, where the optimizer is made
+    rather than inside the first step. ``"auto"`` builds only when a bucket needs it. Raises
+    ``ValueError`` with the reason."""
+    cls = CLASSES.get(name)
+    if cls is not None and cls.caps.built:
+        reason = cls.available()
+        if reason is not None:
+            raise ValueError(
+                f"backend={name!r} cannot run these parameters: {reason}; use "
+                "backend='auto', 'foreach' or 'reference'"
+            )
 
 
 def select(name: str, device, dtype, ema_dtype, dense: bool) -> str:

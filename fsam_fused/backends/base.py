@@ -80,7 +80,8 @@ class Capabilities:
     ``checks_devices``: its kernels refuse a tensor on another device before writing (the
     engine then skips that per-step check). ``auto``: its rank for ``"auto"`` (lower first;
     None: only by name). ``warn_fallback``: ``auto`` warns, naming the reason, when the
-    backend matches a bucket but is not available (e.g. its build failed)."""
+    backend matches a bucket but is not available (e.g. its build failed). ``built``: it is
+    compiled on first use, and built at construction when named explicitly."""
 
     devices: frozenset | None
     dtypes: tuple | None
@@ -89,6 +90,7 @@ class Capabilities:
     checks_devices: bool
     auto: int | None
     warn_fallback: bool = False
+    built: bool = False
 
 
 @runtime_checkable

@@ -1,12 +1,11 @@
-"""Adapter from buckets to the C++ CPU ops (``backends/cpp_ops.py``; the build and loader
-are in ``fsam_fused/cpp_build.py``)."""
+"""Adapter from buckets to the C++ CPU ops (``fsam_fused/ops/cpp.py``: loader, typed
+wrappers; the build is ``fsam_fused/ops/cpp_build.py``)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..rows import ADAPTIVE, DECAY, EPS_, GAIN, RHO, SIGMA
-from . import cpp_ops
+from ..ops import cpp as cpp_ops
 from .base import FUSED_DTYPES, Capabilities, StepInputs, fused_unsupported
 
 # Double-buffer a tensor only from this size on. Swapping storages costs two ``p.data``
@@ -27,27 +26,14 @@ def owns_storage(p: torch.Tensor) -> bool:
 
 
 class _Static:
-    """Per-plan arguments of the ops (the plan is rebuilt whenever any of them changes)."""
+    """Per-plan arguments of the ops. The values (``b.rows``, ``b.scalars``: float32 CPU
+    tensors, the ops' contract) are the bucket's own, rewritten in place by the engine when a
+    value changes: nothing here needs rebuilding for them."""
 
-    __slots__ = (
-        "weights",
-        "emas",
-        "adaptive",
-        "decay",
-        "gain",
-        "rhos",
-        "sigma",
-        "eps",
-        "version",
-        "swap",
-        "swapped",
-        "copied",
-    )
+    __slots__ = ("weights", "emas", "swap", "swapped", "copied")
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
-        self.adaptive = [int(a) for a in b.adaptive]
-        self.version = None
         # Per parameter: double-buffer it, or save an exact copy in place.
         self.swap = [
             int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL and owns_storage(p))
@@ -69,21 +55,6 @@ class _Static:
             [s for s, w in zip(b.saved, self.swap) if not w],
         )
 
-    def values(self, b) -> None:
-        """The ops' float arguments, read from the bucket's CPU rows when they changed."""
-        # lead: until the ops take the rows tensors themselves (issue 16's schema).
-        rows = b.device_values
-        if self.version == rows.version:
-            return
-        r = rows.host()[0].tolist()  # (numpy views of CPU tensors: no torch read)
-        self.rhos = [x[RHO] for x in r]
-        self.decay = [x[DECAY] for x in r]
-        self.gain = [x[GAIN] for x in r]
-        sc = rows.host()[1].tolist()
-        self.sigma, self.eps = sc[SIGMA], sc[EPS_]
-        self.version = rows.version
-        assert [int(x[ADAPTIVE]) for x in r] == self.adaptive
-
 
 class CppBackend:
     """Three op calls per bucket and step, each one parallel pass over the whole list.
@@ -104,6 +75,7 @@ class CppBackend:
         checks_devices=True,
         auto=0,
         warn_fallback=True,
+        built=True,
     )
 
     def __init__(self, buffers=None):
@@ -117,13 +89,11 @@ class CppBackend:
 
     @staticmethod
     def available():
-        from .. import cpp_build
-
-        return cpp_build.load()  # builds on first use, cached on disk
+        return cpp_ops.load()  # builds on first use, cached on disk
 
     @staticmethod
     def fallback_warning(reason: str) -> None:
-        from .. import cpp_build
+        from ..ops import cpp_build
 
         cpp_build.fallback_warning(reason)
 
@@ -135,22 +105,12 @@ class CppBackend:
 
     def norm(self, b, inputs: StepInputs):
         st = b.prep
-        st.values(b)
         return cpp_ops.norm_sq(
-            st.weights,
-            inputs.grads,
-            st.emas,
-            st.adaptive,
-            st.decay,
-            st.gain,
-            st.sigma,
-            b.paper,
-            inputs.inv,
+            st.weights, inputs.grads, st.emas, b.rows, b.scalars, b.paper, inputs.inv
         ), None
 
     def perturb(self, b, inputs: StepInputs, sq, carry) -> None:
         st = b.prep
-        st.values(b)
         # One op for both kinds: it checks everything before it writes anything.
         cpp_ops.perturb_(
             st.weights,
@@ -158,13 +118,9 @@ class CppBackend:
             st.emas,
             b.saved,
             sq,
-            st.rhos,
-            st.adaptive,
-            st.decay,
-            st.gain,
+            b.rows,
+            b.scalars,
             st.swap,
-            st.sigma,
-            st.eps,
             b.paper,
             inputs.inv,
             inputs.found,

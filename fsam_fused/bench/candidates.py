@@ -71,9 +71,9 @@ class FSAMBackend(Candidate):
                 return "Triton needs CUDA"
             return TritonBackend.unsupported(device, dtype, opmath(dtype))
         if self.backend == "cpp":
-            from .. import cpp_build
+            from ..ops import cpp as cpp_ops
 
-            return CppBackend.unsupported(device, dtype, opmath(dtype)) or cpp_build.load()
+            return CppBackend.unsupported(device, dtype, opmath(dtype)) or cpp_ops.load()
         return None
 
     def bytes(self, shapes, dtype):

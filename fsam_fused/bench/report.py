@@ -68,13 +68,20 @@ def _x(v):
     return "-" if v is None else f"{v:.2f}x"
 
 
+def _adamw(r):
+    """The step's time in fused AdamW steps timed beside it (below 1: cheaper than the step
+    a user already pays), or "-" for records without one."""
+    v = r.get("x_adamw")
+    return "-" if v is None else f"{v:.2f}"
+
+
 def terminal_table(records) -> str:
     """Median ms, GB/s against counted bytes, % of the copy bandwidth measured beside it, and
     the speed-up over the reference and over each peer."""
     peers = _peers(records)
     head = (
         f"{'preset':<10}{'dtype':<10}{'candidate':<18}{'ms':>10}{'GB/s':>8}{'% copy':>12}"
-        f"{'x ref':>8}" + "".join(f"{'x ' + p:>19}" for p in peers)
+        f"{'x AdamW':>8}{'x ref':>8}" + "".join(f"{'x ' + p:>19}" for p in peers)
     )
     lines = [head, "-" * len(head)]
     for r in records:
@@ -82,7 +89,8 @@ def terminal_table(records) -> str:
             continue
         lines.append(
             f"{r['preset']:<10}{r['dtype']:<10}{r['backend']:<18}{r['ms']:>10.3f}"
-            f"{r['gbps']:>8.1f}{_pct(r):>12}{_x(r['speedup_vs_reference']):>8}"
+            f"{r['gbps']:>8.1f}{_pct(r):>12}{_adamw(r):>8}"
+            f"{_x(r['speedup_vs_reference']):>8}"
             + "".join(f"{_x(r['speedup_vs'].get(p)):>19}" for p in peers)
         )
     copies = {}
@@ -94,6 +102,7 @@ def terminal_table(records) -> str:
                 r.get("copy_kind", "torch"),
             )
     lines.append("")
+    lines.append("x AdamW: the step's time in torch.optim.AdamW(fused=True) steps on the same list")
     lines.append(
         "copy bandwidth measured beside each group (read + write; streaming copy, "
         "then torch's copy_): "
@@ -113,16 +122,20 @@ def markdown_table(records) -> str:
     """The README's table for one result file's optimizer records."""
     peers = _peers(records)
     stream = any(r.get("copy_kind") == "stream" for r in records)
+    adamw = any(r.get("x_adamw") is not None for r in records)
     head = "| preset | dtype | candidate | ms | GB/s | copy GB/s | % of copy | "
     if stream:
         head = (
             "| preset | dtype | candidate | ms | GB/s | stream copy GB/s | % of stream copy "
             "| torch copy_ GB/s | "
         )
+    if adamw:
+        head += "x AdamW(fused) step | "
     out = [
         head + "x reference | " + " | ".join(f"x {p}" for p in peers) + " |",
         "|---|---|---|---:|---:|---:|---:|---:|"
         + ("---:|" if stream else "")
+        + ("---:|" if adamw else "")
         + "---:|" * len(peers),
     ]
     for r in records:
@@ -132,7 +145,8 @@ def markdown_table(records) -> str:
         out.append(
             f"| {r['preset']} | {r['dtype']} | {r['backend']} | {r['ms']:.2f} "
             f"| {r['gbps']:.1f} | {r['copy_gbps']:.1f} | {_pct(r)}{torch_copy} "
-            f"| {_x(r['speedup_vs_reference'])} | "
+            + (f"| {_adamw(r)} " if adamw else "")
+            + f"| {_x(r['speedup_vs_reference'])} | "
             + " | ".join(_x(r["speedup_vs"].get(p)) for p in peers)
             + " |"
         )

@@ -61,12 +61,35 @@ def streaming_copy(device):
     ``copy_`` is already a streaming device copy, and None is returned."""
     if device.type != "cpu":
         return None
-    from .. import cpp_build
-    from ..backends import cpp_ops
+    from ..ops import cpp as cpp_ops
 
-    if cpp_build.load() is not None:
+    if cpp_ops.load() is not None:
         return None
     return lambda dst, src: cpp_ops.restore_([dst], [src])
+
+
+def fused_adamw(shapes, dtype, device):
+    """One ``torch.optim.AdamW(fused=True)`` step on parameters of these shapes (its own, so
+    the F-SAM candidates' lists are untouched), as ``(prepare, step)``, or None where torch
+    has no fused AdamW for this device and dtype. The yardstick a user already pays per step:
+    it moves 28 bytes per float32 parameter in one pass (p, g, m, v read; p, m, v written),
+    the same as the double-buffered F-SAM step. Its moments are seeded by two steps first; the
+    learning rate is tiny, so the weights barely move while it is timed. Its prepare rewrites
+    the gradients, as every F-SAM candidate's does (see candidates.py)."""
+    params = make_params(shapes, dtype, device, seed=1)
+    try:
+        opt = torch.optim.AdamW(params, lr=1e-12, fused=True)
+        opt.step()
+        opt.step()
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return None
+    grads = [p.grad for p in params]
+
+    @torch.no_grad()
+    def prepare():
+        torch._foreach_mul_(grads, 1.0)
+
+    return prepare, opt.step
 
 
 def make_params(shapes, dtype, device, seed=0):
@@ -124,9 +147,9 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                 if names is not None and c.name not in names:
                     continue
                 if c.name.startswith("cpp"):
-                    from .. import cpp_build
+                    from ..ops import cpp as cpp_ops
 
-                    if not cpp_build.attempted():
+                    if not cpp_ops.attempted():
                         log(
                             " [loading the C++ backend: compiled on first use, then cached]", end=""
                         )
@@ -143,6 +166,9 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             stream = streaming_copy(device)
             if stream is not None:
                 steps["stream-copy"] = (None, lambda dst=dst, src=src, f=stream: f(dst, src))
+            adamw = fused_adamw(shapes, dtype, device)
+            if adamw is not None:
+                steps["adamw-fused"] = adamw
             log(f"; timing {reps} rounds", end="")
             spreads = {}  # issue 18: each figure's spread, for report.doubts
             ms = time_interleaved(steps, device, reps, warmup, spreads)
@@ -152,6 +178,7 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
             # The yardstick: the fastest way to stream this many bytes here (see
             # streaming_copy); torch's copy_ stays as a second column.
             copy_gbps = moved / ms.pop("stream-copy") if stream is not None else torch_copy_gbps
+            adamw_ms = ms.pop("adamw-fused", None)
             group = []
             for name, t in ms.items():
                 c = cands[name]
@@ -172,6 +199,10 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                         "torch_copy_gbps": torch_copy_gbps,
                         "copy_kind": "stream" if stream is not None else "torch",
                         "pct_copy": 100 * nbytes / t / 1e6 / copy_gbps,
+                        # One fused AdamW step on the same list, timed in the same rounds
+                        # (None where torch has no fused AdamW here).
+                        "adamw_ms": adamw_ms,
+                        "x_adamw": t / adamw_ms if adamw_ms else None,
                         "tensors": len(shapes),
                         "params": n,
                         "reps": reps,
@@ -187,7 +218,7 @@ def run(device, presets, dtypes, names=None, reps=15, warmup=2, log=print):
                 r["speedup_vs_reference"] = ref / r["ms"] if ref else None
                 r["speedup_vs"] = {p: t / r["ms"] for p, t in peers.items() if p != r["backend"]}
             records += group
-            del built, params, src, dst, steps
+            del built, params, src, dst, steps, adamw
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return records

@@ -1,7 +1,10 @@
-"""Builds, verifies and loads the C++ CPU backend (``csrc/fsam_cpu.cpp``) on first use.
+"""Builds and verifies the C++ CPU backend (``csrc/fsam_cpu.cpp``); imports nothing of
+``fsam_fused``, so it runs alone: ``python -m fsam_fused.ops`` builds ahead of time.
 
-Nothing happens at import: ``load()`` does the work the first time a CPU bucket needs the
-ops, once per process (thread-safe; the result, success or the reason for failure, is kept).
+Nothing happens at import. :func:`ensure_built` returns the path of a verified build, building
+it first if need be; :mod:`fsam_fused.ops.cpp` loads it once per process (the first time a
+CPU bucket needs the ops, or when ``FSAM(..., backend="cpp")`` is constructed). A build that
+must compile says so once on stderr, with the expected time (``BUILD_NOTICE``).
 
 Cache layout, in ``build_directory()`` (``<root>/<tag>``, see there)::
 
@@ -36,7 +39,8 @@ holder's PID and the lock file, and gives up after ``FSAM_FUSED_BUILD_WAIT`` sec
 300). When the holder finishes, the waiter verifies again and loads what it built.
 
 Fallback: when no verified build can be had (no compiler, no ninja, a compile error, an
-unwritable directory, the lock still held), ``load()`` returns the reason; ``backend="auto"``
+unwritable directory, the lock still held), ``ensure_built()`` raises with the reason and
+``fsam_fused.ops.cpp.load()`` returns it; ``backend="auto"``
 warns once (``fallback_warning``) and uses ``"foreach"``, ``backend="cpp"`` raises with it.
 A damaged or stale cache that can be rebuilt is reported with a ``CachedBuildWarning``.
 """
@@ -55,7 +59,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 
@@ -67,9 +70,6 @@ _SO = _NAME + ".so"
 _MANIFEST = _NAME + ".json"
 _LOCK = ".fsam_fused.lock"
 _STAGING = ".staging-"
-_lock = threading.Lock()
-_status = None  # None: not tried yet; True: loaded; str: why it cannot be
-_warned = False  # fallback_warning has been given
 
 
 class CachedBuildWarning(RuntimeWarning):
@@ -81,8 +81,10 @@ class BuildLockWarning(RuntimeWarning):
 
 
 def _sources():
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
+    # This file is fsam_fused/ops/cpp_build.py: the sources are package data in
+    # fsam_fused/csrc when installed, <checkout>/csrc in a source tree.
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.path.join(package, "csrc"), os.path.join(os.path.dirname(package), "csrc")):
         path = os.path.join(root, "fsam_cpu.cpp")
         if os.path.exists(path):
             return [path]
@@ -212,7 +214,7 @@ def _cannot_build():
     return None
 
 
-def _ensure_built() -> str:
+def ensure_built() -> str:
     """The path of a verified build, building it first if need be; raises with the reason
     when there is none."""
     directory = build_directory()
@@ -241,6 +243,7 @@ def _ensure_built() -> str:
             return so
         if problem is not None:
             warnings.warn(f"fsam_fused: {problem}; rebuilding", CachedBuildWarning, stacklevel=2)
+        _notice(directory)
         _build(directory)
         state, problem = _check(directory)
         if state != "ok":
@@ -249,6 +252,25 @@ def _ensure_built() -> str:
 
 
 # ------------------------------------------------------------------ building
+
+# Said once, on stderr, before a compile: the first CPU step otherwise sits silent for a
+# minute or more. stderr rather than a warning: a warning filter ("error", or pytest's
+# recording) must not turn a build into a failure, and it is not a problem to act on.
+BUILD_NOTICE = (
+    "fsam_fused: compiling the C++ CPU backend (csrc/fsam_cpu.cpp) into {directory}; this "
+    "takes about 1-3 minutes, once: later runs load the cached build. To build ahead of "
+    "time: python -m fsam_fused.ops\n"
+)
+_noticed = False
+
+
+def _notice(directory):
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        sys.stderr.write(BUILD_NOTICE.format(directory=directory))
+        sys.stderr.flush()
+
 
 # Run by the child process: torch's loader compiles with ninja, then loads the result once
 # (which also proves it loads before it is installed).
@@ -432,44 +454,25 @@ class _BuildLock:
         return False
 
 
-# ------------------------------------------------------------------ loading
+def main(argv=None) -> int:
+    """``python -m fsam_fused.ops``: build (or verify) the extension now, so that no
+    training run pays for the compile; prints the path of the verified build."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m fsam_fused.ops",
+        description="Build (or verify) the fsam_fused C++ CPU backend ahead of time.",
+    )
+    ap.parse_args(argv)
+    t0 = time.monotonic()
+    try:
+        so = ensure_built()
+    except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
+        print(f"fsam_fused: the C++ CPU backend cannot be built: {e}", file=sys.stderr)
+        return 1
+    print(f"fsam_fused: C++ CPU backend ready: {so} ({time.monotonic() - t0:.1f} s)")
+    return 0
 
 
-def load() -> str | None:
-    """Load the verified cached build of the extension, building it first if need be, and
-    register its ops once per process. Returns None when ``torch.ops.fsam_fused`` is ready,
-    else the reason it is not (kept: later calls return the same)."""
-    global _status
-    if _status is None:
-        with _lock:
-            if _status is None:
-                try:
-                    torch.ops.load_library(_ensure_built())
-                    from .backends import cpp_ops
-
-                    cpp_ops.register_fakes()
-                    _status = True
-                except Exception as e:  # noqa: BLE001 - any failure means "no C++ backend"
-                    _status = f"{type(e).__name__}: {str(e).strip()[:2000]}"
-    return None if _status is True else _status
-
-
-def attempted() -> bool:
-    """True once this process has tried to load the extension (built or not)."""
-    return _status is not None
-
-
-def fallback_warning(reason: str) -> None:
-    """The one warning ``backend="auto"`` gives when it cannot build the C++ backend,
-    attributed to the caller's line."""
-    global _warned
-    if not _warned:
-        _warned = True
-        from ._warnings import warn_at_caller
-
-        warn_at_caller(
-            f"fsam_fused: the C++ CPU backend is unavailable "
-            f"({reason.splitlines()[0]}); CPU parameters use backend='foreach' "
-            "instead",
-            RuntimeWarning,
-        )
+if __name__ == "__main__":
+    sys.exit(main())
