@@ -93,9 +93,7 @@ class CppBackend:
 
     @staticmethod
     def fallback_warning(reason: str) -> None:
-        from ..ops import cpp_build
-
-        cpp_build.fallback_warning(reason)
+        cpp_ops.fallback_warning(reason)
 
     def prepare(self, b) -> None:
         st = b.prep = _Static(b)
