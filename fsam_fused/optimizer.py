@@ -12,11 +12,15 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hparams, integrations
+from . import _messages, amp, checkpoint, hparams
 from .backends import build_ahead
 from .buffers import State
 from .reports import StepReports, own
 from .session import StepSession
+
+# Called by every FSAM(...) (and copy): the layers above register here, so this module imports
+# none of them (fsam_fused/__init__.py adds the accelerate wrapper's forwarding: integrations).
+ON_CREATE: list = []
 
 # Not copied by __getstate__: what the next step rebuilds, and hooks (torch.optim's copies
 # drop them too; a lambda hook would make the optimizer unpicklable).
@@ -158,8 +162,8 @@ class FSAM(StepReports, Optimizer):
     def _fresh_session(self) -> None:
         self._session = StepSession(self.param_groups, self.base_optimizer, id(self))
         self._config = hparams.ConfigCache()
-        # issue 18: accelerate's optimizer wrapper gets first_step & co. (fsam_fused/integrations).
-        integrations._on_fsam_created()
+        for hook in ON_CREATE:
+            hook()
 
     # ------------------------------------------------------------------ groups and state
 
