@@ -63,33 +63,39 @@ def build_old(rev: str) -> None:
 
 
 class OldCpp(CppBackend):
-    """The current adapter, calling the old ops with the old float-argument schema."""
+    """The current adapter, calling the old ops with the old float-argument schema (the
+    values read from the bucket's CPU rows whenever they changed)."""
 
-    def prepare(self, b):
-        super().prepare(b)
-        rows = b.prep.rows.tolist()
-        self.old = {
-            id(b): (
+    def _old(self, b):
+        dv = b.device_values
+        if getattr(b.prep, "_old_version", None) != dv.version:
+            rows, scalars = (a.tolist() for a in dv.host())
+            b.prep._old = (
                 [int(r[1]) for r in rows],
                 [r[2] for r in rows],
                 [r[3] for r in rows],
                 [r[0] for r in rows],
-                float(b.prep.scalars[0]),
-                float(b.prep.scalars[1]),
+                scalars[0],
+                scalars[1],
             )
-        }
+            b.prep._old_version = dv.version
+        return b.prep._old
 
-    def norm(self, b, inv=None):
-        st, (ad, dec, gain, _, sigma, _) = b.prep, self.old[id(b)]
+    def prepare(self, b):
+        super().prepare(b)
+        b.prep = _OldStatic(b.prep)
+
+    def norm(self, b, inputs):
+        st, (ad, dec, gain, _, sigma, _) = b.prep, self._old(b)
         return torch.ops.fsam_old.norm_sq(
-            st.weights, b.grads, st.emas, ad, dec, gain, sigma, b.paper, inv
+            st.weights, inputs.grads, st.emas, ad, dec, gain, sigma, b.paper, inputs.inv
         ), None
 
-    def perturb(self, b, sq, carry, inv=None, found=None):
-        st, (ad, dec, gain, rho, sigma, eps) = b.prep, self.old[id(b)]
+    def perturb(self, b, inputs, sq, carry):
+        st, (ad, dec, gain, rho, sigma, eps) = b.prep, self._old(b)
         torch.ops.fsam_old.perturb_(
             st.weights,
-            b.grads,
+            inputs.grads,
             st.emas,
             b.saved,
             sq,
@@ -101,8 +107,8 @@ class OldCpp(CppBackend):
             sigma,
             eps,
             b.paper,
-            inv,
-            found,
+            inputs.inv,
+            inputs.found,
         )
         for p, _, spare in st.swapped:
             p.data = spare
@@ -113,6 +119,14 @@ class OldCpp(CppBackend):
             p.data = own
         if st.copied[0]:
             torch.ops.fsam_old.restore_(*st.copied)
+
+
+class _OldStatic:
+    """The current per-plan arguments, with room for the old schema's float lists."""
+
+    def __init__(self, st):
+        self.__dict__.update({k: getattr(st, k) for k in st.__slots__})
+        self._old, self._old_version = None, None
 
 
 def main(argv=None):

@@ -36,6 +36,10 @@ def _step(base) -> None:
         base._opt_called = True  # what an LR scheduler attached to the base reads
 
 
+def _params(groups) -> list:
+    return [p for g in groups for p in g["params"]]
+
+
 def _device_step(base, grad_scale, found_inf) -> None:
     """A base optimizer that reads ``grad_scale``/``found_inf`` unscales and skips on the
     device: no host synchronisation."""
@@ -48,7 +52,7 @@ def _device_step(base, grad_scale, found_inf) -> None:
 
 def run(
     base,
-    params,
+    groups,
     first,
     *,
     scaler=None,
@@ -59,7 +63,8 @@ def run(
     group=None,
     plan=None,
 ) -> torch.Tensor | None:
-    """Step (or skip) ``base`` after the restore. ``first``: the first pass's found flag (a
+    """Step (or skip) ``base`` after the restore (``groups``: the param groups, read only by
+    the rules that unscale or check the second gradients). ``first``: the first pass's found flag (a
     0-dim device tensor) or None; ``scaler``/``grad_scale``/``found_inf``: the GradScaler the
     step started with and what ``scaler.step`` handed over, ``key`` what the scaler knows
     the optimizer by; ``group``/``plan``: see :func:`fsam_fused.distributed.agreed_found`.
@@ -75,12 +80,12 @@ def run(
             _device_step(base, grad_scale, found)
         else:
             if grad_scale is not None:
-                amp.unscale_and_check(params, grad_scale.double().reciprocal().float())
+                amp.unscale_and_check(_params(groups), grad_scale.double().reciprocal().float())
             if not found.item():  # the one synchronisation GradScaler itself makes
                 _step(base)
         return found
     if skip_nonfinite:
-        second = amp.unscale_and_check(params)
+        second = amp.unscale_and_check(_params(groups))
         found = (
             first
             if second is None

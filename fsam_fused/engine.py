@@ -94,6 +94,22 @@ from .traffic import bytes_per_step
 _GRAD = attrgetter("grad")
 
 
+class _NoHold:
+    """A hold that holds nothing (the caller's hold covers the block)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def deliver(self) -> None:
+        pass
+
+
+_NO_HOLD = _NoHold()
+
+
 @dataclass(frozen=True)
 class BucketSummary:
     """One bucket of the current plan, as :meth:`FSAM.plan_summary` reports it."""
@@ -263,14 +279,14 @@ class Engine:
 
     # ------------------------------------------------------------------ second_step
 
-    def restore(self) -> None:
+    def restore(self, held: bool = True) -> None:
         """Give every perturbed weight back its saved bits (see the module docstring). Like
         every Engine method, it runs under the caller's ``torch.no_grad()``. SIGINT is held
-        meanwhile; if a restore fails, the step stays in flight (restore can be called
-        again)."""
+        meanwhile (``held=False``: the caller holds signals already, as ``second_step``
+        does); if a restore fails, the step stays in flight (restore can be called again)."""
         torch.clear_autocast_cache()  # (copies of the perturbed weights: see first_step)
         changed = []
-        held = self._held_restore
+        held = self._held_restore if held else _NO_HOLD
         with held:
             for b in self.inflight:
                 if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:

@@ -58,6 +58,8 @@ class Bucket:
     fixed_addresses: bool = True
     sizes: list = field(default_factory=list)  # planned, for take_grads
     strides: list | None = None  # planned (fused backends: the kernels walk dense storage)
+    contiguous: bool = False  # every parameter contiguous (fused backends)
+    size1: list = field(default_factory=list)  # tensors with a size-1 dimension
     device_check: Any = None
     # Detached aliases of the parameters as planned: a restore through them gives the planned
     # storage its bits back even if the user re-viewed a parameter in between (p.data = p.t()).
@@ -96,9 +98,15 @@ class Bucket:
                 or list(map(torch.Tensor.size, grads)) != self.sizes
             ):
                 return None
-            if self.strides is not None:
-                # (Not is_contiguous(): it ignores the strides of size-1 dimensions, which
-                # the fused kernels' checks compare.)
+            if self.contiguous:
+                # Contiguous as planned: is_contiguous() per gradient (half the cost of their
+                # strides), then exact strides only where a size-1 dimension lets them differ.
+                if not all(map(torch.Tensor.is_contiguous, grads)):
+                    return None
+                odd = [i for i in self.size1 if grads[i].stride() != self.strides[i]]
+                if odd:
+                    grads = self.restrided(grads, [g.stride() for g in grads])
+            elif self.strides is not None:
                 got = list(map(torch.Tensor.stride, grads))
                 if got != self.strides:
                     grads = self.restrided(grads, got)
@@ -129,6 +137,9 @@ class Bucket:
         (the C++ ops), so the per-step check can be left to them."""
         self.sizes = [p.size() for p in self.params]
         self.strides = [p.stride() for p in self.params] if fused else None
+        # Same sizes and both contiguous is the same strides except on size-1 dimensions.
+        self.contiguous = fused and all(p.is_contiguous() for p in self.params)
+        self.size1 = [i for i, p in enumerate(self.params) if 1 in p.shape] if fused else []
         self._dtype_set = {self.dtype}
         dev = self.device
         if checks_devices:

@@ -307,14 +307,13 @@ class StepSession(OneThread):
         # parameter). A signal is handed to its handler once the step is done.
         held = self.engine.held_step
         with held:
-            self._restore()
+            self._restore(held=False)  # (this hold covers it)
             self.scaler = None
             if scaler is None and found_inf is not None:
                 raise RuntimeError(_messages.UNSCALED_SCALER_STEP)
-            params = [p for g in self.groups for p in g["params"]]
             self.found = base_step.run(
                 self.base,
-                params,
+                self.groups,
                 self.engine.found,
                 scaler=scaler,
                 grad_scale=grad_scale,
@@ -337,9 +336,9 @@ class StepSession(OneThread):
         self.scaler = None
         return True
 
-    def _restore(self) -> None:
+    def _restore(self, held: bool = True) -> None:
         try:
-            self.engine.restore()
+            self.engine.restore(held)
         except BaseException:
             if self.engine.inflight is not None:
                 self.phase = Phase.RESTORE_FAILED
