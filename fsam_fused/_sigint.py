@@ -64,15 +64,30 @@ class Held:
             prev = {}
             try:
                 # (C-level iteration: the scan is most of the cost; SIGINT always)
+                # Each handler is recorded before it is swapped: a handler that runs right
+                # after a swap (CPython checks for signals when a builtin returns) and raises
+                # must find it recorded, to be put back.
                 if self.every:
-                    handled = map(_PYTHON_HANDLER, map(_GETSIGNAL, _CATCHABLE))
-                    for s in compress(_CATCHABLE, handled):
-                        prev[s] = _signal.signal(s, self._catch)
-                if _SIGINT not in prev and _signal.getsignal(_SIGINT) is not None:
-                    prev[_SIGINT] = _signal.signal(_SIGINT, self._catch)
+                    # (the scan at C level: it is most of the cost)
+                    handled = compress(
+                        _CATCHABLE, map(_PYTHON_HANDLER, map(_GETSIGNAL, _CATCHABLE))
+                    )
+                    for s in list(handled):
+                        prev[s] = _GETSIGNAL(s)
+                        _signal.signal(s, self._catch)
+                if _SIGINT not in prev:
+                    h = _GETSIGNAL(_SIGINT)
+                    if h is not None:
+                        prev[_SIGINT] = h
+                        _signal.signal(_SIGINT, self._catch)
                 self.prev = prev
             except (ValueError, TypeError, OSError):  # no signal module support here
                 self._put_back(prev)
+            except BaseException:
+                # A handler not swapped yet ran (at the loop's back-edge) and raised: the
+                # ones swapped so far go back, or they would record signals for good.
+                self._put_back(prev)
+                raise
         return self
 
     def _catch(self, signum, frame):
@@ -80,8 +95,17 @@ class Held:
 
     @staticmethod
     def _put_back(prev) -> None:
-        for s, h in (prev or {}).items():
-            _signal.signal(s, h)
+        items = list((prev or {}).items())
+        i = 0
+        try:
+            while i < len(items):
+                _signal.signal(*items[i])
+                i += 1
+        except BaseException:
+            # A handler put back already ran and raised: the others go back all the same.
+            for s, h in items[i:]:
+                _signal.signal(s, h)
+            raise
 
     def __exit__(self, exc_type, *exc):
         self._put_back(self.prev)
