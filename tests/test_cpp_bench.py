@@ -38,8 +38,8 @@ def test_records_and_tables_carry_the_adamw_column(monkeypatch):
     seen = {}
     real = suite.time_interleaved
 
-    def spy(steps, device, reps, warmup):
-        ms = real(steps, device, reps, warmup)
+    def spy(steps, device, reps, warmup, *rest, **kw):
+        ms = real(steps, device, reps, warmup, *rest, **kw)
         seen.update(ms)
         return ms
 
