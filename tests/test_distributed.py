@@ -120,8 +120,18 @@ class _Norms:
 def oracle(job, ws, monkeypatch, replicas=1):
     """Single process, full batch (``replicas=1``); or, for DDP's per-replica mode, ``ws``
     replicas that each perturb by their own half-batch gradient and step on the averaged
-    second gradient. Returns (trajectory, squared norms of replica 0)."""
+    second gradient. Returns (trajectory, squared norms of replica 0). Runs on one thread, as
+    the workers do; the test process's thread count is given back afterwards (later tests,
+    Inductor's choice of gradient layouts among them, depend on it)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _oracle(job, ws, monkeypatch, replicas)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _oracle(job, ws, monkeypatch, replicas):
     norms = _Norms(monkeypatch)
     nets = [W.make_net("cpu", job) for _ in range(replicas)]
     opts = [W.make_opt(n.parameters(), dict(job, backend="reference")) for n in nets]
