@@ -38,6 +38,17 @@ def ema_row(first: bool, lmbda: float, paper: bool) -> tuple[float, float]:
     return lmbda, 1.0 - lmbda
 
 
+def _numpy_views(rows: torch.Tensor, scalars: torch.Tensor):
+    """``(rows, scalars)`` as numpy arrays sharing their memory, for CPU tensors when numpy
+    is importable; else None."""
+    if not rows.is_cpu:
+        return None
+    try:
+        return rows.numpy(), scalars.numpy()
+    except (RuntimeError, ImportError):  # "Numpy is not available"
+        return None
+
+
 class Rows:
     """``rows`` and ``scalars`` of one bucket (see the module docstring).
 
@@ -65,10 +76,10 @@ class Rows:
         self.rows = torch.zeros((n, 4), dtype=ct, device=device)
         self.scalars = torch.zeros(2, dtype=ct, device=device)
         # Views written in place: numpy views of CPU tensors (a fill is 0.3 us, a torch
-        # dispatch 2 us), torch views elsewhere (a fill kernel with the value as argument).
-        cpu = self.rows.is_cpu
-        self._np = (self.rows.numpy(), self.scalars.numpy()) if cpu else None
-        rows, scalars = self._np if cpu else (self.rows, self.scalars)
+        # dispatch 2 us) when numpy is installed (it is not a dependency), torch views
+        # otherwise (on a GPU, a fill kernel with the value as its argument).
+        self._np = _numpy_views(self.rows, self.scalars)
+        rows, scalars = self._np or (self.rows, self.scalars)
         self._rho = [(gi, rows[lo:hi, RHO]) for gi, lo, hi in spans]
         self._decay, self._gain = rows[:, DECAY], rows[:, GAIN]
         self._sigma = scalars[SIGMA : SIGMA + 1]

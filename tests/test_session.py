@@ -211,3 +211,27 @@ def test_one_optimizer_from_two_threads_is_refused():
     t.join(10)
     assert errors and "another thread" in errors[0]
     assert not opt.perturbed
+
+
+def test_values_refresh_without_numpy(monkeypatch):
+    """numpy is not a dependency: without it the CPU rows are written through torch views,
+    with the same results (a changing rho and sigma, against a run with numpy)."""
+    runs = []
+    for numpy_ok in (True, False):
+        if not numpy_ok:
+
+            def no_numpy(self):
+                raise RuntimeError("Numpy is not available")
+
+            monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+        net = make_net(6)
+        opt = FSAM(net.parameters(), torch.optim.SGD, lr=0.05, backend="cpp")
+        x, y = _xy(6)
+        for k in range(4):
+            opt.param_groups[0]["rho"] = 0.05 * (k + 1)
+            opt.sigma = 0.5 + 0.1 * k
+            _api_steps("two-pass", net, opt, x, y, 1)
+        assert (opt.engine.plan.buckets[0].device_values.host() is None) == (not numpy_ok)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
