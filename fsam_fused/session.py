@@ -227,6 +227,7 @@ class StepSession(OneThread):
         self._range, args, kwargs = hooks.begin(opt, (closure,), {})
         closure = args[0] if args else kwargs.get("closure", closure)
         try:
+            distributed.drop_unloaded_template(opt)  # (as first_step does)
             first_loss = None
             if self.sample.first_pass_ran(self.groups):  # the authors' convention
                 lightning.check_first_pass(closure)

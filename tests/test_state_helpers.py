@@ -21,7 +21,7 @@ BASES = {
 }
 
 
-def _run(base, backend, prepare=None, steps=3, seed=0):
+def _run(base, backend, prepare=None, steps=3, seed=0, closure=False):
     torch.manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(30)), torch.nn.Parameter(torch.randn(4, 5))]
     cls, kw = BASES[base]
@@ -29,20 +29,30 @@ def _run(base, backend, prepare=None, steps=3, seed=0):
     if prepare is not None:
         prepare(opt)
     gen = torch.Generator().manual_seed(11)
+
+    def grads():
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+
     for _ in range(steps):
+        if closure:  # step(closure): the caller's first pass, the closure's second
+            grads()
+            opt.step(grads)
+            opt.zero_grad()
+            continue
         for step in (opt.first_step, opt.second_step):
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=gen)
+            grads()
             step(zero_grad=True)
     return ps, opt
 
 
+@pytest.mark.parametrize("closure", [False, True], ids=["two-pass", "closure"])
 @pytest.mark.parametrize("backend", ["foreach", "cpp"])
 @pytest.mark.parametrize("base", list(BASES))
-def test_init_state_without_a_load_changes_nothing(base, backend):
+def test_init_state_without_a_load_changes_nothing(base, backend, closure):
     backend_available(backend, "cpu")
-    plain, o1 = _run(base, backend)
-    templ, o2 = _run(base, backend, prepare=init_state)
+    plain, o1 = _run(base, backend, closure=closure)
+    templ, o2 = _run(base, backend, prepare=init_state, closure=closure)
     for a, b in zip(plain, templ):
         assert torch.equal(a, b)
         assert torch.equal(o1.state[a]["ema"], o2.state[b]["ema"])
