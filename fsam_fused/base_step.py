@@ -26,10 +26,14 @@ from . import amp, distributed
 
 
 def _step(base) -> None:
-    """``base.step()`` without the hook/profiler wrapper torch.optim puts around it."""
+    """``base.step()`` without the hook/profiler wrapper torch.optim puts around it. An LR
+    scheduler attached to the base patches ``step`` on the instance only to set
+    ``_opt_called``: that is done here instead (its wrapper would call the hooked step). Any
+    other instance-level patch is called as it is."""
     fn = type(base).step
     inner = getattr(fn, "__wrapped__", None) if getattr(fn, "hooked", False) else None
-    if inner is None or "step" in base.__dict__:  # (an instance-level patch: call it)
+    patch = base.__dict__.get("step")
+    if inner is None or (patch is not None and not getattr(patch, "_wrapped_by_lr_sched", False)):
         base.step()
     else:
         inner(base)

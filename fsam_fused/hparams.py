@@ -166,10 +166,12 @@ class ConfigCache:
             same_s = same_v = False
         if same_v:
             return self._structure, self._values
+        if same_s:
+            sigma = number("sigma", sigma, 0.0)  # (before it is compared with anything)
         if same_s and (sigma > 0) == self._structure.has_ema:
             # Values only: check them alone (a schedule pays this, not the whole config).
             self._values = Values(
-                sigma=number("sigma", sigma, 0.0),
+                sigma=sigma,
                 lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
                 rhos=tuple(
                     number(f"rho in param group {i}", g["rho"], 0.0) for i, g in enumerate(groups)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import weakref
 
 import torch
 
@@ -60,8 +61,10 @@ _PERTURBED = (Phase.PERTURBED, Phase.SCALED, Phase.RESTORE_FAILED)
 
 class GradientSample:
     """Which closure convention a ``step(closure)`` follows (the module docstring): at most
-    four ``(parameter, gradient, versions)`` the last step left, compared with what the
-    parameters hold now."""
+    four ``(parameter, weak reference to its gradient, versions)`` the last step left,
+    compared with what the parameters hold now. Weak: the sample must not keep a gradient
+    that ``zero_grad()`` frees alive (the sampled ones are often the largest: an embedding,
+    an LM head); a gradient that died was replaced, which is what a dead reference says."""
 
     __slots__ = ("left",)
 
@@ -75,10 +78,10 @@ class GradientSample:
         left = self.left
         if left is not None:
             none = True
-            for p, g, v in left:
+            for p, ref, v in left:
                 pg = p.grad
                 if pg is not None:
-                    if pg is not g or pg._version not in v:
+                    if ref is None or pg is not ref() or pg._version not in v:
                         return True
                     none = False
             if not none:
@@ -90,23 +93,33 @@ class GradientSample:
         left = self.left
         if left is not None:
             self.left = [
-                (p, g, v + (p.grad._version,)) if p.grad is g and g is not None else (p, g, v)
-                for p, g, v in left
+                (p, ref, v + (p.grad._version,))
+                if ref is not None and p.grad is not None and p.grad is ref()
+                else (p, ref, v)
+                for p, ref, v in left
             ]
 
-    def leave(self, plan) -> None:
-        """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`."""
-        if plan is None or not plan.have:
+    def leave(self, plan, groups=None) -> None:
+        """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`:
+        from the plan's parameters with a gradient, or, without a plan (a step that failed),
+        from ``groups``' parameters that have one."""
+        if plan is not None:
+            flat, have = plan.flat, plan.have
+        elif groups is not None:
+            flat = [p for g in groups for p in g["params"]]
+            have = [i for i, p in enumerate(flat) if p.grad is not None]
+        else:
+            flat, have = [], []
+        if not have:
             self.left = None
             return
-        have = plan.have
         n = len(have)
         picks = sorted({0, n // 3, (2 * n) // 3, n - 1})
         sample = []
         for i in picks:
-            p = plan.flat[have[i]]
+            p = flat[have[i]]
             g = p.grad
-            sample.append((p, g, (g._version,) if g is not None else ()))
+            sample.append((p, weakref.ref(g), (g._version,)) if g is not None else (p, None, ()))
         self.left = sample
 
 
@@ -239,6 +252,9 @@ class StepSession(OneThread):
             loss = self.second_pass(closure, fresh=True)
             self._finish(opt, inputs, None, None)
         except BaseException:
+            # The gradients now in .grad are this failed step's (given back, or the first
+            # call's): not a first pass for the next step(closure) to perturb along.
+            self.sample.leave(None, self.groups)
             if not self.perturbed:
                 self._end_range(None)
             raise

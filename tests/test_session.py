@@ -235,3 +235,92 @@ def test_values_refresh_without_numpy(monkeypatch):
         runs.append([p.detach().clone() for p in net.parameters()])
     for p, q in zip(*runs):
         assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+def test_after_a_failed_torch_style_step_the_next_runs_both_passes():
+    """A torch.optim-style closure whose second pass raised gives the first pass's .grad
+    back; the next step(closure) must not take them for a caller's first pass."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1)
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    xs = [torch.randn(8, 4) for _ in range(3)]
+    calls = []
+
+    def make(i, fail_on_call=None):
+        n = [0]
+
+        def closure():
+            n[0] += 1
+            calls.append((i, n[0]))
+            if fail_on_call == n[0]:
+                raise ValueError("bad batch")
+            opt.zero_grad()
+            loss = m(xs[i]).pow(2).mean()
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt.step(make(0))
+    with pytest.raises(ValueError, match="bad batch"):
+        opt.step(make(1, fail_on_call=2))
+    calls.clear()
+    opt.step(make(2))
+    assert calls == [(2, 1), (2, 2)]
+
+
+def test_the_closure_sample_keeps_no_gradient_alive():
+    import gc
+    import weakref
+
+    m = torch.nn.Linear(4, 3)
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    x = torch.randn(5, 4)
+    m(x).sum().backward()
+    opt.first_step(zero_grad=True)
+    m(x).sum().backward()
+    opt.second_step()
+    refs = [weakref.ref(p.grad) for p in m.parameters()]
+    opt.zero_grad()
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+def test_a_scheduler_on_the_base_optimizer_reports_the_step_once():
+    import warnings
+
+    m = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, 1, 0.5)
+    seen = []
+    h = register_optimizer_step_post_hook(lambda o, a, k: seen.append(type(o).__name__))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "lr_scheduler.step() before optimizer.step()"
+            for _ in range(2):
+                m(x).pow(2).mean().backward()
+                opt.first_step(zero_grad=True)
+                m(x).pow(2).mean().backward()
+                opt.second_step(zero_grad=True)
+                sched.step()
+    finally:
+        h.remove()
+    assert seen == ["FSAM", "FSAM"]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("bad", [None, "0.5"])
+def test_a_bad_sigma_after_a_step_is_named(bad):
+    m = torch.nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.1)
+    _api_steps("two-pass", m, opt, x, torch.zeros(8, 1), 1)
+    opt.sigma = bad
+    m(x).sum().backward()
+    with pytest.raises(TypeError, match="sigma"):
+        opt.first_step()
+    assert not opt.perturbed
