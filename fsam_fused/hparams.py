@@ -170,12 +170,12 @@ class ConfigCache:
             sigma = number("sigma", sigma, 0.0)  # (before it is compared with anything)
         if same_s and (sigma > 0) == self._structure.has_ema:
             # Values only: check them alone (a schedule pays this, not the whole config).
+            rhos = [r for r, _ in vraw[4]]
+            # (finite non-negative floats, the common case, without naming each group)
+            if not all(type(r) is float and 0.0 <= r < math.inf for r in rhos):
+                rhos = [number(f"rho in param group {i}", r, 0.0) for i, r in enumerate(rhos)]
             self._values = Values(
-                sigma=sigma,
-                lmbda=number("lmbda", lmbda, 0.0, 1.0, hi_open=True),
-                rhos=tuple(
-                    number(f"rho in param group {i}", g["rho"], 0.0) for i, g in enumerate(groups)
-                ),
+                sigma, number("lmbda", lmbda, 0.0, 1.0, hi_open=True), tuple(rhos)
             )
         else:
             structure, self._values = config(
