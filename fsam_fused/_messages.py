@@ -1,12 +1,12 @@
 """Error messages that explain a recipe (long enough to keep out of the code that raises them)."""
 
 NO_FIRST_STEP = (
-    "FSAM.step() needs a closure that runs the second forward and backward pass, e.g. "
-    "opt.step(lambda: loss_fn().backward()), or a preceding first_step(). With a GradScaler: "
-    "opt.first_step(zero_grad=True, grad_scaler=scaler) after the first backward, then the "
-    "second backward, then scaler.step(opt). Frameworks that run the only backward inside "
-    "their own closure (Lightning's automatic optimization) need the manual-optimization "
-    "recipe in docs/training-loops.md"
+    "FSAM.step() needs a closure (one that runs the step's forward and backward, or, after "
+    "your own first backward, the second pass), or a preceding first_step(). With a "
+    "GradScaler: opt.first_step(zero_grad=True, grad_scaler=scaler) after the first backward, "
+    "then the second backward, then scaler.step(opt). A framework that runs the closure "
+    "itself and then calls scaler.step(opt) without it (Lightning's automatic optimization "
+    "under fp16) needs the manual-optimization recipe in docs/training-loops.md"
 )
 SCALER_CLOSURE = (
     "scaler.step(opt, closure) is not supported: GradScaler cannot see the closure's "

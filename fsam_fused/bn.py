@@ -57,7 +57,7 @@ def bn_frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
             _thaw(m)
 
 
-# Issue 14: the helpers compose. Each layer counts the holds on it (every bn_frozen block
+# The helpers compose. Each layer counts the holds on it (every bn_frozen block
 # it is in, plus one for disable_running_stats until enable_running_stats) and keeps its own
 # setting from before the first: nesting and mixing the two styles in any order leave it
 # frozen while any hold remains, and give its setting back when the last one ends.

@@ -10,15 +10,20 @@ from .engine import BucketSummary, Engine
 
 
 def own(opt):
-    """The FSAM whose step this is: ``opt`` itself, or the FSAM inside a wrapper that borrows
-    its class (Lightning's ``LightningOptimizer`` has FSAM among its bases but not its
-    ``__dict__``): the step must run on the optimizer GradScaler and the state know."""
-    if "_session" in opt.__dict__:
+    """The FSAM whose step this is: ``opt`` itself, or the FSAM inside a wrapper, a few
+    levels deep: one that borrows its class (Lightning's ``LightningOptimizer`` has FSAM
+    among its bases but not its ``__dict__``) or holds it as ``.optimizer`` (accelerate's).
+    The step must run on the optimizer GradScaler and the state know."""
+    if "_session" in opt.__dict__:  # (the common case: one look-up a step)
         return opt
-    inner = getattr(opt, "optimizer", None)
-    if isinstance(inner, StepReports) and "_session" in inner.__dict__:
-        return inner
-    raise TypeError(f"{type(opt).__name__} is not an initialised FSAM optimizer")
+    inner = opt
+    for _ in range(4):
+        inner = getattr(inner, "optimizer", None)
+        if inner is None:
+            break
+        if isinstance(inner, StepReports) and "_session" in vars(inner):
+            return inner
+    raise TypeError(f"{type(opt).__name__} is not, and does not wrap, an FSAM optimizer")
 
 
 class StepReports:

@@ -29,18 +29,9 @@ def unwrap(opt):
         >>> unwrap(opt) is opt
         True
     """
-    from ..optimizer import FSAM
+    from ..reports import own
 
-    inner = opt
-    for _ in range(4):
-        # Lightning's wrapper has FSAM among its classes but not its state: look for the
-        # object that owns the step engine.
-        if isinstance(inner, FSAM) and "_session" in vars(inner):
-            return inner
-        inner = getattr(inner, "optimizer", None)
-        if inner is None:
-            break
-    raise TypeError(f"{type(opt).__name__} is not, and does not wrap, an FSAM optimizer")
+    return own(opt)
 
 
 def _on_fsam_created() -> None:
