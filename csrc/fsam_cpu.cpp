@@ -7,6 +7,7 @@
 //               swap = 1: saved <- w + e, w untouched (the caller swaps the two storages:
 //                         the double buffer, a third fewer bytes; bench/cpu_backend.py)
 //   restore_  w <- saved (the exact-copy tensors; swapped ones are swapped back by the caller)
+//   ema_      the EMA update alone: the cheap step of a perturbation schedule
 //
 // Arithmetic is float32 whatever the storage (float32, bfloat16, float16), rounded once on
 // store, in the same operation order as the reference backend, so float32 results match it
@@ -597,6 +598,40 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
   });
 }
 
+// The cheap step's EMA pass (a step a perturbation schedule does not perturb):
+// m <- m * decay + g * gain, in the reference's operation order, nothing else written.
+template <typename W, typename M>
+void ema_impl(const std::vector<Spec>& specs, bool unscale, float inv) {
+  const auto chunks = chunk_table(specs);
+  balanced_for(chunk_sizes(chunks), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const Chunk& ch = chunks[c];
+      const Spec& s = specs[ch.spec];
+      const W* g = static_cast<const W*>(s.g);
+      M* m = static_cast<M*>(s.m);
+      const fVec vdecay(s.decay), vgain(s.gain), vinv(inv);
+      int64_t i = ch.begin;
+      for (; i + kStep <= ch.end; i += kStep) {
+        fVec g0, g1, m0, m1;
+        const int64_t pf = std::min(i + kPrefetch, s.numel - 1);
+        FSAM_PREFETCH(g + pf);
+        FSAM_PREFETCH(m + pf);
+        load2(g + i, g0, g1);
+        if (unscale) {
+          g0 = g0 * vinv;
+          g1 = g1 * vinv;
+        }
+        load2(m + i, m0, m1);
+        store2(m + i, Direction::ema(g0, m0, vdecay, vgain), Direction::ema(g1, m1, vdecay, vgain));
+      }
+      for (; i < ch.end; ++i) {
+        const float gi = unscale ? static_cast<float>(g[i]) * inv : static_cast<float>(g[i]);
+        m[i] = static_cast<M>(Direction::ema(gi, static_cast<float>(m[i]), s.decay, s.gain));
+      }
+    }
+  });
+}
+
 // Dispatch on (weight dtype, EMA dtype); the EMA dtype is the weights' when there is none.
 template <typename F>
 void dispatch(at::ScalarType wt, at::ScalarType mt, F&& f) {
@@ -707,6 +742,34 @@ void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
   });
 }
 
+// The cheap step (fsam_fused.schedules): the EMA update alone, skipped (EMA bits kept) when
+// the sum of `sq` (the gradients' squared norm, from norm_sq without EMA) is not finite.
+void ema_(at::TensorList emas, at::TensorList grads, const at::Tensor& rows, const at::Tensor& sq,
+          const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found) {
+  TORCH_CHECK(!emas.empty() || grads.empty(), "fsam_fused: ema_ needs one EMA per gradient");
+  const auto specs = gather(grads, grads, emas, {}, nullptr, rows, {});
+  const float norm = global_norm(sq);
+  const float inv = inv_scale_of(inv_scale);
+  if (found.has_value()) {
+    TORCH_CHECK(found->device().is_cpu() && found->scalar_type() == at::kFloat &&
+                    found->numel() == 1 && found->is_contiguous(),
+                "fsam_fused: found must be a 1-element contiguous float32 CPU tensor, got ",
+                found->scalar_type(), " ", found->sizes(), " on ", found->device());
+    TORCH_CHECK(!found->requires_grad(), "fsam_fused: found must not require grad");
+  }
+  check_no_grad("emas", emas);
+  const at::TensorList found_list =
+      found.has_value() ? at::TensorList(*found) : at::TensorList();
+  check_no_overlap({{"emas", emas, true}, {"found", found_list, true}, {"grads", grads, false},
+                    {"sq", sq, false}});
+  const bool ok = std::isfinite(norm);
+  if (found.has_value()) found->data_ptr<float>()[0] = ok ? 0.0f : 1.0f;
+  if (specs.empty() || !ok) return;
+  dispatch(grads[0].scalar_type(), emas[0].scalar_type(), [&](auto w, auto m) {
+    ema_impl<decltype(w), decltype(m)>(specs, inv_scale.has_value(), inv);
+  });
+}
+
 void restore_(at::TensorList weights, at::TensorList saved) {
   check_list("weights", weights, weights);
   check_list("saved", saved, weights);
@@ -765,12 +828,15 @@ TORCH_LIBRARY(fsam_fused, m) {
         "Tensor(c!)[] saved, Tensor sq, Tensor rows, Tensor scalars, int[] swap, bool paper, "
         "Tensor? inv_scale=None, Tensor(d!)? found=None) -> ()");
   m.def("restore_(Tensor(a!)[] weights, Tensor[] saved) -> ()");
+  m.def("ema_(Tensor(a!)[] emas, Tensor[] grads, Tensor rows, Tensor sq, "
+        "Tensor? inv_scale=None, Tensor(b!)? found=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fsam_fused, CPU, m) {
   m.impl("norm_sq", &norm_sq);
   m.impl("perturb_", &perturb_);
   m.impl("restore_", &restore_);
+  m.impl("ema_", &ema_);
 }
 
 }  // namespace fsam_cpu
@@ -861,6 +927,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }
       static const auto op = handle<decltype(fsam_cpu::restore_)>("fsam_fused::restore_");
       op.call(w, saved);
+    });
+  });
+  m.def("ema_", [](const TV& e, const TV& g, const at::Tensor& rows, const at::Tensor& sq,
+                   const OptT& inv, const OptT& found) {
+    py::gil_scoped_release no_gil;
+    guarded([&] {
+      if (plain({&e, &g}, {&rows, &sq, inv ? &*inv : nullptr, found ? &*found : nullptr})) {
+        fsam_cpu::ema_(e, g, rows, sq, inv, found);
+        return;
+      }
+      static const auto op = handle<decltype(fsam_cpu::ema_)>("fsam_fused::ema_");
+      op.call(e, g, rows, sq, inv, found);
     });
   });
 }

@@ -41,3 +41,11 @@ def base_not_class(obj) -> str:
     return (
         f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.SGD, got {obj!r}"
     )
+
+
+CHEAP_SECOND_PASS = (
+    "second_step(): first_step() returned False (the schedule took a cheap step: the EMA "
+    "was updated, the weights not perturbed), but the gradients were written again since: "
+    "a second forward/backward must be skipped on such a step (`if opt.first_step(): ...`). "
+    "The base optimizer did not step; the step is over"
+)

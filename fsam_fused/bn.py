@@ -41,6 +41,7 @@ def bn_frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         >>> x = torch.randn(16, 4)
         >>> model(x).square().mean().backward()       # first pass: updates the stats
         >>> opt.first_step(zero_grad=True)
+        True
         >>> with bn_frozen(model):                    # second pass: does not
         ...     model(x).square().mean().backward()
         >>> opt.second_step(zero_grad=True)

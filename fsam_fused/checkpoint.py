@@ -84,6 +84,8 @@ def state_dict(opt) -> dict:
             "ema_order": opt.ema_order,
         },
     }
+    if opt.schedule is not None:  # counters, generator, running statistics
+        sd["fsam"]["schedule"] = opt.schedule.state_dict()
     for hook in opt._optimizer_state_dict_post_hooks.values():
         result = hook(opt, sd)
         if result is not None:
@@ -112,6 +114,7 @@ def load(opt, sd, *, plain_sam: bool = False) -> None:
     if plain_sam:
         _refuse_fsam(new_state, sigma)
     groups = _merged_groups(opt, sd["param_groups"])
+    schedule = _checked_schedule(opt, sd["fsam"].get("schedule"))
     became_sam = imported is None and sigma == 0 < opt.sigma and not plain_sam
 
     opt.base_optimizer.load_state_dict(sd["base_optimizer"])
@@ -122,6 +125,8 @@ def load(opt, sd, *, plain_sam: bool = False) -> None:
     opt.state = new_state
     opt.engine.plan = None
     opt.sigma, opt.lmbda, opt.ema_order = sigma, lmbda, order
+    if schedule is not None:
+        opt.schedule.load_state_dict(schedule)
 
     if imported is not None:
         warn_at_caller(imported, peers.PeerCheckpointWarning)
@@ -135,6 +140,25 @@ def load(opt, sd, *, plain_sam: bool = False) -> None:
         )
     for hook in opt._optimizer_load_state_dict_post_hooks.values():
         hook(opt)
+
+
+def _checked_schedule(opt, saved):
+    """The checkpoint's schedule state, checked against ``opt.schedule`` (loaded into a copy
+    first, so a mismatch raises before anything changes); None when there is nothing to load.
+    A checkpoint without one leaves the schedule as it is; one with a schedule loaded into an
+    optimizer without one is a warning (the run continues perturbing every step)."""
+    if saved is None:
+        return None
+    if opt.schedule is None:
+        warn_at_caller(
+            "the checkpoint holds a perturbation schedule's state "
+            f"({saved.get('kind') if isinstance(saved, dict) else saved!r}) but this optimizer "
+            "has no schedule (it perturbs every step); pass schedule=... to FSAM to resume it",
+            UserWarning,
+        )
+        return None
+    copy.deepcopy(opt.schedule).load_state_dict(saved)
+    return saved
 
 
 def _refuse_fsam(state, sigma) -> None:

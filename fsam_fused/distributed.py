@@ -136,6 +136,28 @@ def agreed_found(found, group=None, plan=None):
     return out
 
 
+def agreed_mean(x, group=None, plan=None):
+    """``x`` (a 1-element float32 device tensor: a schedule's statistic) averaged over the
+    data-parallel ranks that :func:`agreed_found` would ask (same ``group`` rule), so every
+    rank takes the same decision from it; ``x`` itself when there are none. One collective
+    of one float, no host synchronisation."""
+    if group is False:
+        return x
+    dist = sys.modules.get("torch.distributed")
+    if group is None:
+        if dist is None or not dist.is_available() or not dist.is_initialized():
+            return x
+        if dist.get_world_size() < 2:
+            return x
+        if plan is not None and all(b.owners is not None for b in plan.buckets):
+            return x  # DTensor shards: the sum of squares is already global
+    import torch.distributed as dist
+
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out / dist.get_world_size(group)
+
+
 @torch.no_grad()
 def init_state(opt) -> None:
     """Create every state entry a checkpoint may hold, so ``opt.state_dict()`` can be the

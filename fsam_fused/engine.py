@@ -77,6 +77,7 @@ with fake kernels) so a compiled graph can call them.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -125,7 +126,44 @@ class BucketSummary:
     aligned: bool | None  # Triton: every address 16-byte aligned (128-bit accesses)
 
 
-class Engine:
+class CheapPasses:
+    """The passes of a schedule's cheap step (:mod:`fsam_fused.schedules`), mixed into
+    :class:`Engine` (whose plan, holds and commit they use)."""
+
+    def grad_sq(self, prepared) -> list:
+        """Per bucket, a float32 1-D tensor whose sum is ``sum (inv * g)**2`` over the whole
+        step (every bucket, every rank of a sharded parameter). Writes nothing."""
+        plan, inputs, ctx = prepared
+        with self._reading(plan, *ctx):
+            parts = [b.backend.grad_sq(b, inputs[id(b)]) for b in plan.buckets]
+            return reduce.combine(parts, plan.buckets)
+
+    def cheap(self, prepared, sqs: list) -> None:
+        """A schedule's cheap step: the EMA pass alone, bucket by bucket with the perturb
+        pass's EMA backups and rollback (no weight is written), then the commit of new EMAs.
+        ``sqs``: :meth:`grad_sq`'s, in the plan's bucket order."""
+        plan, inputs, _ = prepared
+        by = {id(x): sq for x, sq in zip(plan.buckets, sqs)}
+        done, b = [], None
+        held = self._held
+        with held:
+            try:
+                for b in plan.commit:
+                    if b.backups is not None:
+                        torch._foreach_copy_(b.backups, b.emas)
+                    b.backend.ema(b, inputs[id(b)], by[id(b)])
+                    done.append(b)
+            except BaseException:
+                self.plan = None
+                for x in (*done, b):
+                    if x is not None and x.backups is not None:
+                        torch._foreach_copy_(x.emas, x.backups)
+                raise
+            self._committed(plan)
+        held.deliver()
+
+
+class Engine(CheapPasses):
     """Runs the passes of one optimizer's steps; owns its plan, buffers and backends."""
 
     def __init__(self):
@@ -194,21 +232,30 @@ class Engine:
     def first_step(self, st: Structure, values: Values, groups, state, inv_scale=None) -> None:
         """``inv_scale``: None, or a 1-element float32 tensor (a GradScaler's 1/scale, on the
         parameters' device) every first-pass gradient is multiplied by inside the passes."""
+        self.perturb(self.prepare(st, values, groups, state, inv_scale))
+
+    def prepare(self, st: Structure, values: Values, groups, state, inv_scale=None):
+        """The step's plan and, per bucket, its :class:`StepInputs` (values refreshed):
+        what :meth:`perturb`, :meth:`grad_sq` and :meth:`cheap` take. Writes nothing."""
         previous = self.plan
         plan, grads = self.plan_for(st, groups, state)
-        try:
+        with self._reading(plan, previous, st, groups, state):
             inv = inv_scale
             if inv is not None and any(b.device != inv.device for b in plan.buckets):
                 inv = {d: inv.to(d, non_blocking=True) for d in {b.device for b in plan.buckets}}
-            inputs, parts, carries = {}, [], {}
+            inputs = {}
             for b, g in zip(plan.buckets, grads):
                 b.device_values.refresh(values)
-                x = inputs[id(b)] = StepInputs(
+                inputs[id(b)] = StepInputs(
                     g, inv[b.device] if type(inv) is dict else inv, self._found_on(b.device)
                 )
-                part, carries[id(b)] = b.backend.norm(b, x)
-                parts.append(part)
-            sqs = {id(b): sq for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets))}
+        return plan, inputs, (previous, st, groups, state)
+
+    @contextmanager
+    def _reading(self, plan, previous, st, groups, state):
+        """Around the passes that read: a failure drops the plan (re-checked next time)."""
+        try:
+            yield
         except Exception:
             self.plan = None
             if plan is previous:
@@ -220,6 +267,16 @@ class Engine:
         except BaseException:
             self.plan = None  # re-check everything next time
             raise
+
+    def perturb(self, prepared) -> None:
+        """The norm pass, then the write region (see the module docstring)."""
+        plan, inputs, ctx = prepared
+        with self._reading(plan, *ctx):
+            parts, carries = [], {}
+            for b in plan.buckets:
+                part, carries[id(b)] = b.backend.norm(b, inputs[id(b)])
+                parts.append(part)
+            sqs = {id(b): sq for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets))}
         held = self._held
         try:
             with held:
@@ -250,13 +307,16 @@ class Engine:
             self._roll_back(done, b)
             raise
         self.inflight = done  # the commit point: from here on a failure restores
+        self._committed(plan)
+        # Autocast caches low-precision copies of the weights until its outermost block
+        # exits: a second forward inside the same block would reuse the unperturbed ones.
+        torch.clear_autocast_cache()
+
+    def _committed(self, plan) -> None:
         self.buffers.commit(self._seen(plan))
         if plan.new_emas:
             plan.key = None  # the next step has no first sights: rebuild then
         self.found = self._found_on(plan.buckets[0].device) if plan.buckets else None
-        # Autocast caches low-precision copies of the weights until its outermost block
-        # exits: a second forward inside the same block would reuse the unperturbed ones.
-        torch.clear_autocast_cache()
 
     def _seen(self, plan) -> dict:
         """The EMAs to enter into the state: a parameter whose first gradient was not finite

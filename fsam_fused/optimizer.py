@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hparams
+from . import _messages, amp, checkpoint, hparams, schedules
 from .backends import build_ahead
 from .buffers import State
 from .reports import StepReports, own
@@ -71,6 +71,9 @@ class FSAM(StepReports, Optimizer):
             step. Without it a non-finite first pass never perturbs the weights nor enters
             the EMA (checked on the device), and a fused base (``fused=True`` SGD, Adam,
             AdamW) skips its step on the device; any other base steps on the second gradient.
+        schedule: on which steps to perturb (:mod:`fsam_fused.schedules`: ``EveryK``,
+            ``Bernoulli``, ``Adaptive``); None (default) perturbs every step. On other steps
+            ``first_step()`` updates the EMA alone and returns False: skip the second pass.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype`` and ``fixed_addresses`` are
@@ -94,7 +97,8 @@ class FSAM(StepReports, Optimizer):
         >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
         >>> loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)
         >>> loss_fn().backward()          # first forward/backward at w
-        >>> opt.first_step(zero_grad=True)
+        >>> opt.first_step(zero_grad=True)  # True: perturbed (always, without a schedule)
+        True
         >>> opt.perturbed
         True
         >>> loss_fn().backward()          # second forward/backward at w + e
@@ -127,6 +131,7 @@ class FSAM(StepReports, Optimizer):
         ema_dtype: torch.dtype | None = None,
         fixed_addresses: bool = False,
         skip_nonfinite: bool = False,
+        schedule: schedules.Schedule | None = None,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
@@ -142,6 +147,7 @@ class FSAM(StepReports, Optimizer):
         self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
+        self._schedule = schedules.check_schedule(schedule)
         # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
         self.nonfinite_group = None
         self.base_optimizer = None
@@ -160,10 +166,22 @@ class FSAM(StepReports, Optimizer):
         self._fresh_session()
 
     def _fresh_session(self) -> None:
-        self._session = StepSession(self.param_groups, self.base_optimizer, id(self))
+        self._session = StepSession(
+            self.param_groups, self.base_optimizer, id(self), self.__dict__.get("_schedule")
+        )
         self._config = hparams.ConfigCache()
         for hook in ON_CREATE:
             hook()
+
+    @property
+    def schedule(self) -> schedules.Schedule | None:
+        """The perturbation schedule (settable between steps)."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule) -> None:
+        self._session.refuse_mid_step("changing the schedule")
+        self._schedule = self._session.schedule = schedules.check_schedule(schedule)
 
     # ------------------------------------------------------------------ groups and state
 
@@ -213,6 +231,7 @@ class FSAM(StepReports, Optimizer):
             self.state = State(self.state)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("nonfinite_group", None)
+        self.__dict__.setdefault("_schedule", None)
         self._fresh_session()
 
     # ------------------------------------------------------------------ the step
@@ -224,15 +243,17 @@ class FSAM(StepReports, Optimizer):
     @torch.no_grad()
     def first_step(
         self, zero_grad: bool = False, grad_scaler: torch.amp.GradScaler | None = None
-    ) -> None:
+    ) -> bool:
         """Perturb the weights to ``w + e`` (saving ``w``); call after the first backward.
+        Returns True; with a ``schedule``, False on a cheap step (the EMA updated, nothing
+        perturbed, ``zero_grad`` not applied: skip the second pass, then ``second_step()``).
         All-or-nothing: if it raises, weights, EMA and base state are as they were.
         ``grad_scaler``: the ``torch.amp.GradScaler`` that scaled the first backward (its
         1/scale is applied inside the passes); finish with ``scaler.step(opt)`` and
         ``scaler.update()`` (``docs/training-loops.md``). A non-finite first gradient leaves
         weights and EMA as they were; see :meth:`found_nonfinite`."""
         fs = own(self)
-        fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
+        return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:

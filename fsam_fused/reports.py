@@ -62,6 +62,7 @@ class StepReports:
             >>> model(torch.tensor([[float("inf"), 0.0, 0.0]])).sum().backward()
             >>> w = model.weight.detach().clone()
             >>> opt.first_step(zero_grad=True)       # non-finite: the weights are not perturbed
+            True
             >>> torch.equal(model.weight, w), opt.found_nonfinite().item()
             (True, 1.0)
         """
@@ -84,6 +85,13 @@ class StepReports:
         """
         return own(self)._session.perturbed
 
+    @property
+    def last_perturbed(self) -> bool | None:
+        """Whether the last (or current) step perturbed the weights: False for a schedule's
+        cheap step, None before the first step. Host state only (``step(closure)`` callers
+        count perturbed steps with it)."""
+        return own(self)._session.took
+
     @torch.no_grad()
     def abandon_step(self) -> bool:
         """End a step in flight without a base step: the weights get their saved bits back
@@ -99,6 +107,7 @@ class StepReports:
             >>> w = model.weight.detach().clone()
             >>> model(torch.randn(4, 3)).sum().backward()
             >>> opt.first_step(zero_grad=True)
+            True
             >>> opt.abandon_step(), torch.equal(model.weight, w), opt.perturbed
             (True, True, False)
         """

@@ -37,26 +37,15 @@ rewritten are taken as pattern (b).
 
 from __future__ import annotations
 
-import enum
 import threading
 import weakref
 
 import torch
 
-from . import _messages, amp, base_step, distributed, hooks
+from . import _messages, amp, base_step, distributed, hooks, schedules
+from .closures import Closures
 from .engine import Engine
-from .integrations import lightning
-
-
-class Phase(enum.Enum):
-    IDLE = "idle"
-    PERTURBED = "perturbed"  # first_step done: the weights are w + e
-    SCALED = "perturbed, with a GradScaler"  # ... and scaler.step(opt) must finish it
-    IN_CLOSURE = "in the closure"  # step(closure) is running the closure
-    RESTORE_FAILED = "perturbed, a restore failed"  # second_step() or abandon() may retry
-
-
-_PERTURBED = (Phase.PERTURBED, Phase.SCALED, Phase.RESTORE_FAILED)
+from .phase import Phase
 
 
 class GradientSample:
@@ -146,12 +135,15 @@ class OneThread:
         return False
 
 
-class StepSession(OneThread):
+class StepSession(Closures, OneThread):
     """One optimizer's steps. ``groups``: the (shared) param-group list; ``base``: the base
-    optimizer; ``key``: what a GradScaler knows the optimizer by (its ``id``)."""
+    optimizer; ``key``: what a GradScaler knows the optimizer by (its ``id``); ``schedule``:
+    on which steps to perturb (:mod:`fsam_fused.schedules`; None: every step)."""
 
-    def __init__(self, groups, base, key: int):
-        self.groups, self.base, self.key = groups, base, key
+    def __init__(self, groups, base, key: int, schedule=None):
+        self.groups, self.base, self.key, self.schedule = groups, base, key, schedule
+        self.cheap = False  # the step in flight is a schedule's cheap step (not perturbed)
+        self.took: bool | None = None  # whether the last first half perturbed
         self.engine = Engine()
         self.phase = Phase.IDLE
         self.scaler = None  # the enabled GradScaler the step in flight was started with
@@ -164,38 +156,44 @@ class StepSession(OneThread):
     # ------------------------------------------------------------------ queries
 
     @property
-    def perturbed(self) -> bool:
+    def in_flight(self) -> bool:
         return self.phase is not Phase.IDLE
 
+    @property
+    def perturbed(self) -> bool:
+        return self.phase is not Phase.IDLE and not self.cheap
+
     def refuse_mid_step(self, what: str) -> None:
-        if self.perturbed:
+        if self.in_flight:
+            state = "the base step is pending" if self.cheap else "the weights are perturbed"
             raise RuntimeError(
-                f"{what} between first_step() and second_step(): the weights are "
-                "perturbed; call second_step() (or abandon_step()) first"
+                f"{what} between first_step() and second_step(): {state}; call "
+                "second_step() (or abandon_step()) first"
             )
 
     # ------------------------------------------------------------------ FSAM's step API
     # ``opt`` is the optimizer the hooks report and whose zero_grad runs; ``inputs()`` gives
     # ``(structure, values, state)``, read only when a step begins.
 
-    def first_step(self, opt, inputs, zero_grad: bool, scaler) -> None:
+    def first_step(self, opt, inputs, zero_grad: bool, scaler) -> bool:
         with self:
             rng, _, _ = hooks.begin(opt, (), {})
             try:
-                if not self.perturbed:  # (init_state's template, when no load followed)
+                if not self.in_flight:  # (init_state's template, when no load followed)
                     distributed.drop_unloaded_template(opt)
                 st, values, state = inputs()
-                self.first(st, values, state, scaler)
+                took = self.first(st, values, state, scaler, opt.nonfinite_group)
             except BaseException:
                 hooks.close(rng)
                 raise
             self._range = rng
-            if zero_grad:
+            if zero_grad and took:  # (a cheap step's base step takes these gradients)
                 try:
                     opt.zero_grad()
                 except BaseException:  # (a signal handler's): all-or-nothing, restored
                     self.abandon_step()
                     raise
+            return took
 
     def second_step(self, opt, inputs, zero_grad: bool) -> None:
         with self:
@@ -211,14 +209,14 @@ class StepSession(OneThread):
             if found_inf is not None:
                 if closure is not None:
                     raise RuntimeError(_messages.SCALER_CLOSURE)
-                if not self.perturbed:
+                if not self.in_flight:
                     raise RuntimeError(_messages.NO_FIRST_STEP)
                 return self._finish(opt, inputs, grad_scale, found_inf)
             if closure is not None and not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-            if self.perturbed:
+            if self.in_flight:
                 loss = None
-                if closure is not None:
+                if closure is not None and not self.cheap:
                     try:
                         loss = self.second_pass(closure, fresh=False)
                     except BaseException:
@@ -236,35 +234,11 @@ class StepSession(OneThread):
             self._end_range(None)
             return done
 
-    def _whole(self, opt, inputs, closure):
-        self._range, args, kwargs = hooks.begin(opt, (closure,), {})
-        closure = args[0] if args else kwargs.get("closure", closure)
-        try:
-            distributed.drop_unloaded_template(opt)  # (as first_step does)
-            first_loss = None
-            if self.sample.first_pass_ran(self.groups):  # the authors' convention
-                lightning.check_first_pass(closure)
-            else:  # torch.optim's: the closure runs both passes
-                with torch.enable_grad():
-                    first_loss = closure()
-            st, values, state = inputs()
-            self.first(st, values, state)
-            loss = self.second_pass(closure, fresh=True)
-            self._finish(opt, inputs, None, None)
-        except BaseException:
-            # The gradients now in .grad are this failed step's (given back, or the first
-            # call's): not a first pass for the next step(closure) to perturb along.
-            self.sample.leave(None, self.groups)
-            if not self.perturbed:
-                self._end_range(None)
-            raise
-        return loss if first_loss is None else first_loss
-
     def _finish(self, opt, inputs, grad_scale, found_inf) -> None:
         try:
             self.finish(grad_scale, found_inf, opt.skip_nonfinite, opt.nonfinite_group)
         except BaseException:
-            if not self.perturbed:  # the step ended (restored): so does its range
+            if not self.in_flight:  # the step ended (restored): so does its range
                 self._end_range(None)
             raise
         # A step taken through first/second_step is a step: tell an LR scheduler attached
@@ -282,36 +256,47 @@ class StepSession(OneThread):
 
     # ------------------------------------------------------------------ the two halves
 
-    def first(self, st, values, state, scaler=None) -> None:
-        """``first_step``: perturb the weights (all-or-nothing; see the engine)."""
+    def first(self, st, values, state, scaler=None, group=None) -> bool:
+        """``first_step``: perturb the weights (all-or-nothing; see the engine), or take the
+        schedule's cheap step; True if it perturbed. ``group``: ``FSAM.nonfinite_group``."""
         if self.phase is Phase.IN_CLOSURE:
             raise RuntimeError(_messages.closure_called("first_step"))
-        if self.perturbed:
+        if self.in_flight:
             raise RuntimeError(
                 "first_step() called twice without second_step(): the weights are already perturbed"
+                if not self.cheap
+                else "first_step() called twice without second_step(): the first one took a "
+                "schedule's cheap step, whose base step second_step() takes"
             )
         inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
-        self.engine.first_step(st, values, self.groups, state, inv)
-        self.phase = Phase.PERTURBED
+        took = schedules.first_half(
+            self.schedule, self.engine, (st, values, self.groups, state), inv, group
+        )
+        self.phase, self.cheap, self.took = Phase.PERTURBED, not took, took
         try:
             self.found = self.engine.found
             if scaler is not None:
                 if scaler.is_enabled():
                     self.scaler = scaler
                     self.phase = Phase.SCALED
-                amp.after_first_step(scaler, self.key, unscaled)
+                # A cheap step's base step takes the first pass's gradients, which the
+                # caller's unscale_ already unscaled: the scaler keeps that record.
+                amp.after_first_step(scaler, self.key, unscaled and took)
+            if not took:
+                self.sample.leave(self.engine.plan)  # (finish() checks they stay untouched)
         except BaseException:
             # All-or-nothing also for an exception here (a signal handler's): the weights go
             # back, as after a failed second pass.
             self.abandon()
             raise
+        return took
 
     def finish(self, grad_scale=None, found_inf=None, skip_nonfinite=False, group=None) -> None:
         """``second_step`` (or ``scaler.step(opt)``, which hands over ``grad_scale`` and
         ``found_inf``): restore, then the base step or its skip."""
         if self.phase is Phase.IN_CLOSURE:
             raise RuntimeError(_messages.closure_called("second_step"))
-        if not self.perturbed:
+        if not self.in_flight:
             raise RuntimeError(
                 "second_step() called before first_step(): there is no perturbation to undo"
             )
@@ -324,7 +309,10 @@ class StepSession(OneThread):
         # parameter). A signal is handed to its handler once the step is done.
         held = self.engine.held_step
         with held:
-            self._restore(held=False)  # (this hold covers it)
+            if self.cheap:
+                self._end_cheap(check=True)
+            else:
+                self._restore(held=False)  # (this hold covers it)
             self.scaler = None
             if scaler is None and found_inf is not None:
                 raise RuntimeError(_messages.UNSCALED_SCALER_STEP)
@@ -347,11 +335,22 @@ class StepSession(OneThread):
         """Restore the weights of a step in flight without a base step; False if none was."""
         if self.phase is Phase.IN_CLOSURE:
             raise RuntimeError(_messages.closure_called("abandon_step"))
-        if not self.perturbed:
+        if not self.in_flight:
             return False
-        self._restore()
+        if self.cheap:
+            self._end_cheap(check=False)
+        else:
+            self._restore()
         self.scaler = None
         return True
+
+    def _end_cheap(self, check: bool) -> None:
+        """End a cheap step (nothing to restore); ``check``: refuse to step the base on
+        gradients a second backward wrote after ``first_step()`` returned False."""
+        self.phase, self.cheap = Phase.IDLE, False
+        if check and self.sample.first_pass_ran(self.groups):
+            self.scaler = None
+            raise RuntimeError(_messages.CHEAP_SECOND_PASS)
 
     def _restore(self, held: bool = True) -> None:
         try:
@@ -364,28 +363,3 @@ class StepSession(OneThread):
                 self.scaler = None
             raise
         self.phase = Phase.IDLE
-
-    # ------------------------------------------------------------------ closures
-
-    def second_pass(self, closure, fresh: bool):
-        """Run ``closure`` as the second pass (phase IN_CLOSURE). ``fresh``: on cleared
-        gradients, the first pass's ``.grad`` given back if it raises (``step(closure)``);
-        else as they are (a framework's closure after ``first_step()``). If it raises, the
-        step is abandoned: weights restored, the EMA keeping this step's update (see the
-        engine's failure policy)."""
-        params = [p for g in self.groups for p in g["params"]] if fresh else []
-        first_grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        self._resume, self.phase = self.phase, Phase.IN_CLOSURE
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        except BaseException:
-            self.phase = self._resume
-            self.abandon()
-            for p, g in zip(params, first_grads):
-                p.grad = g
-            raise
-        self.phase = self._resume
-        return loss

@@ -41,6 +41,12 @@ this file says how to add one.
     The exact unperturbed values of parameter ``i`` (the saved copy, or the home storage of a
     double-buffered one), for the engine's per-parameter restore when a parameter's storage
     changed between the two steps.
+``grad_sq(b, inputs) -> Tensor`` and ``ema(b, inputs, sq)``
+    The cheap step of a perturbation schedule (:mod:`fsam_fused.schedules`): a float32
+    1-element tensor, the sum of ``(inv * g)**2`` over the bucket; then the EMA update
+    alone (``m <- m * decay + (inv * g) * gain``) with the whole step's ``sq``, selecting
+    the old EMA when its sum is not finite and setting ``inputs.found`` as ``perturb`` does.
+    :class:`CheapStep` is a plain-torch version any backend may inherit.
 ``double_buffered(b) -> tuple[bool, ...]``, ``aligned(b) -> bool | None``
     Introspection (``FSAM.plan_summary``): which tensors are swapped instead of copied, and
     whether every address allows the widest vector accesses (None: not applicable).
@@ -55,6 +61,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+from ..hparams import opmath
 
 # Weight and EMA dtypes the fused kernels (Triton and C++) take; the one list both adapters
 # and their capability checks read.
@@ -121,7 +129,41 @@ class Backend(Protocol):
     def aligned(self, b) -> bool | None: ...
 
 
-class Unfused:
+class CheapStep:
+    """The cheap step's two passes in plain torch, per tensor, in the arithmetic dtype
+    (float32 for 16-bit EMAs): the reference's statement, and what backends without a fused
+    version run."""
+
+    def grad_sq(self, b, inputs: StepInputs) -> torch.Tensor:
+        inv = inputs.inv.reshape(()) if inputs.inv is not None else None
+        squares = []
+        for g in inputs.grads:
+            g = g.float() if g.dtype != torch.float64 else g
+            if inv is not None:
+                g = g * inv
+            squares.append(g.float().pow(2).sum())
+        if not squares:
+            return torch.zeros(1, dtype=torch.float32, device=b.device)
+        return torch.stack(squares).sum().reshape(1)
+
+    def ema(self, b, inputs: StepInputs, sq: torch.Tensor) -> None:
+        ok = torch.isfinite(sq.sum())
+        new = []  # every new value is computed before the first write
+        inv = inputs.inv.reshape(()) if inputs.inv is not None else None
+        for i, (m, g) in enumerate(zip(b.emas or (), inputs.grads)):
+            ct = opmath(b.dtype)
+            g = g.to(ct)
+            if inv is not None:
+                g = g * inv
+            m_new = m.to(ct) * b.rows[i, 2] + g * b.rows[i, 3]  # (DECAY, GAIN: rows.py)
+            new.append(torch.where(ok, m_new, m.to(ct)).to(m.dtype))
+        if inputs.found is not None:
+            inputs.found.copy_(~ok)
+        for m, x in zip(b.emas or (), new):
+            m.copy_(x)
+
+
+class Unfused(CheapStep):
     """Defaults for backends that copy every weight and have no alignment notion."""
 
     @staticmethod

@@ -30,10 +30,13 @@ class _Static:
     tensors, the ops' contract) are the bucket's own, rewritten in place by the engine when a
     value changes: nothing here needs rebuilding for them."""
 
-    __slots__ = ("weights", "emas", "swap", "swapped", "copied")
+    __slots__ = ("weights", "emas", "swap", "swapped", "copied", "plain_rows")
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
+        # norm_sq with these rows (adaptive 0) and no EMA is the sum of g**2: the cheap
+        # step's first pass (fsam_fused.schedules).
+        self.plain_rows = torch.zeros(len(b.params), 4, dtype=torch.float32)
         # Per parameter: double-buffer it, or save an exact copy in place.
         self.swap = [
             int(not b.fixed_addresses and p.numel() >= SWAP_MIN_NUMEL and owns_storage(p))
@@ -129,6 +132,20 @@ class CppBackend:
         except BaseException:
             self.restore(b)
             raise
+
+    def grad_sq(self, b, inputs: StepInputs):
+        st = b.prep
+        return cpp_ops.norm_sq(
+            st.weights, inputs.grads, [], st.plain_rows, b.scalars, False, inputs.inv
+        )
+
+    def ema(self, b, inputs: StepInputs, sq) -> None:
+        # 16 bytes per float32 parameter with grad_sq: g read twice, m read and written.
+        if b.emas is None:  # plain SAM: nothing to update, only the found flag
+            if inputs.found is not None:
+                inputs.found.copy_(~torch.isfinite(sq.sum()))
+            return
+        cpp_ops.ema_(b.prep.emas, inputs.grads, b.rows, sq, inputs.inv, inputs.found)
 
     def restore(self, b) -> None:
         st = b.prep

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .base import FUSED_DTYPES, Capabilities, StepInputs, fused_unsupported
+from .base import FUSED_DTYPES, Capabilities, CheapStep, StepInputs, fused_unsupported
 
 
 def interpreter_active() -> bool:
@@ -47,7 +47,7 @@ class _Prep:
         return self.launcher.aligned
 
 
-class TritonBackend:
+class TritonBackend(CheapStep):  # (the cheap step in plain torch: not fused yet)
     """Three launches per bucket and step: norm partials, perturb, restore."""
 
     name = "triton"

@@ -56,6 +56,7 @@ def install(cls: type = AcceleratedOptimizer) -> None:
         'AcceleratedOptimizer'
         >>> accelerator.backward(model(torch.randn(8, 4)).square().mean())
         >>> opt.first_step(zero_grad=True)
+        True
         >>> accelerator.backward(model(torch.randn(8, 4)).square().mean())
         >>> opt.step()
     """

@@ -121,6 +121,21 @@ def restore_(weights: list[torch.Tensor], saved: list[torch.Tensor]) -> None:
     (_direct.restore_ if _eager() else torch.ops.fsam_fused.restore_)(weights, saved)
 
 
+def ema_(
+    emas: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    rows: torch.Tensor,
+    sq: torch.Tensor,
+    inv_scale: torch.Tensor | None = None,
+    found: torch.Tensor | None = None,
+) -> None:
+    """The cheap step's pass: ``m <- m * decay + g * gain`` (``rows``' columns 2 and 3), the
+    EMA kept bit for bit when the sum of ``sq`` is not finite; ``found`` as for
+    :func:`perturb_`. Checks before any write."""
+    f = _direct.ema_ if _eager() else torch.ops.fsam_fused.ema_
+    f(emas, grads, rows, sq, inv_scale, found)
+
+
 def _eager() -> bool:
     """The direct bindings are loaded and nothing is tracing: a compiled graph must see
     the torch.ops call, which the direct bindings hide from it."""
@@ -169,6 +184,19 @@ def register_fakes() -> None:
             sq=sq,
             rows=rows,
             scalars=scalars,
+            inv_scale=[] if inv_scale is None else [inv_scale],
+            found=[] if found is None else [found],
+        )
+        return None
+
+    @torch.library.register_fake(_LIB + "ema_")
+    def _(emas, grads, rows, sq, inv_scale=None, found=None):
+        _no_meta(
+            "ema_",
+            emas=emas,
+            grads=grads,
+            rows=rows,
+            sq=sq,
             inv_scale=[] if inv_scale is None else [inv_scale],
             found=[] if found is None else [found],
         )

@@ -1,0 +1,364 @@
+"""Perturbation schedules: on which steps F-SAM perturbs (``FSAM(..., schedule=...)``).
+
+A step the schedule perturbs is today's F-SAM step (two forward/backward passes). Any other
+step is a **cheap step**: one fused pass updates the EMA from the step's only gradient
+(``m <- lmbda * m + (1 - lmbda) * g``, the authors' rule for a parameter's first gradient
+applying as on any step), then the base optimizer steps on that gradient. No saved copy, no
+restore, no second forward or backward; the EMA stays current for the next perturbation,
+which is what F-SAM has that SAM does not (SAM keeps no state across steps).
+
+Who learns the decision, and when:
+
+* :class:`EveryK` and :class:`Bernoulli` decide on the host before the step's passes, from a
+  step counter and a CPU generator: no device read. Every rank of a data-parallel job with the
+  same schedule (and ``seed``) decides the same.
+* :class:`Adaptive` (AE-SAM) decides from the step's squared gradient norm against its running
+  mean and variance, which live on the device. ``lagged=False`` (the paper's rule) reads one
+  boolean on the host per step (a synchronisation on a GPU; free on the CPU).
+  ``lagged=True`` applies at step t the decision the rule made at step t-1, copied to the
+  host without blocking at the end of step t-1 (on CUDA: to pinned memory, with an event), so
+  it never stalls.
+
+The squared norm ``sum g**2`` (the unscaled first gradient, over every parameter with a
+gradient, all ranks of a sharded parameter) comes from the cheap step's own first pass; on a
+perturbing step it costs one extra read of the gradients (4 bytes per float32 parameter),
+only with :class:`Adaptive`. Under torch.distributed with plain (replicated) parameters the
+statistic is averaged over the ranks (``FSAM.nonfinite_group``'s group), so every rank takes
+the same decision also when the first backward ran under DDP's ``no_sync()``.
+
+Schedules are plain objects whose settings (``k``, ``p``, ``lambda1``...) may be changed
+between steps, by hand or by any scheduler; their state (counters, generator, running
+statistics) is in ``FSAM.state_dict()["fsam"]["schedule"]`` and a resumed run continues bit
+for bit.
+
+Example:
+    >>> import torch
+    >>> from fsam_fused import FSAM, EveryK
+    >>> model = torch.nn.Linear(4, 2)
+    >>> opt = FSAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, schedule=EveryK(2))
+    >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    >>> loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)
+    >>> taken = []
+    >>> for _ in range(4):
+    ...     loss_fn().backward()
+    ...     if opt.first_step(zero_grad=True):   # True: perturbed, run the second pass
+    ...         loss_fn().backward()
+    ...     opt.second_step(zero_grad=True)      # restore (if perturbed), base step
+    ...     taken.append(opt.last_perturbed)
+    >>> taken
+    [True, False, True, False]
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import distributed
+from .hparams import number
+
+__all__ = ["Schedule", "EveryK", "Bernoulli", "Adaptive", "check_schedule"]
+
+
+class Schedule:
+    """The protocol. ``decide()`` returns True (perturb), False (cheap step) or None (the
+    decision needs this step's squared gradient norm: :meth:`decide_with`). The session calls
+    :meth:`snapshot` before a decision and :meth:`restore` if the step then fails, so a
+    failed step changes no schedule state."""
+
+    needs_norm = False  # observe() must be given the squared gradient norm of every step
+    kind = "schedule"
+
+    def decide(self) -> bool | None:
+        raise NotImplementedError
+
+    def decide_with(self, sq: torch.Tensor) -> bool:  # pragma: no cover - Adaptive's
+        raise NotImplementedError
+
+    def observe(self, sq: torch.Tensor) -> None:
+        """The step's squared gradient norm (a 1-element float32 device tensor)."""
+
+    def snapshot(self):
+        return self.state_dict()
+
+    def restore(self, snap) -> None:
+        self.load_state_dict(snap)
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise NotImplementedError
+
+    def _check_kind(self, sd) -> None:
+        if not isinstance(sd, dict) or sd.get("kind") != self.kind:
+            got = sd.get("kind") if isinstance(sd, dict) else type(sd).__name__
+            raise ValueError(
+                f"schedule: the checkpoint's schedule is {got!r}, this optimizer's is "
+                f"{self.kind!r}; construct FSAM with the schedule the run was saved with"
+            )
+
+
+class EveryK(Schedule):
+    """Perturb on steps 0, k, 2k, ... (Composer's SAM ``interval``, LookSAM's period);
+    ``k = 1`` is every step. ``k`` may be changed between steps: the counter keeps going,
+    and the next perturbation is the next multiple of the new ``k``."""
+
+    kind = "every_k"
+
+    def __init__(self, k: int):
+        self.k = _positive_int("k", k)
+        self.steps = 0
+
+    def decide(self) -> bool:
+        k = _positive_int("schedule.k", self.k)
+        take = self.steps % k == 0
+        self.steps += 1
+        return take
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "k": self.k, "steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._check_kind(sd)
+        self.k, self.steps = _positive_int("k", sd["k"]), int(sd["steps"])
+
+    def __repr__(self) -> str:
+        return f"EveryK(k={self.k})"
+
+
+class Bernoulli(Schedule):
+    """Perturb each step with probability ``p`` (SS-SAM's Bernoulli trial), drawn from this
+    schedule's own CPU generator seeded with ``seed``: the decisions do not touch the global
+    RNG (data order, dropout keep theirs) and are the same on every rank."""
+
+    kind = "bernoulli"
+
+    def __init__(self, p: float, seed: int = 0):
+        self.p = number("p", p, 0.0, 1.0)
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.steps = 0
+
+    def decide(self) -> bool:
+        p = number("schedule.p", self.p, 0.0, 1.0)
+        u = torch.rand((), generator=self.generator).item()  # a CPU tensor: no device sync
+        self.steps += 1
+        return u < p
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "p": self.p,
+            "seed": self.seed,
+            "steps": self.steps,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._check_kind(sd)
+        self.p, self.seed, self.steps = float(sd["p"]), int(sd["seed"]), int(sd["steps"])
+        self.generator.set_state(sd["generator"].clone())
+
+    def __repr__(self) -> str:
+        return f"Bernoulli(p={self.p}, seed={self.seed})"
+
+
+class Adaptive(Schedule):
+    r"""AE-SAM's adaptive policy (Jiang, Yang, Zhang and Kwok, "An Adaptive Policy to Employ
+    Sharpness-Aware Minimization", ICLR 2023, arXiv:2304.14647): perturb when the squared
+    norm of the stochastic gradient is large against its running statistics, i.e. when the
+    iterate is in a sharp region; otherwise take the cheap step. At step ``t`` (from 0), with
+    ``x_t = ||g_t||^2`` and ``mu_{-1} = s2_{-1} = 0``::
+
+        mu_t = delta * mu_{t-1} + (1 - delta) * x_t
+        s2_t = delta * s2_{t-1} + (1 - delta) * (x_t - mu_t)**2
+        c_t  = lambda1 * t / T + lambda2 * (1 - t / T)          (t / T capped at 1)
+        perturb  iff  x_t >= mu_t + c_t * sqrt(s2_t)
+
+    The rule, its update order (``mu`` first, the variance against the new ``mu``) and the
+    linear threshold schedule from ``lambda2`` to ``lambda1`` over the ``T`` training steps
+    are the paper's. Its stored full text could not be read past the introduction here, so
+    the defaults (``delta = 0.9``; ``lambda1 = -1``, ``lambda2 = 1``: about half of the steps
+    perturb under a normal model of ``x``) were chosen on the validation split of
+    ``examples/schedules.py``, not taken from the paper's tables.
+
+    A non-finite ``x_t`` (an overflowed GradScaler step) leaves ``mu`` and ``s2`` unchanged and
+    takes the cheap step (whose EMA update is then skipped). ``lagged``: see the module
+    docstring. ``total_steps`` (``T``) is required; ``delta``, ``lambda1``, ``lambda2`` and
+    ``total_steps`` may be changed between steps.
+    """
+
+    kind = "adaptive"
+    needs_norm = True
+
+    def __init__(
+        self,
+        total_steps: int,
+        delta: float = 0.9,
+        lambda1: float = -1.0,
+        lambda2: float = 1.0,
+        lagged: bool = False,
+    ):
+        self.total_steps = _positive_int("total_steps", total_steps)
+        self.delta = number("delta", delta, 0.0, 1.0, hi_open=True)
+        self.lambda1 = number("lambda1", lambda1, -math.inf)
+        self.lambda2 = number("lambda2", lambda2, -math.inf)
+        if not isinstance(lagged, bool):
+            raise TypeError(f"lagged must be a bool, got {type(lagged).__name__}")
+        self.lagged = lagged
+        self.steps = 0
+        self.mu: torch.Tensor | None = None  # float32 device tensors, shape [1]
+        self.s2: torch.Tensor | None = None
+        self.perturbs = 0  # steps that perturbed (host count: the decisions are host bools)
+        self._next = True  # lagged: the decision the rule made at the last step
+        self._pending = None  # lagged: (host copy, event) of that decision, not read yet
+        self._new = None  # this step's (mu, s2, flag), committed by observe()
+
+    def _threshold(self) -> float:
+        t = min(self.steps / _positive_int("schedule.total_steps", self.total_steps), 1.0)
+        return self.lambda1 * t + self.lambda2 * (1.0 - t)
+
+    def _update(self, sq: torch.Tensor):
+        """(mu_t, s2_t, flag_t) from x_t = sq, as new device tensors (committed later)."""
+        delta = number("schedule.delta", self.delta, 0.0, 1.0, hi_open=True)
+        x = sq.reshape(1).float()
+        mu0 = self.mu if self.mu is not None else torch.zeros_like(x)
+        s0 = self.s2 if self.s2 is not None else torch.zeros_like(x)
+        ok = torch.isfinite(x)
+        mu = torch.where(ok, delta * mu0 + (1.0 - delta) * x, mu0)
+        s2 = torch.where(ok, delta * s0 + (1.0 - delta) * (x - mu) ** 2, s0)
+        flag = ok & (x >= mu + self._threshold() * s2.sqrt())
+        return mu, s2, flag
+
+    def decide(self) -> bool | None:
+        if not self.lagged:
+            return None
+        take = self._read_pending()
+        return take
+
+    def decide_with(self, sq: torch.Tensor) -> bool:
+        """The paper's (unlagged) decision: one host read of a device boolean."""
+        self._new = self._update(sq)
+        return bool(self._new[2].item())  # the documented synchronisation (lagged=False)
+
+    def observe(self, sq: torch.Tensor) -> None:
+        """Commit this step's statistics (and, lagged, start copying the next decision)."""
+        new = self._new if self._new is not None else self._update(sq)
+        self._new = None
+        self.mu, self.s2, flag = new
+        self.steps += 1
+        if self.lagged:
+            if flag.is_cuda:
+                host = torch.empty(1, dtype=torch.bool, pin_memory=True)
+                host.copy_(flag, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._pending = (host, event)
+            else:
+                self._pending = (flag, None)
+
+    def _read_pending(self) -> bool:
+        if self._pending is None:
+            return self._next
+        host, event = self._pending
+        if event is not None:
+            event.synchronize()  # recorded a whole step ago: done by now
+        self._next = bool(host[0])
+        self._pending = None
+        return self._next
+
+    def snapshot(self):
+        return (self.steps, self.mu, self.s2, self._next, self._pending)
+
+    def restore(self, snap) -> None:
+        self.steps, self.mu, self.s2, self._next, self._pending = snap
+        self._new = None
+
+    def state_dict(self) -> dict:
+        cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
+        nxt = self._read_pending() if self.lagged else self._next
+        return {
+            "kind": self.kind,
+            "total_steps": self.total_steps,
+            "delta": self.delta,
+            "lambda1": self.lambda1,
+            "lambda2": self.lambda2,
+            "lagged": self.lagged,
+            "steps": self.steps,
+            "mu": cpu(self.mu),
+            "s2": cpu(self.s2),
+            "next": nxt,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self._check_kind(sd)
+        if bool(sd["lagged"]) != self.lagged:
+            raise ValueError(
+                f"schedule: the checkpoint's Adaptive has lagged={sd['lagged']}, this "
+                f"optimizer's lagged={self.lagged}"
+            )
+        self.total_steps = _positive_int("total_steps", sd["total_steps"])
+        self.delta, self.lambda1, self.lambda2 = sd["delta"], sd["lambda1"], sd["lambda2"]
+        self.steps, self._next, self._pending, self._new = int(sd["steps"]), sd["next"], None, None
+        # Moved to the parameters' device by the first step that reads them.
+        self.mu, self.s2 = sd["mu"], sd["s2"]
+
+    def to(self, device) -> None:
+        if self.mu is not None and self.mu.device != device:
+            self.mu, self.s2 = self.mu.to(device), self.s2.to(device)
+
+    def __repr__(self) -> str:
+        return (
+            f"Adaptive(total_steps={self.total_steps}, delta={self.delta}, "
+            f"lambda1={self.lambda1}, lambda2={self.lambda2}, lagged={self.lagged})"
+        )
+
+
+def first_half(schedule, engine, step, inv, group) -> bool:
+    """A step's first half as ``schedule`` decides: the perturbation (True) or the cheap step
+    (False). ``step``: ``(structure, values, groups, state)``; ``inv``: a GradScaler's 1/scale
+    or None; ``group``: ``FSAM.nonfinite_group`` (who averages the adaptive statistic).
+    All-or-nothing: if it raises, the weights, the EMA and the schedule are as they were."""
+    if schedule is None:
+        engine.first_step(*step, inv)
+        return True
+    snap = schedule.snapshot()
+    try:
+        take = schedule.decide()
+        prepared = engine.prepare(*step, inv)
+        sqs = stat = None
+        if schedule.needs_norm or not take:
+            sqs = engine.grad_sq(prepared)  # the cheap step's first pass, and the statistic
+            if schedule.needs_norm and sqs:
+                stat = distributed.agreed_mean(sqs[0].sum().reshape(1), group, prepared[0])
+                if take is None:
+                    take = schedule.decide_with(stat)
+        take = True if take is None else take  # (no gradient at all: nothing to decide on)
+        if take:
+            engine.perturb(prepared)
+        else:
+            engine.cheap(prepared, sqs)
+        if stat is not None:
+            schedule.observe(stat)
+    except BaseException:
+        schedule.restore(snap)
+        raise
+    return take
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+def check_schedule(schedule) -> Schedule | None:
+    """``FSAM(schedule=...)``'s check: None or a :class:`Schedule`."""
+    if schedule is None or isinstance(schedule, Schedule):
+        return schedule
+    raise TypeError(
+        "schedule must be None (perturb every step) or a fsam_fused schedule "
+        f"(EveryK, Bernoulli, Adaptive), got {type(schedule).__name__}"
+    )
