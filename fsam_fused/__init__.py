@@ -13,6 +13,7 @@ from .bn import bn_frozen, disable_running_stats, enable_running_stats
 from .engine import BucketSummary
 from .hparams import BACKENDS
 from .optimizer import FSAM, SAM
+from .schedules import Adaptive, Bernoulli, EveryK, Schedule
 
 # accelerate's optimizer wrapper gets FSAM's step methods when an FSAM is made after
 # accelerate was imported (fsam_fused.integrations; a dictionary look-up otherwise).
@@ -21,6 +22,10 @@ _optimizer.ON_CREATE.append(_integrations._on_fsam_created)
 __all__ = [
     "FSAM",
     "SAM",
+    "Schedule",
+    "EveryK",
+    "Bernoulli",
+    "Adaptive",
     "BACKENDS",
     "BucketSummary",
     "ReferenceBackend",
