@@ -66,12 +66,15 @@ def run(
     skip_nonfinite=False,
     group=None,
     plan=None,
+    second=True,
 ) -> torch.Tensor | None:
     """Step (or skip) ``base`` after the restore (``groups``: the param groups, read only by
     the rules that unscale or check the second gradients). ``first``: the first pass's found flag (a
     0-dim device tensor) or None; ``scaler``/``grad_scale``/``found_inf``: the GradScaler the
     step started with and what ``scaler.step`` handed over, ``key`` what the scaler knows
-    the optimizer by; ``group``/``plan``: see :func:`fsam_fused.distributed.agreed_found`.
+    the optimizer by; ``group``/``plan``: see :func:`fsam_fused.distributed.agreed_found`;
+    ``second``: False for a schedule's cheap step (its one gradient is the first pass's,
+    already checked: ``skip_nonfinite`` does not check it again).
     Returns the step's combined found flag (None when nothing checked it)."""
     device_skip = getattr(base, "_step_supports_amp_scaling", False)
     if scaler is not None or skip_nonfinite or (device_skip and first is not None):
@@ -89,7 +92,7 @@ def run(
                 _step(base)
         return found
     if skip_nonfinite:
-        second = amp.unscale_and_check(_params(groups))
+        second = amp.unscale_and_check(_params(groups)) if second else None
         found = (
             first
             if second is None

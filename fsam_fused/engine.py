@@ -90,7 +90,7 @@ from .backends.base import StepInputs
 from .buffers import Buffers, state_version
 from .hparams import Structure, Values
 from .plan import Plan, build
-from .traffic import bytes_per_step
+from .traffic import bytes_per_step, cheap_bytes_per_step
 
 _GRAD = attrgetter("grad")
 
@@ -123,6 +123,7 @@ class BucketSummary:
     ema_dtype: torch.dtype | None
     double_buffered: tuple  # per tensor: swapped with a spare buffer instead of copied
     bytes_per_step: int  # what the step must move (fsam_fused.traffic)
+    cheap_bytes_per_step: int  # what a schedule's cheap step moves
     aligned: bool | None  # Triton: every address 16-byte aligned (128-bit accesses)
 
 
@@ -442,6 +443,7 @@ def _summary(b) -> BucketSummary:
         ema_dtype=m_dtype,
         double_buffered=swap,
         bytes_per_step=traffic,
+        cheap_bytes_per_step=cheap_bytes_per_step(b.numel, w, m, b.emas is not None),
         aligned=b.backend.aligned(b),
     )
 

@@ -80,10 +80,14 @@ class Schedule:
         """The step's squared gradient norm (a 1-element float32 device tensor)."""
 
     def snapshot(self):
-        return self.state_dict()
+        gen = getattr(self, "generator", None)
+        return dict(vars(self)), None if gen is None else gen.get_state()
 
     def restore(self, snap) -> None:
-        self.load_state_dict(snap)
+        attrs, gen = snap
+        self.__dict__.update(attrs)
+        if gen is not None:
+            self.generator.set_state(gen)
 
     def state_dict(self) -> dict:
         raise NotImplementedError

@@ -309,7 +309,8 @@ class StepSession(Closures, OneThread):
         # parameter). A signal is handed to its handler once the step is done.
         held = self.engine.held_step
         with held:
-            if self.cheap:
+            cheap = self.cheap
+            if cheap:
                 self._end_cheap(check=True)
             else:
                 self._restore(held=False)  # (this hold covers it)
@@ -327,6 +328,7 @@ class StepSession(Closures, OneThread):
                 skip_nonfinite=skip_nonfinite,
                 group=group,
                 plan=self.engine.plan,
+                second=not cheap,
             )
             self.sample.leave(self.engine.plan)
         held.deliver()

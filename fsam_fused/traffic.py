@@ -11,6 +11,10 @@ dtype, ``M`` = bytes of the EMA dtype):
 
 float32 weights with the float32 EMA: 40 bytes exact copy, 28 double-buffered; bfloat16
 weights: 26 and 20.
+
+A schedule's cheap step (:mod:`fsam_fused.schedules`) reads g for the sum of squares, then g
+and m and writes m: ``2 W + 2 M``, 16 bytes for float32 (12 for bfloat16 gradients), no weight
+touched. The adaptive rule's statistic costs a perturbing step one more read of g (``W``).
 """
 
 from __future__ import annotations
@@ -31,3 +35,8 @@ def bytes_per_step(
     if double_buffered:
         return numel * (norm + reads + ema + w_bytes)
     return numel * (norm + reads + ema + 2 * w_bytes + 2 * w_bytes)
+
+
+def cheap_bytes_per_step(numel: int, w_bytes: int, m_bytes: int = 4, has_ema: bool = True) -> int:
+    """Bytes a schedule's cheap step moves for ``numel`` parameters of one bucket."""
+    return numel * (2 * w_bytes + (2 * m_bytes if has_ema else 0))
