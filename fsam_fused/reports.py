@@ -85,6 +85,15 @@ class StepReports:
         """
         return own(self)._session.perturbed
 
+    def will_perturb(self) -> bool:
+        """Whether the next ``first_step()`` will perturb, known before its backward: True
+        without a schedule; from ``EveryK``, ``Bernoulli`` and ``Adaptive(lagged=True)``
+        without consuming the decision (``Adaptive(lagged=False)`` raises: it decides from
+        the step's gradient). For DDP's per-replica recipe, whose first backward runs under
+        ``no_sync()`` only on steps that perturb (``docs/training-loops.md``)."""
+        schedule = own(self)._session.schedule
+        return True if schedule is None else schedule.peek()
+
     @property
     def last_perturbed(self) -> bool | None:
         """Whether the last (or current) step perturbed the weights: False for a schedule's

@@ -73,6 +73,11 @@ class Schedule:
     def decide(self) -> bool | None:
         raise NotImplementedError
 
+    def peek(self) -> bool:
+        """The next step's decision, known before its backward (``FSAM.will_perturb``),
+        without consuming it."""
+        raise NotImplementedError
+
     def decide_with(self, sq: torch.Tensor) -> bool:  # pragma: no cover - Adaptive's
         raise NotImplementedError
 
@@ -116,10 +121,12 @@ class EveryK(Schedule):
         self.steps = 0
 
     def decide(self) -> bool:
-        k = _positive_int("schedule.k", self.k)
-        take = self.steps % k == 0
+        take = self.peek()
         self.steps += 1
         return take
+
+    def peek(self) -> bool:
+        return self.steps % _positive_int("schedule.k", self.k) == 0
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "k": self.k, "steps": self.steps}
@@ -150,6 +157,13 @@ class Bernoulli(Schedule):
         u = torch.rand((), generator=self.generator).item()  # a CPU tensor: no device sync
         self.steps += 1
         return u < p
+
+    def peek(self) -> bool:
+        state = self.generator.get_state()
+        try:
+            return torch.rand((), generator=self.generator).item() < self.p
+        finally:
+            self.generator.set_state(state)
 
     def state_dict(self) -> dict:
         return {
@@ -215,7 +229,6 @@ class Adaptive(Schedule):
         self.steps = 0
         self.mu: torch.Tensor | None = None  # float32 device tensors, shape [1]
         self.s2: torch.Tensor | None = None
-        self.perturbs = 0  # steps that perturbed (host count: the decisions are host bools)
         self._next = True  # lagged: the decision the rule made at the last step
         self._pending = None  # lagged: (host copy, event) of that decision, not read yet
         self._new = None  # this step's (mu, s2, flag), committed by observe()
@@ -237,10 +250,15 @@ class Adaptive(Schedule):
         return mu, s2, flag
 
     def decide(self) -> bool | None:
+        return self._read_pending() if self.lagged else None
+
+    def peek(self) -> bool:
         if not self.lagged:
-            return None
-        take = self._read_pending()
-        return take
+            raise RuntimeError(
+                "Adaptive(lagged=False) decides from the step's own gradient, after its "
+                "backward: the decision is not known ahead (use lagged=True)"
+            )
+        return self._read_pending()
 
     def decide_with(self, sq: torch.Tensor) -> bool:
         """The paper's (unlagged) decision: one host read of a device boolean."""

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from fsam_fused import FSAM, bn_frozen
+from fsam_fused import FSAM, EveryK, bn_frozen
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None
@@ -104,7 +104,7 @@ class Snapshots(transformers.TrainerCallback if not pytestmark.args[0] else obje
         self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def make_trainer(model, data, tmp_path, fp16_scaler=None, **args):
+def make_trainer(model, data, tmp_path, fp16_scaler=None, fsam_kw=None, **args):
     """An FSAMTrainer that records the micro-batches of every cycle (to replay them) and
     snapshots the weights after every optimizer step. ``fp16_scaler``: accelerate gives no
     GradScaler on the CPU (fp16 there is silently fp32); this hands it one, with autocast
@@ -133,7 +133,11 @@ def make_trainer(model, data, tmp_path, fp16_scaler=None, **args):
     targs = transformers.TrainingArguments(**{**defaults, **args})
     snaps = Snapshots()
     trainer = Recording(
-        model=model, args=targs, train_dataset=data, fsam_kwargs=FSAM_KW, callbacks=[snaps]
+        model=model,
+        args=targs,
+        train_dataset=data,
+        fsam_kwargs=FSAM_KW if fsam_kw is None else fsam_kw,
+        callbacks=[snaps],
     )
     trainer.cycles = []
     if isinstance(model, transformers.BertForSequenceClassification):
@@ -145,9 +149,9 @@ def make_trainer(model, data, tmp_path, fp16_scaler=None, **args):
     return trainer, snaps
 
 
-def manual(model, cycles, base, base_kw, clip=0.0, dtype=None, scaler=None):
+def manual(model, cycles, base, base_kw, clip=0.0, dtype=None, scaler=None, schedule=None):
     """The oracle: the documented F-SAM loop with accumulation, no Trainer."""
-    opt = FSAM(model.parameters(), base, **FSAM_KW, **base_kw)
+    opt = FSAM(model.parameters(), base, **FSAM_KW, **base_kw, schedule=schedule)
     model.train()
     cast = (
         (lambda: torch.autocast("cpu", dtype=dtype))
@@ -163,8 +167,8 @@ def manual(model, cycles, base, base_kw, clip=0.0, dtype=None, scaler=None):
                     with cast():
                         loss = model(**mb)["loss"] / k
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-            if not second:
-                opt.first_step(zero_grad=True, grad_scaler=scaler)
+            if not second and not opt.first_step(zero_grad=True, grad_scaler=scaler):
+                break  # a schedule's cheap step: no second pass
         if clip > 0:
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -216,6 +220,25 @@ def test_trainer_accumulation_matches_manual_loop(kind, tmp_path):
     assert_same_trajectory(snaps.params, want, rtol=1e-5, atol=1e-6)
     opt = trainer.optimizer.optimizer
     assert isinstance(opt, FSAM) and isinstance(opt.base_optimizer, torch.optim.SGD)
+
+
+def test_trainer_with_a_schedule_skips_the_second_pass_on_cheap_steps(tmp_path):
+    """schedule=EveryK(2) through fsam_kwargs: cycles 1 and 3 perturb (two passes over their
+    3 micro-batches), 2 and 4 take the cheap step (one pass); the trajectory is the manual
+    loop's with the same schedule."""
+    torch.manual_seed(0)
+    model = bert()
+    ref = copy.deepcopy(model)
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    kw = {**FSAM_KW, "schedule": EveryK(2)}
+    trainer, snaps = make_trainer(model, text_data(48, "bert", 1), tmp_path, fsam_kw=kw)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert len(forwards) == 4 * 3 + 2 * 3
+    want = manual(ref, trainer.cycles, *SGD, schedule=EveryK(2))
+    assert_same_trajectory(snaps.params, want, rtol=1e-5, atol=1e-6)
+    assert trainer.optimizer.optimizer.last_perturbed is False
 
 
 def test_trainer_bf16_matches_manual_autocast_loop(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 L = pytest.importorskip("lightning.pytorch")
 
-from fsam_fused import FSAM, bn_frozen  # noqa: E402
+from fsam_fused import FSAM, EveryK, bn_frozen  # noqa: E402
 
 
 def _data(n=24, seed=0):
@@ -38,6 +38,8 @@ class Net(torch.nn.Module):
 class ManualFSAM(L.LightningModule):
     """The documented recipe."""
 
+    schedule = None  # a factory: FSAM's schedule= (None: every step)
+
     def __init__(self):
         super().__init__()
         self.automatic_optimization = False
@@ -54,15 +56,22 @@ class ManualFSAM(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 only
         loss = self.loss(batch)
         self.manual_backward(loss)  # first pass, at w
-        opt.first_step(zero_grad=True, grad_scaler=scaler)
-        with bn_frozen(self.net):  # second pass, at w + e
-            self.manual_backward(self.loss(batch))
+        if opt.first_step(zero_grad=True, grad_scaler=scaler):  # False: a cheap step
+            with bn_frozen(self.net):  # second pass, at w + e
+                self.manual_backward(self.loss(batch))
         opt.step()  # restore + base step (scaler.step under fp16); advances global_step
         opt.zero_grad()
         self.losses.append(loss.detach())
 
     def configure_optimizers(self):
-        return FSAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9)
+        return FSAM(
+            self.parameters(),
+            torch.optim.SGD,
+            rho=0.05,
+            lr=0.05,
+            momentum=0.9,
+            schedule=None if self.schedule is None else self.schedule(),
+        )
 
 
 class AutomaticFSAM(ManualFSAM):
@@ -175,3 +184,40 @@ def test_automatic_optimization_fp16_stops_at_step_0_with_the_recipe(tmp_path):
     w = [p.detach().clone() for p in model.parameters()]
     assert tr.global_step == 0
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w))
+
+
+class ManualEvery2(ManualFSAM):
+    schedule = staticmethod(lambda: EveryK(2))
+
+
+class AutomaticEvery2(AutomaticFSAM):
+    schedule = staticmethod(lambda: EveryK(2))
+
+
+def test_a_schedule_under_both_recipes_and_resume(tmp_path):
+    """EveryK(2): the manual recipe and automatic optimization (step(closure), which skips
+    the closure's second call on cheap steps) agree bit for bit; a run resumed from a
+    Lightning checkpoint continues the schedule bit for bit."""
+    ckpt = L.callbacks.ModelCheckpoint(
+        dirpath=str(tmp_path / "ck"), every_n_train_steps=3, save_top_k=-1
+    )
+    runs = {}
+    for cls in (ManualEvery2, AutomaticEvery2):
+        model = cls()
+        forwards = []
+        model.net.register_forward_pre_hook(lambda *a, f=forwards: f.append(1))
+        cb = [ckpt] if cls is ManualEvery2 else []
+        tr = _trainer(tmp_path / cls.__name__, "32-true", 6, callbacks=cb)
+        tr.fit(model, _data())
+        assert tr.global_step == 6 and len(forwards) == 6 + 3  # steps 0, 2, 4 perturb
+        runs[cls] = (model, tr.optimizers[0])
+    (m, om), (a, oa) = runs[ManualEvery2], runs[AutomaticEvery2]
+    for p, q in zip(m.state_dict().values(), a.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert om.schedule.steps == oa.schedule.steps == 6
+    resumed = ManualEvery2()
+    tr2 = _trainer(tmp_path / "r", "32-true", 6)
+    tr2.fit(resumed, _data(), ckpt_path=str(tmp_path / "ck" / "epoch=0-step=3.ckpt"))
+    assert tr2.optimizers[0].schedule.steps == 6
+    for p, q in zip(m.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

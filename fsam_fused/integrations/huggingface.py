@@ -18,7 +18,9 @@ the base optimizer (through accelerate's GradScaler under fp16). What it keeps:
 - the second forward does not update BatchNorm running statistics (:func:`fsam_fused.bn_frozen`);
 - the logged loss is the first pass's (at ``w``); the micro-batches of a cycle are held
   until its last one (the ``Trainer`` has prefetched them already: no extra copy);
-- if the second pass raises, the weights are restored before the error propagates.
+- if the second pass raises, the weights are restored before the error propagates;
+- with a perturbation schedule (``fsam_kwargs={"schedule": ...}``), a cheap step runs no
+  second pass: ``optimizer.step()`` steps the base on the first pass's gradient.
 
 Dropout draws new masks in the second forward, as in the authors' loop.
 """
@@ -121,7 +123,8 @@ class FSAMTrainerMixin:
         if not self.accelerator.gradient_state.sync_gradients:
             return loss
         cycle, self._fsam_cycle = self._fsam_cycle, []
-        opt.first_step(zero_grad=True, grad_scaler=self.accelerator.scaler)
+        if not opt.first_step(zero_grad=True, grad_scaler=self.accelerator.scaler):
+            return loss  # a schedule's cheap step: no second pass (optimizer.step() ends it)
         try:
             with bn_frozen(model):
                 for i, (mb, n) in enumerate(cycle):
