@@ -193,3 +193,16 @@ def test_cpp_counts_the_bytes_of_what_it_double_buffers(monkeypatch):
     assert c["cpp"].bytes(shapes, torch.float32) == 10 * 40 + 5120 * 28
     assert c["cpp-fixed"].bytes(shapes, torch.float32) == 5130 * 40
     assert c["po-loop"].bytes(shapes, torch.bfloat16) == 5130 * 26
+
+
+def test_schedule_step_benchmark_prints_both_kinds(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "schedule_step", os.path.join(os.path.dirname(__file__), "..", "bench", "schedule_step.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--rounds", "1", "--backend", "foreach"])
+    out = capsys.readouterr().out
+    assert "62 tensors, 11,173,962 parameters, backend foreach" in out
+    assert "28.0 B/param" not in out  # foreach copies: 40 B/param; the cheap step 16
+    assert " 40.0 B/param" in out and " 16.0 B/param" in out and "cheap / perturbing" in out
