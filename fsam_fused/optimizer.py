@@ -287,7 +287,8 @@ FSAM.step.hooked = True  # torch.optim must not wrap it: FSAM runs its hooks its
 
 class SAM(FSAM):
     """Sharpness-Aware Minimization (Foret et al.): :class:`FSAM` with sigma = 0 and no EMA
-    state. ``adaptive=True`` gives ASAM without the eta offset.
+    state. ``adaptive=True`` gives ASAM without the eta offset; a ``schedule``'s cheap step is
+    the base step alone (Composer's SAM ``interval``, SS-SAM, AE-SAM).
 
     Example:
         >>> import torch
@@ -313,6 +314,7 @@ class SAM(FSAM):
         *,
         backend: str = "auto",
         fixed_addresses: bool = False,
+        schedule: schedules.Schedule | None = None,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(
@@ -324,6 +326,7 @@ class SAM(FSAM):
             adaptive=adaptive,
             backend=backend,
             fixed_addresses=fixed_addresses,
+            schedule=schedule,
             **base_kwargs,
         )
 

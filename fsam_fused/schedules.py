@@ -241,6 +241,7 @@ class Adaptive(Schedule):
         """(mu_t, s2_t, flag_t) from x_t = sq, as new device tensors (committed later)."""
         delta = number("schedule.delta", self.delta, 0.0, 1.0, hi_open=True)
         x = sq.reshape(1).float()
+        self.to(x.device)  # (statistics loaded from a checkpoint arrive on the CPU)
         mu0 = self.mu if self.mu is not None else torch.zeros_like(x)
         s0 = self.s2 if self.s2 is not None else torch.zeros_like(x)
         ok = torch.isfinite(x)

@@ -395,3 +395,86 @@ def test_schedules_survive_a_copy():
     assert twin.schedule is not opt.schedule
     assert twin.schedule.state_dict()["steps"] == 3
     assert torch.equal(twin.schedule.generator.get_state(), opt.schedule.generator.get_state())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_sam_with_a_schedule_is_sgd_on_cheap_steps(backend):
+    from fsam_fused import SAM
+
+    backend_available(backend, "cpu")
+    xs, ys, w, b = _problem(14)
+    lin = torch.nn.Linear(5, 2)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    opt = SAM(
+        lin.parameters(), torch.optim.SGD, rho=RHO, lr=LR, backend=backend, schedule=EveryK(3)
+    )
+    data = [(x.float(), y.float()) for x, y in zip(xs, ys)]
+    assert _run(lin, opt, data, "two_pass") == [t % 3 == 0 for t in range(STEPS)]
+    ps = [w.clone(), b.clone()]  # SAM every 3rd step, SGD otherwise, in float64
+    for t, (x, y) in enumerate(zip(xs, ys)):
+        g = _grad64(*ps, x, y)
+        if t % 3 == 0:
+            norm = math.sqrt(sum(float((u * u).sum()) for u in g))
+            g = _grad64(*[p + RHO / (norm + EPS) * u for p, u in zip(ps, g)], x, y)
+        ps = [p - LR * u for p, u in zip(ps, g)]
+    for p, q in zip((lin.weight, lin.bias), ps):
+        torch.testing.assert_close(p.detach().double(), q, rtol=2e-5, atol=2e-6)
+    assert not opt.state  # no EMA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["every2", "adaptive", "adaptive_lagged"])
+@pytest.mark.parametrize("backend", ["triton", "foreach"])
+def test_schedule_on_cuda_against_the_statement(name, backend):
+    """The cheap step on CUDA tensors (plain torch passes), the adaptive statistic on the
+    device, the lagged decision through pinned memory and an event."""
+    seed = 41
+    make, rule = SCHEDULES[name]
+    backend_available(backend, "cuda")
+    lin, opt, data = _model(seed, "reference", make())
+    lin.cuda()
+    opt = FSAM(
+        lin.parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        sigma=SIGMA,
+        lmbda=LMBDA,
+        lr=LR,
+        schedule=make(),
+        backend=backend,
+    )
+    data = [(x.cuda(), y.cuda()) for x, y in data]
+    taken = _run(lin, opt, data, "two_pass")
+    want, m, want_taken = statement(rule(), seed)
+    assert taken == want_taken
+    for p, q in zip((lin.weight, lin.bias), want):
+        torch.testing.assert_close(p.detach().double().cpu(), q, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.cuda
+def test_adaptive_statistics_saved_on_cpu_resume_on_cuda():
+    make, _ = SCHEDULES["adaptive"]
+    lin, opt, data = _model(42, "reference", make())
+    _run(lin, opt, data, "two_pass", 0, STEPS // 2)
+    sd = opt.state_dict()
+    assert sd["fsam"]["schedule"]["mu"].device.type == "cpu"
+    rest_cpu = _run(lin, opt, data, "two_pass", STEPS // 2, STEPS)
+    lin2, opt2, _ = _model(42, "reference", make())
+    lin2.cuda()
+    opt2 = FSAM(
+        lin2.parameters(),
+        torch.optim.SGD,
+        rho=RHO,
+        sigma=SIGMA,
+        lmbda=LMBDA,
+        lr=LR,
+        schedule=make(),
+        backend="foreach",
+    )
+    _run(lin2, opt2, [(x.cuda(), y.cuda()) for x, y in data], "two_pass", 0, STEPS // 2)
+    opt2.load_state_dict(sd)
+    cuda_data = [(x.cuda(), y.cuda()) for x, y in data]
+    assert _run(lin2, opt2, cuda_data, "two_pass", STEPS // 2, STEPS) == rest_cpu
+    assert opt2.schedule.mu.device.type == "cuda"
