@@ -458,11 +458,11 @@ def test_adaptive_statistics_saved_on_cpu_resume_on_cuda():
     make, _ = SCHEDULES["adaptive"]
     lin, opt, data = _model(42, "reference", make())
     _run(lin, opt, data, "two_pass", 0, STEPS // 2)
-    sd = opt.state_dict()
+    sd, model_sd = opt.state_dict(), {k: v.clone() for k, v in lin.state_dict().items()}
     assert sd["fsam"]["schedule"]["mu"].device.type == "cpu"
     rest_cpu = _run(lin, opt, data, "two_pass", STEPS // 2, STEPS)
-    lin2, opt2, _ = _model(42, "reference", make())
-    lin2.cuda()
+    lin2 = torch.nn.Linear(5, 2).cuda()
+    lin2.load_state_dict(model_sd)
     opt2 = FSAM(
         lin2.parameters(),
         torch.optim.SGD,
@@ -473,8 +473,9 @@ def test_adaptive_statistics_saved_on_cpu_resume_on_cuda():
         schedule=make(),
         backend="foreach",
     )
-    _run(lin2, opt2, [(x.cuda(), y.cuda()) for x, y in data], "two_pass", 0, STEPS // 2)
     opt2.load_state_dict(sd)
     cuda_data = [(x.cuda(), y.cuda()) for x, y in data]
     assert _run(lin2, opt2, cuda_data, "two_pass", STEPS // 2, STEPS) == rest_cpu
     assert opt2.schedule.mu.device.type == "cuda"
+    for p, q in zip(lin.parameters(), lin2.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
