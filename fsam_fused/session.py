@@ -13,6 +13,11 @@ Phases::
     PERTURBED/SCALED --a restore that raises--> RESTORE_FAILED --finish()/abandon()--> IDLE
     any perturbed phase --abandon()--> IDLE (weights restored, no base step)
 
+With a perturbation schedule (:mod:`fsam_fused.schedules`), ``first()`` may take the cheap
+step instead (the EMA updated, nothing perturbed): the same phases with ``cheap`` set, whose
+``finish()`` restores nothing and steps the base on the first pass's gradients (refused if a
+second backward rewrote them) and whose ``abandon()`` only ends the step.
+
 Closures (``step(closure)``), told apart without reading a device value:
 
 (a) **The authors' pattern** (davda54's SAM, the published F-SAM code): the caller ran the
