@@ -228,3 +228,55 @@ def test_sam_cheap_step_bytes():
         _step(lin, opt, x, y)
     s = opt.plan_summary()[0]
     assert s.cheap_bytes_per_step == 4 * s.numel  # fails: 8 * numel
+
+
+# ---------------------------------------------------------------- misuse not refused
+
+
+def test_one_schedule_object_given_to_two_optimizers():
+    """A schedule holds per-run state (a step counter), but FSAM(schedule=s) accepts an
+    object another optimizer already steps with: the two interleave one counter, so with
+    EveryK(2) and two optimizers stepped alternately one always perturbs and the other
+    never does, silently. Expected: refused at construction, or each optimizer its own."""
+    s = EveryK(2)
+    lin1, opt1, data = _lin(s)
+    try:
+        lin2, opt2, _ = _lin(s, seed=1)
+    except (TypeError, ValueError) as e:
+        assert "schedule" in str(e)
+        return
+    taken2 = []
+    for x, y in data[:4]:
+        _step(lin1, opt1, x, y)
+        _step(lin2, opt2, x, y)
+        taken2.append(opt2.last_perturbed)
+    assert taken2 == [True, False, True, False]  # fails: [False, False, False, False]
+
+
+# ---------------------------------------------------------------- the C++ op's messages
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, m: ([m[0]], g),  # fewer EMAs than gradients
+        lambda g, m: (m, [g[0], g[1].bfloat16()]),  # mixed gradient dtypes
+        lambda g, m: ([torch.zeros(4)], [torch.randn(4).to_sparse()]),  # a sparse gradient
+    ],
+    ids=["lengths", "dtypes", "sparse"],
+)
+def test_cpp_ema_op_names_its_arguments(make):
+    """ops.cpp.ema_(emas, grads, ...) has no `weights` argument, but gather(grads, grads,
+    ...) makes its errors name one ("weights[1] is BFloat16", "emas has 1 tensors, weights
+    has 2", "weights[0] must be dense"): bad input must name the argument it came in."""
+    backend_available("cpp", "cpu")
+    from fsam_fused.ops import cpp as cpp_ops
+
+    g = [torch.randn(10), torch.randn(6)]
+    m = [torch.zeros(10), torch.zeros(6)]
+    emas, grads = make(g, m)
+    rows = torch.zeros(len(grads), 4)
+    with pytest.raises(RuntimeError) as info:
+        cpp_ops.ema_(emas, grads, rows, torch.ones(1))
+    assert "weights" not in str(info.value), str(info.value)
+    assert "grads" in str(info.value), str(info.value)
