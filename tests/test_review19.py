@@ -280,3 +280,43 @@ def test_cpp_ema_op_names_its_arguments(make):
         cpp_ops.ema_(emas, grads, rows, torch.ones(1))
     assert "weights" not in str(info.value), str(info.value)
     assert "grads" in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------- a failed step's schedule
+
+
+def test_a_first_step_that_fails_after_the_decision_keeps_the_schedule():
+    """Schedule's contract: "a failed step changes no schedule state". A signal whose
+    handler raises in first_step's zero_grad (after first_half returned) is handled by
+    abandon(): the weights go back, but the schedule's counter keeps the failed step, so
+    the retried step 0 is taken as step 1 (cheap) instead of perturbing."""
+    sched = EveryK(2)
+    lin, opt, data = _lin(sched)
+    x, y = data[0]
+    _loss(lin, x, y).backward()
+    w, _ = _snap(lin, opt)
+
+    class Boom(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Boom
+
+    original = opt.zero_grad
+
+    def zero_grad(*a, **k):
+        os.kill(os.getpid(), signal.SIGALRM)
+        return original(*a, **k)
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        opt.zero_grad = zero_grad
+        with pytest.raises(Boom):
+            opt.first_step(zero_grad=True)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+        del opt.zero_grad
+    assert not opt.perturbed
+    assert _same([p.detach() for p in lin.parameters()], w)  # (abandoned: restored)
+    assert sched.steps == 0  # fails: 1
+    assert opt.will_perturb() is True  # fails: the retry would be a cheap step
