@@ -320,3 +320,24 @@ def test_a_first_step_that_fails_after_the_decision_keeps_the_schedule():
     assert _same([p.detach() for p in lin.parameters()], w)  # (abandoned: restored)
     assert sched.steps == 0  # fails: 1
     assert opt.will_perturb() is True  # fails: the retry would be a cheap step
+
+
+# ---------------------------------------------------------------- reporting a step in flight
+
+
+def test_perturbed_no_longer_tells_a_callback_that_a_step_is_in_flight():
+    """docs/semantics.md: "opt.perturbed is True from first_step until the step ends;
+    state_dict, load_state_dict and copies are refused then", and docs/training-loops.md
+    guards work that belongs after the step with `if not opt.perturbed:`. On a cheap step
+    in flight perturbed is False, yet state_dict() is refused, and there is no public
+    in-flight flag to guard with (a checkpoint callback guarded as documented raises)."""
+    lin, opt, data = _lin(EveryK(2))
+    _step(lin, opt, *data[0])
+    x, y = data[1]
+    _loss(lin, x, y).backward()
+    assert opt.first_step(zero_grad=True) is False
+    try:
+        if not opt.perturbed:  # the documented guard
+            opt.state_dict()  # fails: RuntimeError (the base step is pending)
+    finally:
+        opt.second_step(zero_grad=True)
