@@ -341,3 +341,34 @@ def test_perturbed_no_longer_tells_a_callback_that_a_step_is_in_flight():
             opt.state_dict()  # fails: RuntimeError (the base step is pending)
     finally:
         opt.second_step(zero_grad=True)
+
+
+# ---------------------------------------------------------------- accelerate's wrapper
+
+
+def test_accelerate_wrapper_forwards_the_schedule_api():
+    """integrations/accelerate.FORWARDED lists FSAM's own members on accelerate.prepare's
+    wrapper, but not the new will_perturb()/last_perturbed (nor schedule): the documented
+    DDP per-replica recipe (`ahead = opt.will_perturb()`) and a logger reading
+    `opt.last_perturbed` raise AttributeError on the optimizer accelerate hands back."""
+    pytest.importorskip("accelerate")
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True)
+        lin, opt, data = _lin(EveryK(2))
+        lin, opt = accelerator.prepare(lin, opt)
+        x, y = data[0]
+        assert opt.will_perturb() is True  # fails: AttributeError
+        accelerator.backward(_loss(lin, x, y))
+        if opt.first_step(zero_grad=True):
+            accelerator.backward(_loss(lin, x, y))
+        opt.step()
+        assert opt.last_perturbed is True
+        assert isinstance(opt.schedule, EveryK)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
