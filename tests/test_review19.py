@@ -372,3 +372,32 @@ def test_accelerate_wrapper_forwards_the_schedule_api():
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+@pytest.mark.cuda
+def test_lagged_adaptive_on_cuda_survives_load_state_dict_and_copies():
+    """UNVERIFIED here (no GPU in this review): after a CUDA step, Adaptive(lagged=True)
+    holds (pinned tensor, torch.cuda.Event) in _pending; checkpoint._checked_schedule
+    deep-copies the schedule before loading and copy.deepcopy(opt) copies it too, and a
+    torch.cuda.Event has no __reduce__/__deepcopy__ (expected: TypeError "cannot pickle")."""
+    import copy
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    lin = torch.nn.Linear(5, 2).cuda()
+    opt = FSAM(
+        lin.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        lr=LR,
+        backend="foreach",
+        schedule=Adaptive(total_steps=10, lagged=True),
+    )
+    x, y = torch.randn(8, 5, device="cuda"), torch.randn(8, 2, device="cuda")
+    for _ in range(2):
+        _step(lin, opt, x, y)
+    sd = opt.state_dict()  # (reads the pending decision: _pending is None now)
+    _step(lin, opt, x, y)  # a fresh pending event
+    copy.deepcopy(opt)
+    opt.load_state_dict(sd)
+    _step(lin, opt, x, y)
