@@ -326,21 +326,20 @@ def test_a_first_step_that_fails_after_the_decision_keeps_the_schedule():
 
 
 def test_perturbed_no_longer_tells_a_callback_that_a_step_is_in_flight():
-    """docs/semantics.md: "opt.perturbed is True from first_step until the step ends;
-    state_dict, load_state_dict and copies are refused then", and docs/training-loops.md
-    guards work that belongs after the step with `if not opt.perturbed:`. On a cheap step
-    in flight perturbed is False, yet state_dict() is refused, and there is no public
-    in-flight flag to guard with (a checkpoint callback guarded as documented raises)."""
+    """On a cheap step in flight perturbed is False (the weights are w), yet state_dict() is
+    refused: the guard for a checkpoint is the public ``opt.in_flight`` (documented), and
+    state_dict() names what is pending."""
     lin, opt, data = _lin(EveryK(2))
     _step(lin, opt, *data[0])
     x, y = data[1]
     _loss(lin, x, y).backward()
     assert opt.first_step(zero_grad=True) is False
-    try:
-        if not opt.perturbed:  # the documented guard
-            opt.state_dict()  # fails: RuntimeError (the base step is pending)
-    finally:
-        opt.second_step(zero_grad=True)
+    assert not opt.perturbed and opt.in_flight
+    with pytest.raises(RuntimeError, match="base step is pending"):
+        opt.state_dict()
+    opt.second_step(zero_grad=True)
+    assert not opt.in_flight
+    opt.state_dict()
 
 
 # ---------------------------------------------------------------- accelerate's wrapper
