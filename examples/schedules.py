@@ -96,13 +96,13 @@ def make_net(arch):
     )
 
 
-def schedule(method, total_steps, adaptive):
+def schedule(method, total_steps, adaptive, seed):
     if method == "F-SAM every 2":
         return EveryK(2)
     if method == "F-SAM every 4":
         return EveryK(4)
     if method == "F-SAM Bernoulli 0.5":
-        return Bernoulli(0.5, seed=0)
+        return Bernoulli(0.5, seed=seed)  # the draws vary with the seed like all else
     if method.startswith("F-SAM adaptive"):
         return Adaptive(
             total_steps, delta=DELTA, lagged=method.endswith("lagged"), **(adaptive or {})
@@ -110,14 +110,14 @@ def schedule(method, total_steps, adaptive):
     return None
 
 
-def make_opt(method, params, hp, total_steps, adaptive):
+def make_opt(method, params, hp, total_steps, adaptive, seed):
     kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
     if method == "SGD":
         return torch.optim.SGD(params, **kw)
     if method == "SAM":
         return SAM(params, torch.optim.SGD, rho=hp["SAM"]["rho"], **kw)
     f = hp["F-SAM"]
-    sch = schedule(method, total_steps, adaptive)
+    sch = schedule(method, total_steps, adaptive, seed)
     return FSAM(
         params,
         torch.optim.SGD,
@@ -137,7 +137,7 @@ def run(data, arch, noise, method, seed, epochs, hp, adaptive=None):
     torch.manual_seed(seed)
     net = make_net(arch)
     steps = epochs * -(-len(y_tr) // BATCH)
-    opt = make_opt(method, net.parameters(), hp, steps, adaptive)
+    opt = make_opt(method, net.parameters(), hp, steps, adaptive, 3000 + seed)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     order = torch.Generator().manual_seed(2000 + seed)
     loss_fn = torch.nn.functional.cross_entropy
