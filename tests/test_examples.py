@@ -70,4 +70,9 @@ def test_schedules_quick(tmp_path):
         for k in (2, 4):
             assert frac[(setting, f"F-SAM every {k}")] == -(-n // k) / n
     assert {s["lambda1"] for s in results["adaptive_scores"]} >= {-1.0, 0.0}
+    # The interleaved step timing covers every setting and method, relative to full F-SAM.
+    assert set(results["step_timing"]) == set(steps)
+    for timing in results["step_timing"].values():
+        assert set(timing) == {r["method"] for r in runs}
+        assert timing["F-SAM"]["step_vs_fsam"] == 1.0
     assert (tmp_path / "schedules.png").read_bytes()[:4] == b"\x89PNG"
