@@ -11,7 +11,7 @@ not used for reporting. The final runs go round-robin over the methods within ea
 setting, so a slow patch of the shared machine hits every method alike; the robust time figure
 is a run's training wall time divided by full F-SAM's in the same seed and setting.
 
-    python examples/schedules.py                  # the full run (about 35 minutes, 2 shared cores)
+    python examples/schedules.py                  # the full run (about 30 minutes, 2 shared cores)
     python examples/schedules.py --quick --out /tmp/smoke   # a smoke run of a few seconds
 """
 
