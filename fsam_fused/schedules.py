@@ -189,7 +189,8 @@ class Bernoulli(Schedule):
 
     def load_state_dict(self, sd: dict) -> None:
         self._check_kind(sd)
-        self.p, self.seed, self.steps = float(sd["p"]), int(sd["seed"]), int(sd["steps"])
+        self.p = number("p", sd["p"], 0.0, 1.0)
+        self.seed, self.steps = int(sd["seed"]), int(sd["steps"])
         self.generator.set_state(sd["generator"].clone())
 
     def __repr__(self) -> str:
@@ -348,7 +349,9 @@ class Adaptive(Schedule):
                 f"optimizer's lagged={self.lagged}"
             )
         self.total_steps = _positive_int("total_steps", sd["total_steps"])
-        self.delta, self.lambda1, self.lambda2 = sd["delta"], sd["lambda1"], sd["lambda2"]
+        self.delta = number("delta", sd["delta"], 0.0, 1.0, hi_open=True)
+        self.lambda1 = number("lambda1", sd["lambda1"], -math.inf)
+        self.lambda2 = number("lambda2", sd["lambda2"], -math.inf)
         self.steps, self._next, self._pending, self._new = int(sd["steps"]), sd["next"], None, None
         # Moved to the parameters' device by the first step that reads them.
         self.mu, self.s2 = sd["mu"], sd["s2"]
