@@ -473,11 +473,13 @@ struct Direction {
 
 // `unscale`: every gradient is multiplied by `inv` (a GradScaler's 1/scale) right after its
 // load, as the reference does; without it the arithmetic is the unscaled one, untouched.
-template <typename W, typename M>
-double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir, bool unscale,
-                    float inv) {
+template <typename W, typename M, bool kGradSq = false>
+std::pair<double, double> norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir,
+                                       bool unscale, float inv) {
+  // kGradSq: also sum (inv * g)^2, in the same order as a pass without EMA and |w| would (the
+  // cheap step's first pass): bit for bit the statistic that pass gives, without its read.
   const auto chunks = chunk_table(specs);
-  std::vector<double> partial(chunks.size(), 0.0);
+  std::vector<double> partial(chunks.size(), 0.0), partial_g(kGradSq ? chunks.size() : 0, 0.0);
   balanced_for(chunk_sizes(chunks), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
@@ -486,7 +488,7 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir, bool u
       const W* g = static_cast<const W*>(s.g);
       const M* m = static_cast<const M*>(s.m);
       const fVec vdecay(s.decay), vgain(s.gain), vsig(dir.sigma), vinv(inv);
-      fVec acc0(0.0f), acc1(0.0f);
+      fVec acc0(0.0f), acc1(0.0f), q0(0.0f), q1(0.0f);
       int64_t i = ch.begin;
       for (; i + kStep <= ch.end; i += kStep) {
         fVec g0, g1, m0(0.0f), m1(0.0f);
@@ -498,6 +500,10 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir, bool u
         if (unscale) {
           g0 = g0 * vinv;
           g1 = g1 * vinv;
+        }
+        if constexpr (kGradSq) {
+          q0 = q0 + g0 * g0;
+          q1 = q1 + g1 * g1;
         }
         if (dir.has_ema) load2(m + i, m0, m1);
         fVec d0 = dir(g0, m0, vdecay, vgain, vsig);
@@ -514,22 +520,31 @@ double norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir, bool u
       float lanes[2 * kLanes];
       acc0.store(lanes);
       acc1.store(lanes + kLanes);
-      float tail = 0.0f;
+      float tail = 0.0f, tail_g = 0.0f;
       for (; i < ch.end; ++i) {
         const float gi = unscale ? static_cast<float>(g[i]) * inv : static_cast<float>(g[i]);
         const float mi = dir.has_ema ? static_cast<float>(m[i]) : 0.0f;
         float d = dir(gi, mi, s.decay, s.gain, dir.sigma);
         if (s.adaptive) d = std::abs(static_cast<float>(w[i])) * d;
         tail += d * d;
+        if constexpr (kGradSq) tail_g += gi * gi;
       }
       double sum = 0.0;
       for (const auto l : c10::irange(2 * kLanes)) sum += lanes[l];
       partial[c] = sum + tail;
+      if constexpr (kGradSq) {
+        q0.store(lanes);
+        q1.store(lanes + kLanes);
+        double sum_g = 0.0;
+        for (const auto l : c10::irange(2 * kLanes)) sum_g += lanes[l];
+        partial_g[c] = sum_g + tail_g;
+      }
     }
   });
-  double total = 0.0;
+  double total = 0.0, total_g = 0.0;
   for (const double p : partial) total += p;  // chunk order: thread-count independent
-  return total;
+  for (const double p : partial_g) total_g += p;
+  return {total, total_g};
 }
 
 // Per tensor: swap writes w + e into s.out and leaves w; otherwise s.out gets the exact copy
@@ -685,19 +700,38 @@ float global_norm(const at::Tensor& sq) {
 
 // ------------------------------------------------------------------ the ops
 
+// `grad_sq` (optional, a 1-element contiguous float32 CPU tensor): also gets sum (inv * g)^2,
+// from the same read of g (a perturbation schedule's statistic).
 at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList emas,
                    const at::Tensor& rows, const at::Tensor& scalars, bool paper,
-                   const c10::optional<at::Tensor>& inv_scale) {
+                   const c10::optional<at::Tensor>& inv_scale,
+                   const c10::optional<at::Tensor>& grad_sq) {
   const auto specs = gather(weights, grads, emas, {}, nullptr, rows, {});
   const Direction dir{checked_scalars(scalars).first, paper, !emas.empty()};
   const float inv = inv_scale_of(inv_scale);
-  double total = 0.0;
+  if (grad_sq.has_value()) {
+    TORCH_CHECK(grad_sq->device().is_cpu() && grad_sq->scalar_type() == at::kFloat &&
+                    grad_sq->numel() == 1 && grad_sq->is_contiguous() &&
+                    !grad_sq->requires_grad(),
+                "fsam_fused: grad_sq must be a 1-element contiguous float32 CPU tensor that "
+                "does not require grad, got ", grad_sq->scalar_type(), " ", grad_sq->sizes(),
+                " on ", grad_sq->device());
+    const at::TensorList out(*grad_sq);
+    check_no_overlap({{"grad_sq", out, true}, {"weights", weights, false},
+                      {"grads", grads, false}, {"emas", emas, false}});
+  }
+  std::pair<double, double> total{0.0, 0.0};
   if (!specs.empty()) {
     dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
-      total = norm_sq_impl<decltype(w), decltype(m)>(specs, dir, inv_scale.has_value(), inv);
+      using Wt = decltype(w);
+      using Mt = decltype(m);
+      total = grad_sq.has_value()
+                  ? norm_sq_impl<Wt, Mt, true>(specs, dir, inv_scale.has_value(), inv)
+                  : norm_sq_impl<Wt, Mt>(specs, dir, inv_scale.has_value(), inv);
     });
   }
-  return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
+  if (grad_sq.has_value()) grad_sq->data_ptr<float>()[0] = static_cast<float>(total.second);
+  return at::full({1}, static_cast<float>(total.first), at::TensorOptions().dtype(at::kFloat));
 }
 
 void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
@@ -825,7 +859,7 @@ TORCH_LIBRARY(fsam_fused, m) {
   // Values (rho, adaptive, decay, gain per tensor; sigma, eps) are tensors, not floats: a
   // compiled graph must not specialise on them (see checked_rows).
   m.def("norm_sq(Tensor[] weights, Tensor[] grads, Tensor[] emas, Tensor rows, "
-        "Tensor scalars, bool paper, Tensor? inv_scale=None) -> Tensor");
+        "Tensor scalars, bool paper, Tensor? inv_scale=None, Tensor(a!)? grad_sq=None) -> Tensor");
   m.def("perturb_(Tensor(a!)[] weights, Tensor[] grads, Tensor(b!)[] emas, "
         "Tensor(c!)[] saved, Tensor sq, Tensor rows, Tensor scalars, int[] swap, bool paper, "
         "Tensor? inv_scale=None, Tensor(d!)? found=None) -> ()");
@@ -894,17 +928,22 @@ auto guarded(const F& f) -> decltype(f()) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fsam_cpu_py;
-  m.def("norm_sq", [](const TV& w, const TV& g, const TV& e, const at::Tensor& rows,
-                      const at::Tensor& scalars, bool paper, const OptT& inv) {
-    py::gil_scoped_release no_gil;
-    return guarded([&] {
-      if (plain({&w, &g, &e}, {&rows, &scalars, inv ? &*inv : nullptr})) {
-        return fsam_cpu::norm_sq(w, g, e, rows, scalars, paper, inv);
-      }
-      static const auto op = handle<decltype(fsam_cpu::norm_sq)>("fsam_fused::norm_sq");
-      return op.call(w, g, e, rows, scalars, paper, inv);
-    });
-  });
+  m.def(
+      "norm_sq",
+      [](const TV& w, const TV& g, const TV& e, const at::Tensor& rows, const at::Tensor& scalars,
+         bool paper, const OptT& inv, const OptT& gsq) {
+        py::gil_scoped_release no_gil;
+        return guarded([&] {
+          if (plain({&w, &g, &e},
+                    {&rows, &scalars, inv ? &*inv : nullptr, gsq ? &*gsq : nullptr})) {
+            return fsam_cpu::norm_sq(w, g, e, rows, scalars, paper, inv, gsq);
+          }
+          static const auto op = handle<decltype(fsam_cpu::norm_sq)>("fsam_fused::norm_sq");
+          return op.call(w, g, e, rows, scalars, paper, inv, gsq);
+        });
+      },
+      py::arg("w"), py::arg("g"), py::arg("e"), py::arg("rows"), py::arg("scalars"),
+      py::arg("paper"), py::arg("inv") = py::none(), py::arg("gsq") = py::none());
   m.def("perturb_", [](const TV& w, const TV& g, const TV& e, const TV& saved,
                        const at::Tensor& sq, const at::Tensor& rows, const at::Tensor& scalars,
                        const std::vector<int64_t>& swap, bool paper, const OptT& inv,

@@ -269,15 +269,25 @@ class Engine(CheapPasses):
             self.plan = None  # re-check everything next time
             raise
 
-    def perturb(self, prepared) -> None:
-        """The norm pass, then the write region (see the module docstring)."""
+    def perturb(self, prepared, before_write=None) -> None:
+        """The norm pass, then the write region (see the module docstring). ``before_write``:
+        called with :meth:`grad_sq`'s result, taken by the norm pass from the same read (a
+        schedule's statistic), after every read and before the first write."""
         plan, inputs, ctx = prepared
         with self._reading(plan, *ctx):
-            parts, carries = [], {}
+            parts, carries, gparts = [], {}, []
             for b in plan.buckets:
-                part, carries[id(b)] = b.backend.norm(b, inputs[id(b)])
+                x = inputs[id(b)]
+                if before_write is None:
+                    part, carries[id(b)] = b.backend.norm(b, x)
+                else:
+                    part, carries[id(b)], gpart = b.backend.norm_and_grad_sq(b, x)
+                    gparts.append(gpart)
                 parts.append(part)
             sqs = {id(b): sq for b, sq in zip(plan.buckets, reduce.combine(parts, plan.buckets))}
+            gsqs = None if before_write is None else reduce.combine(gparts, plan.buckets)
+        if before_write is not None:
+            before_write(gsqs)
         held = self._held
         try:
             with held:

@@ -20,9 +20,11 @@ Who learns the decision, and when:
   it never stalls.
 
 The squared norm ``sum g**2`` (the unscaled first gradient, over every parameter with a
-gradient, all ranks of a sharded parameter) comes from the cheap step's own first pass; on a
-perturbing step it costs one extra read of the gradients (4 bytes per float32 parameter),
-only with :class:`Adaptive`. Under torch.distributed with plain (replicated) parameters the
+gradient, all ranks of a sharded parameter) comes from the cheap step's own first pass. On a
+perturbing step the lagged rule, decided ahead, takes it from the norm pass's read of the
+gradients (the C++ backend sums both in one pass: no extra traffic; the others read g once
+more); the unlagged rule must know it before choosing the passes, so its perturbing steps read
+the gradients once more (4 bytes per float32 parameter). Under torch.distributed with plain (replicated) parameters the
 statistic is averaged over the ranks (``FSAM.nonfinite_group``'s group), so every rank takes
 the same decision also when the first backward ran under DDP's ``no_sync()``.
 
@@ -390,17 +392,28 @@ def first_half(schedule, engine, step, inv, group) -> bool:
     try:
         take = schedule.decide()
         prepared = engine.prepare(*step, inv)
-        sqs = stat = None
-        if schedule.needs_norm or not take:
-            sqs = engine.grad_sq(prepared)  # the cheap step's first pass, and the statistic
-            if schedule.needs_norm and sqs:
+        stat = None
+
+        def settle(sqs):  # the statistic and what it decides, before any write
+            nonlocal stat, take
+            if sqs:
                 stat = distributed.agreed_mean(sqs[0].sum().reshape(1), group, prepared[0])
                 take = schedule.decide_with(stat) if take is None else schedule.prepare(stat, take)
-        take = True if take is None else take  # (no gradient at all: nothing to decide on)
-        if take:
-            engine.perturb(prepared)
+
+        if take and schedule.needs_norm:
+            # Decided ahead (lagged): the norm pass sums g**2 too (no extra read, fused).
+            engine.perturb(prepared, before_write=settle)
         else:
-            engine.cheap(prepared, sqs)
+            sqs = None
+            if schedule.needs_norm or not take:
+                sqs = engine.grad_sq(prepared)  # the cheap step's first pass; the statistic
+                if schedule.needs_norm:
+                    settle(sqs)
+            take = True if take is None else take  # (no gradient at all: nothing to decide)
+            if take:
+                engine.perturb(prepared)
+            else:
+                engine.cheap(prepared, sqs)
         try:
             if stat is not None:
                 schedule.observe(stat)

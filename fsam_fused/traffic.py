@@ -15,7 +15,8 @@ weights: 26 and 20.
 A schedule's cheap step (:mod:`fsam_fused.schedules`) reads g for the sum of squares, then g
 and m and writes m: ``2 W + 2 M``, 16 bytes for float32 (12 for bfloat16 gradients), no weight
 touched; plain SAM's reads g once (``W``). The adaptive rule's statistic costs a perturbing
-step one more read of g (``W``). These count the fused C++ passes; the other backends run the
+step one more read of g (``W``) when unlagged (it decides which passes run); lagged, the C++
+norm pass sums it from its own read. These count the fused C++ passes; the other backends run the
 cheap step in plain torch per tensor (more traffic, temporaries).
 """
 

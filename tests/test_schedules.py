@@ -479,3 +479,49 @@ def test_adaptive_statistics_saved_on_cpu_resume_on_cuda():
     assert opt2.schedule.mu.device.type == "cuda"
     for p, q in zip(lin.parameters(), lin2.parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_inv", [False, True])
+def test_norm_pass_sums_the_gradient_squares_from_the_same_read(dtype, with_inv):
+    """The C++ norm_sq's optional grad_sq output: bit for bit the cheap step's first pass
+    (norm_sq without EMA or |w|), and the norm itself unchanged."""
+    backend_available("cpp", "cpu")
+    from fsam_fused.ops import cpp as ops
+    from helpers import cpp_rows, cpp_scalars
+
+    g = torch.Generator().manual_seed(5)
+    n = [70000, 33, 1000]  # several chunks, a vector tail, a scalar tail
+    w = [torch.randn(k, generator=g).to(dtype) for k in n]
+    gr = [torch.randn(k, generator=g).to(dtype) for k in n]
+    m = [torch.randn(k, generator=g) for k in n]
+    rows = cpp_rows([0, 1, 0], [0.9] * 3, [0.1] * 3, [0.05] * 3)
+    scalars = cpp_scalars(0.8, 1e-12)
+    inv = torch.tensor([0.25]) if with_inv else None
+    out = torch.full((1,), float("nan"))
+    got = ops.norm_sq(w, gr, m, rows, scalars, False, inv, out)
+    assert torch.equal(got, ops.norm_sq(w, gr, m, rows, scalars, False, inv))
+    plain = torch.zeros(3, 4)
+    assert torch.equal(out, ops.norm_sq(w, gr, [], plain, scalars, False, inv))
+    with pytest.raises(RuntimeError, match="grad_sq must be"):
+        ops.norm_sq(w, gr, m, rows, scalars, False, inv, torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad_sq.*overlaps"):
+        ops.norm_sq(w, gr, m, rows, scalars, False, inv, gr[0].view(torch.float32)[:1])
+
+
+@pytest.mark.parametrize("lagged", [False, True])
+def test_the_adaptive_statistic_reads_the_gradients_once_more_only_unlagged(lagged, monkeypatch):
+    from fsam_fused.backends.cpp import CppBackend
+
+    calls = []
+    orig = CppBackend.grad_sq
+    monkeypatch.setattr(
+        CppBackend, "grad_sq", lambda self, b, x: (calls.append(1), orig(self, b, x))[1]
+    )
+    sched = Adaptive(total_steps=STEPS, lambda1=-0.5, lambda2=0.5, lagged=lagged)
+    lin, opt, data = _model(15, "cpp", sched)
+    taken = _run(lin, opt, data, "two_pass")
+    assert True in taken and False in taken
+    # Unlagged: a separate read every step (the decision picks the passes); lagged: only
+    # the cheap steps' own first pass (the norm pass sums g**2 on the perturbing ones).
+    assert len(calls) == (STEPS if not lagged else taken.count(False))

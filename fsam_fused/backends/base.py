@@ -47,6 +47,9 @@ this file says how to add one.
     alone (``m <- m * decay + (inv * g) * gain``) with the whole step's ``sq``, selecting
     the old EMA when its sum is not finite and setting ``inputs.found`` as ``perturb`` does.
     :class:`CheapStep` is a plain-torch version any backend may inherit.
+``norm_and_grad_sq(b, inputs) -> (partials, carry, grad_sq)``
+    ``norm`` and ``grad_sq`` together (a schedule's statistic on a perturbing step); the C++
+    backend takes both from one read of the gradients.
 ``double_buffered(b) -> tuple[bool, ...]``, ``aligned(b) -> bool | None``
     Introspection (``FSAM.plan_summary``): which tensors are swapped instead of copied, and
     whether every address allows the widest vector accesses (None: not applicable).
@@ -145,6 +148,12 @@ class CheapStep:
         if not squares:
             return torch.zeros(1, dtype=torch.float32, device=b.device)
         return torch.stack(squares).sum().reshape(1)
+
+    def norm_and_grad_sq(self, b, inputs: StepInputs):
+        """``norm``'s ``(partials, carry)`` and :meth:`grad_sq`'s sum: here two reads of the
+        gradients (a fused backend sums both in one)."""
+        part, carry = self.norm(b, inputs)
+        return part, carry, self.grad_sq(b, inputs)
 
     def ema(self, b, inputs: StepInputs, sq: torch.Tensor) -> None:
         ok = torch.isfinite(sq.sum())

@@ -133,6 +133,14 @@ class CppBackend:
             self.restore(b)
             raise
 
+    def norm_and_grad_sq(self, b, inputs: StepInputs):
+        st = b.prep
+        gsq = torch.empty(1, dtype=torch.float32)  # (the op writes it: no extra read of g)
+        part = cpp_ops.norm_sq(
+            st.weights, inputs.grads, st.emas, b.rows, b.scalars, b.paper, inputs.inv, gsq
+        )
+        return part, None, gsq
+
     def grad_sq(self, b, inputs: StepInputs):
         st = b.prep
         return cpp_ops.norm_sq(

@@ -86,12 +86,15 @@ def norm_sq(
     scalars: torch.Tensor,
     paper: bool,
     inv_scale: torch.Tensor | None = None,
+    grad_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A 1-element float32 tensor: the sum of ``(a * d)**2`` over every tensor. ``inv_scale``
     (a 1-element float32 CPU tensor, or None): every gradient is multiplied by it first.
-    ``rows`` and ``scalars`` as in the module docstring (rho and eps are not used here)."""
+    ``grad_sq`` (a 1-element float32 CPU tensor, or None) also gets ``sum (inv * g)**2`` from
+    the same read (a schedule's statistic). ``rows`` and ``scalars`` as in the module
+    docstring (rho and eps are not used here)."""
     f = _direct.norm_sq if _eager() else torch.ops.fsam_fused.norm_sq
-    return f(weights, grads, emas, rows, scalars, paper, inv_scale)
+    return f(weights, grads, emas, rows, scalars, paper, inv_scale, grad_sq)
 
 
 def perturb_(
@@ -161,7 +164,7 @@ def register_fakes() -> None:
     once per process, by :func:`load`, after the library is loaded."""
 
     @torch.library.register_fake(_LIB + "norm_sq")
-    def _(weights, grads, emas, rows, scalars, paper, inv_scale=None):
+    def _(weights, grads, emas, rows, scalars, paper, inv_scale=None, grad_sq=None):
         _no_meta(
             "norm_sq",
             weights=weights,
@@ -170,6 +173,7 @@ def register_fakes() -> None:
             rows=rows,
             scalars=scalars,
             inv_scale=[] if inv_scale is None else [inv_scale],
+            grad_sq=[] if grad_sq is None else [grad_sq],
         )
         return grads[0].new_empty(1, dtype=torch.float32)
 
