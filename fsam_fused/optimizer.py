@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hparams
+from . import _messages, amp, checkpoint, compiled, hparams
 from .backends import build_ahead
 from .buffers import State
 from .reports import StepReports, own
@@ -140,12 +140,16 @@ class FSAM(StepReports, Optimizer):
         )
         build_ahead(backend)  # backend="cpp" compiles or loads the C++ ops now
         self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
+        # [issue 17] a tensor value is kept as the tensor (compiled steps read it in place)
+        self.sigma = sigma if isinstance(sigma, torch.Tensor) else self.sigma
+        self.lmbda = lmbda if isinstance(lmbda, torch.Tensor) else self.lmbda
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
         # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
         self.nonfinite_group = None
         self.base_optimizer = None
-        super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
+        rho = rho if isinstance(rho, torch.Tensor) else float(rho)  # [issue 17] (as sigma)
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(base, Optimizer):
             raise TypeError(
@@ -232,6 +236,12 @@ class FSAM(StepReports, Optimizer):
         ``scaler.update()`` (``docs/training-loops.md``). A non-finite first gradient leaves
         weights and EMA as they were; see :meth:`found_nonfinite`."""
         fs = own(self)
+        # [issue 17] compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
+        if compiled.frozen_active(fs):
+            if grad_scaler is not None:
+                raise RuntimeError(compiled.NO_SCALER)
+            return compiled.first_step(fs, zero_grad)
+        # [/issue 17]
         fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
@@ -240,6 +250,8 @@ class FSAM(StepReports, Optimizer):
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead."""
         fs = own(self)
+        if compiled.frozen_active(fs):  # [issue 17] (see first_step)
+            return compiled.second_step(fs, zero_grad)
         fs._session.second_step(fs, fs._inputs, zero_grad)
 
     @torch.no_grad()
