@@ -71,6 +71,13 @@ def _plan(fs):
             "or captured step cannot rebuild the plan: take an eager step first"
         )
     for b in plan.buckets:
+        if any(b.backend.double_buffered(b)):
+            # A swapped parameter's restore is a p.data assignment, which a graph cannot
+            # hold; with every weight copied, eager and compiled halves also mix freely.
+            raise RuntimeError(
+                "FSAM: under torch.compile or CUDA-graph capture the C++ backend needs "
+                "fixed_addresses=True (its double buffering swaps p.data)"
+            )
         if b.frozen is None:
             raise RuntimeError(
                 f"FSAM: the bucket on {b.device} ({b.dtype}) runs on the {b.backend.name} "

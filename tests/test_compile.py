@@ -241,3 +241,52 @@ def test_an_unfused_backend_is_refused_under_compile():
     f1 = torch.compile(lambda: opt.first_step(), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="backend 'cpp' on CPU, 'triton' on CUDA"):
         f1()
+
+
+def test_double_buffering_is_refused_under_compile():
+    """The C++ backend's default swaps p.data, which a graph cannot hold: the error names
+    fixed_addresses=True (the test conftest lets every tensor be swapped)."""
+    backend_available("cpp", "cpu")
+    net = make_net(7)
+    opt = FSAM(net.parameters(), torch.optim.SGD, backend="cpp", lr=0.1)
+    x, y = _xy(16)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.first_step(zero_grad=True)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.second_step(zero_grad=True)
+    assert any(opt.plan_summary()[0].double_buffered)
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    f1 = torch.compile(lambda: opt.first_step(), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="fixed_addresses=True"):
+        f1()
+    assert not opt.perturbed
+
+
+def test_eager_and_compiled_halves_mix():
+    """An eager first_step finished by a compiled second_step, and a compiled first_step
+    ended by an eager abandon_step(), give the weights back bit for bit (every weight is
+    copied, never swapped)."""
+    backend_available("cpp", "cpu")
+    # (float values: torch's SGD rounds a tensor lr differently eager and traced)
+    net, opt, v = _make(float_values=True)
+    f1 = torch.compile(lambda: opt.first_step(), fullgraph=True, backend="eager")
+    f2 = torch.compile(lambda: opt.second_step(), fullgraph=True, backend="eager")
+    _trajectory(net, opt, v, f1, f2, 1, values=False)
+    x, y = _xy(17)
+    twin_net, twin, tv = _make(float_values=True)
+    _trajectory(twin_net, twin, tv, twin.first_step, twin.second_step, 1, values=False)
+    for n, o, second in ((net, opt, f2), (twin_net, twin, twin.second_step)):
+        torch.nn.functional.mse_loss(n(x), y).backward()
+        o.first_step(zero_grad=True)
+        torch.nn.functional.mse_loss(n(x), y).backward()
+        second()
+        o.zero_grad()
+    for p, q in zip(net.parameters(), twin_net.parameters()):
+        assert torch.equal(p, q)
+    w = [p.detach().clone() for p in net.parameters()]
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    f1()
+    assert opt.perturbed and not all(torch.equal(p, q) for p, q in zip(net.parameters(), w))
+    assert opt.abandon_step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w))
