@@ -529,6 +529,9 @@ class MultiTensorFSAM:
         self.n_chunks = self.n_programs = 0
         self._static_key = None
         self._grad_ptrs = None
+        # Until set_grads: a restore needs no gradient (its table is passed but never read
+        # in compiled code; the interpreter reads it, so it gets the pointer table instead).
+        self.grad_tab, self.grads_aligned = None, True
 
     def set_static(self, weights, emas, saved, adaptive, rows, values) -> None:
         for name, t, shape in (("rows", rows, (len(weights), 4)), ("values", values, (2,))):
@@ -660,7 +663,7 @@ class MultiTensorFSAM:
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
                 self.ptr_tab,
-                self.grad_tab,
+                self.ptr_tab if self.grad_tab is None else self.grad_tab,
                 self.numel_tab,
                 self.chunk_tab,
                 self.scal_tab,

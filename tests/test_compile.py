@@ -1,4 +1,4 @@
-"""torch.compile of F-SAM steps on the CPU (C++ backend): both halves under
+"""torch.compile of F-SAM steps on the CPU (C++ backend; Triton in its interpreter): both halves under
 ``fullgraph=True`` equal to eager bit for bit with every value changing every step and no
 recompile; a whole training step whose graph breaks are none of fsam_fused's
 (``docs/compile.md``)."""
@@ -96,16 +96,17 @@ def _trajectory(net, opt, v, first, second, steps, warm=2, values=True):
     return out
 
 
-def test_halves_compile_fullgraph_equal_eager_without_recompiles():
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_halves_compile_fullgraph_equal_eager_without_recompiles(backend):
     """first_step and second_step, each alone under torch.compile(fullgraph=True) (Inductor),
     over 20 steps while every group's rho, sigma, lmbda and the base lr (tensors) change each
     step: no recompile (one graph per half), and every weight and EMA after every half equal
     bit for bit to eager FSAM's. The eager run's base step is compiled too: torch's SGD with
     a tensor lr rounds differently eager (add_ with alpha: a fused multiply-add) and traced
     (a multiply, then an add), by one ulp; that is torch's, measured against a plain eager
-    run below."""
-    backend_available("cpp", "cpu")
-    net, opt, v = _make()
+    run below. (Triton: CPU tensors in its interpreter.)"""
+    backend_available(backend, "cpu")
+    net, opt, v = _make(backend)
     f1 = torch.compile(lambda: opt.first_step(), fullgraph=True)
     f2 = torch.compile(lambda: opt.second_step(), fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -114,7 +115,7 @@ def test_halves_compile_fullgraph_equal_eager_without_recompiles():
 
     # Oracle 1: eager FSAM (its plan, checks and value refresh; the same C++ passes), the
     # base optimizer's step compiled alone from the third step on, as in the compiled run.
-    net2, opt2, v2 = _make()
+    net2, opt2, v2 = _make(backend)
     base = opt2.base_optimizer
     plain = base.step
     compiled_base = torch.compile(plain)

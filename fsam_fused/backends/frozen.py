@@ -56,10 +56,77 @@ class CppFrozen:
         frozen_ops.cpp_restore_(self.params, self.saved)
 
 
+class TritonFrozen:
+    """The Triton passes over a bucket as custom ops (``fsam_fused/ops/triton.py``), with a
+    launcher of their own (its tables uploaded by the first op call, then only when an
+    address changes) and a partials buffer made here, once per plan."""
+
+    __slots__ = ("ops", "launcher", "handle", "params", "emas", "saved", "rows", "scalars")
+    __slots__ += ("paper", "adaptive", "partials")
+
+    def __init__(self, b):
+        import torch
+
+        from ..kernels import fsam as kernels
+        from ..ops import triton as triton_ops
+
+        m_dtype = b.emas[0].dtype if b.emas else torch.float32
+        self.ops = triton_ops
+        self.launcher = kernels.MultiTensorFSAM(b.device, b.dtype, m_dtype)
+        self.handle = triton_ops.register(self.launcher)
+        self.params, self.saved = b.params, b.saved
+        self.emas = b.emas if b.emas is not None else []
+        self.rows, self.scalars, self.paper = b.rows, b.scalars, b.paper
+        self.adaptive = any(b.adaptive)
+        # As many partials as the launcher will have programs (MultiTensorFSAM.set_static).
+        chunks = sum(-(-p.numel() // kernels.CHUNK) for p in b.params)
+        n = min(chunks, kernels.max_programs(b.device))
+        self.partials = torch.zeros(max(n, 1), dtype=torch.float32, device=b.device)
+
+    def norm(self, grads, inv):
+        self.ops.triton_norm_(
+            self.handle,
+            self.params,
+            grads,
+            self.emas,
+            self.saved,
+            self.rows,
+            self.scalars,
+            self.partials,
+            self.paper,
+            self.adaptive,
+            inv,
+        )
+        return self.partials
+
+    def perturb(self, grads, sq, inv, found) -> None:
+        self.ops.triton_perturb_(
+            self.handle,
+            self.params,
+            grads,
+            self.emas,
+            self.saved,
+            sq,
+            self.rows,
+            self.scalars,
+            self.paper,
+            self.adaptive,
+            inv,
+            found,
+        )
+
+    def restore(self) -> None:
+        self.ops.triton_restore_(
+            self.handle, self.params, self.emas, self.saved, self.rows, self.scalars, self.adaptive
+        )
+
+
 def frozen_passes(b):
     """The frozen passes of bucket ``b`` (after its backend's ``prepare``), or None when its
     backend cannot run frozen (foreach, reference)."""
     name = b.backend.name
     if name == "cpp":
         return CppFrozen(b)
+    if name == "triton":
+        return TritonFrozen(b)
     return None
