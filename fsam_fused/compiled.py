@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .hparams import number
 from .rows import DECAY, GAIN, RHO, SIGMA
 
 _NEEDS_EAGER = (
@@ -41,8 +42,73 @@ _NEEDS_EAGER = (
 
 
 def frozen_active(fs) -> bool:
-    """True when this step must take the frozen path: under ``torch.compile``."""
-    return torch.compiler.is_compiling()
+    """True when this step takes the frozen path: under ``torch.compile``, or with
+    ``capturable=True`` once the plan is built and still fits (else the eager step rebuilds
+    it, which a capture refuses: :func:`_fits`)."""
+    if torch.compiler.is_compiling():
+        return True
+    return fs.__dict__.get("capturable", False) and _fits(fs)
+
+
+def capturing() -> bool:
+    """A CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _fits(fs) -> bool:
+    """``capturable=True``, eager or captured: the plan's own per-step checks (host metadata
+    only: the plan's key, every parameter's address, each gradient's dtype, shape, device
+    and layout), as an eager step makes them. False sends the step to the eager path, which
+    rebuilds the plan; inside a capture that would upload and allocate, so it raises."""
+    from .buffers import state_version
+    from .session import Phase
+
+    session = fs._session
+    plan = session.engine.plan
+    ok = plan is not None and plan.key is not None and not plan.new_emas
+    if ok and session.phase is Phase.IDLE:
+        groups = fs.param_groups
+        key = (id(fs.state), state_version(), [(id(g["params"]), len(g["params"])) for g in groups])
+        grads = [p.grad for p in plan.flat]
+        ok = (
+            key == plan.key
+            and _same_structure(fs, plan.structure)
+            and [i for i, g in enumerate(grads) if g is not None] == plan.have
+            and [plan.flat[i].data_ptr() for i in plan.have] == plan.ptrs
+            and plan.take_grads(grads) is not None
+        )
+    if not ok and capturing():
+        raise RuntimeError(
+            "FSAM(capturable=True): inside a CUDA graph capture the plan must be built "
+            "already and fit this step (same parameters, addresses, gradients' layouts, "
+            f"structure): {_NEEDS_EAGER}"
+        )
+    return ok
+
+
+def _same_structure(fs, st) -> bool:
+    sigma = fs.sigma
+    return (
+        fs.ema_order == ("paper" if st.paper else "official")
+        and fs.backend == st.backend
+        and fs.ema_dtype == st.ema_dtype
+        and tuple(g["adaptive"] for g in fs.param_groups) == st.adaptive
+        and (isinstance(sigma, torch.Tensor) or (sigma > 0) == st.has_ema)
+    )
+
+
+def base_kwargs(base_optimizer, kwargs: dict, capturable) -> dict:
+    """``capturable=True`` is also the base optimizer's when it takes one (Adam, AdamW...)."""
+    if capturable is True and "capturable" not in kwargs:
+        import inspect
+
+        try:
+            takes = "capturable" in inspect.signature(base_optimizer).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            kwargs = {**kwargs, "capturable": True}
+    return kwargs
 
 
 def _plan(fs):
@@ -52,23 +118,11 @@ def _plan(fs):
     plan = engine.plan
     if plan is None or plan.key is None or plan.new_emas:
         raise RuntimeError(f"FSAM: no frozen plan yet: {_NEEDS_EAGER}")
-    st = plan.structure
-    if (
-        fs.ema_order != ("paper" if st.paper else "official")
-        or fs.backend != st.backend
-        or fs.ema_dtype != st.ema_dtype
-        or tuple(g["adaptive"] for g in fs.param_groups) != st.adaptive
-    ):
+    if not _same_structure(fs, plan.structure):
         raise RuntimeError(
-            "FSAM: ema_order, backend, ema_dtype or a group's adaptive changed since the plan "
-            "was built; a compiled or captured step cannot rebuild it: take an eager step "
-            "first (docs/compile.md)"
-        )
-    sigma = fs.sigma
-    if not isinstance(sigma, torch.Tensor) and (sigma > 0) != st.has_ema:
-        raise RuntimeError(
-            "FSAM: sigma changed between 0 and a positive value (SAM <-> F-SAM); a compiled "
-            "or captured step cannot rebuild the plan: take an eager step first"
+            "FSAM: ema_order, backend, ema_dtype, a group's adaptive or sigma's sign (SAM <-> "
+            "F-SAM) changed since the plan was built; a compiled step cannot rebuild it: "
+            "take an eager step first (docs/compile.md)"
         )
     for b in plan.buckets:
         if any(b.backend.double_buffered(b)):
@@ -89,33 +143,61 @@ def _plan(fs):
 
 
 def _fill(view, v) -> None:
-    """``view[:] = v``: a float, or a tensor (cast as a Python float would be: through
-    float64, so the bits equal an eager step's)."""
+    """``view[:] = v``: a float, or a tensor (one rounding to the rows' dtype, as a Python
+    float's: the bits equal an eager step's). No allocation: a capture may run it."""
     if isinstance(v, torch.Tensor):
-        view.copy_(v.detach().to(torch.float64))
+        # (no detach(): the step runs under no_grad, and AOTAutograd's detach of an input
+        # mutated earlier in the graph read its value from before the mutation)
+        view.copy_(v)
     else:
         view.fill_(v)
 
 
-def write_values(plan, fs) -> None:
-    """This step's rho, sigma and lmbda into every bucket's device rows (tensor ops: in the
-    graph). A frozen plan has no first sight: every EMA row decays (``rows.ema_row``)."""
+def _checked(fs):
+    """``(rhos, sigma, lmbda)``; float values validated as an eager step does, outside
+    compilation (a compiled graph holds them as constants or symbols); tensors as they are
+    (reading them would synchronise)."""
     rhos = [g["rho"] for g in fs.param_groups]
     sigma, lmbda = fs.sigma, fs.lmbda
-    if isinstance(lmbda, torch.Tensor):
-        lmbda = lmbda.detach().to(torch.float64)
-    gain = 1.0 - lmbda
+    if not torch.compiler.is_compiling():
+        rhos = [
+            r if isinstance(r, torch.Tensor) else number(f"rho in param group {i}", r, 0.0)
+            for i, r in enumerate(rhos)
+        ]
+        if not isinstance(sigma, torch.Tensor):
+            sigma = number("sigma", sigma, 0.0)
+        if not isinstance(lmbda, torch.Tensor):
+            lmbda = number("lmbda", lmbda, 0.0, 1.0, hi_open=True)
+    return rhos, sigma, lmbda
+
+
+def write_values(plan, fs) -> None:
+    """This step's rho, sigma and lmbda into every bucket's device rows (tensor ops: in the
+    graph, or in the captured step). A frozen plan has no first sight: every EMA row decays
+    (``rows.ema_row``). ``1 - lmbda`` of a tensor lmbda is computed in float64 in the
+    frozen passes' scratch (exactly Python's), then rounded once into the rows."""
+    rhos, sigma, lmbda = _checked(fs)
     for b in plan.buckets:
         rows, scalars = b.rows, b.scalars
         for gi, lo, hi in b.spans:
             _fill(rows[lo:hi, RHO], rhos[gi])
         _fill(rows[:, DECAY], lmbda)
+        if isinstance(lmbda, torch.Tensor):
+            gain = b.frozen.scratch
+            gain.copy_(lmbda)
+            gain.mul_(-1.0)  # (exact)
+            gain.add_(1.0)
+        else:
+            gain = 1.0 - lmbda
         _fill(rows[:, GAIN], gain)
         _fill(scalars[SIGMA : SIGMA + 1], sigma)
 
 
-def first_step(fs, zero_grad: bool) -> None:
-    """The frozen ``first_step`` (see the module docstring)."""
+def first_step(fs, zero_grad: bool, scaler=None) -> None:
+    """The frozen ``first_step`` (see the module docstring). ``scaler``: a GradScaler, with
+    ``capturable=True`` outside compilation (its 1/scale enters the passes as a device
+    tensor; finish with ``scaler.step(opt)`` as in eager steps)."""
+    from . import amp
     from .session import Phase
 
     session = fs._session
@@ -123,22 +205,32 @@ def first_step(fs, zero_grad: bool) -> None:
         raise RuntimeError(
             "first_step() called twice without second_step(): the weights are already perturbed"
         )
+    if scaler is not None and torch.compiler.is_compiling():
+        raise RuntimeError(NO_SCALER)
     plan = _plan(fs)
-    engine = session.engine
+    inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, session.key)
+    if inv is not None and any(b.device != inv.device for b in plan.buckets):
+        raise RuntimeError("FSAM: a frozen step takes a GradScaler on the parameters' device")
     write_values(plan, fs)
     flat = plan.flat
     grads = [[flat[i].grad for i in b.index] for b in plan.buckets]
-    found = engine._found_on(plan.buckets[0].device)
-    parts = [b.frozen.norm(g, None) for b, g in zip(plan.buckets, grads)]
+    parts = [b.frozen.norm(g, inv) for b, g in zip(plan.buckets, grads)]
     sqs = _combine(parts, plan.buckets)
     order = {id(b): i for i, b in enumerate(plan.buckets)}
     for b in plan.commit:
         i = order[id(b)]
-        b.frozen.perturb(grads[i], sqs[i], None, engine._found_on(b.device))
+        b.frozen.perturb(grads[i], sqs[i], inv, b.frozen.found)
+    engine = session.engine
     engine.inflight = list(plan.commit)
+    found = plan.buckets[0].frozen.found
     engine.found = found
     session.found = found
     session.phase = Phase.PERTURBED
+    if scaler is not None:
+        if scaler.is_enabled():
+            session.scaler = scaler
+            session.phase = Phase.SCALED
+        amp.after_first_step(scaler, session.key, unscaled)
     if zero_grad:
         _zero_grad(fs)
 
@@ -164,6 +256,11 @@ def second_step(fs, zero_grad: bool) -> None:
     from .session import Phase
 
     session = fs._session
+    if session.phase is Phase.SCALED:
+        raise RuntimeError(
+            "second_step() after first_step(grad_scaler=...): finish with scaler.step(opt) "
+            "and scaler.update()"
+        )
     if session.phase is not Phase.PERTURBED:
         raise RuntimeError(
             "second_step() called before first_step(): there is no perturbation to undo"
@@ -219,13 +316,22 @@ def base_step(base, first) -> None:
 
 
 def _zero_grad(fs) -> None:
-    """``zero_grad(set_to_none=True)`` as torch.optim's (whose own is not traced)."""
+    """``zero_grad()`` as torch.optim's (whose own is not traced); with ``capturable=True``
+    in place (``set_to_none=False``): the gradients keep their addresses, which the
+    Triton gradient table and a captured graph hold."""
+    if fs.__dict__.get("capturable", False):
+        grads = [p.grad for g in fs.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_zero_(grads)
+        fs._session.sample.note_zeroed()
+        return
     for g in fs.param_groups:
         for p in g["params"]:
             p.grad = None
 
 
 NO_SCALER = (
-    "FSAM: first_step(grad_scaler=...) under torch.compile is not supported yet; compile the "
-    "forward/backward and call the F-SAM steps eagerly, or train in bfloat16 (docs/compile.md)"
+    "FSAM: first_step(grad_scaler=...) is not supported under torch.compile; compile the "
+    "forward/backward and call the F-SAM steps eagerly, capture the step with "
+    "capturable=True, or train in bfloat16 (docs/compile.md)"
 )

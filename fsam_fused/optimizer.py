@@ -71,6 +71,10 @@ class FSAM(StepReports, Optimizer):
             step. Without it a non-finite first pass never perturbs the weights nor enters
             the EMA (checked on the device), and a fused base (``fused=True`` SGD, Adam,
             AdamW) skips its step on the device; any other base steps on the second gradient.
+        capturable: steps that CUDA graphs can capture (``torch.cuda.graph``) once the plan
+            is built (two eager steps): no host synchronisation, allocation or table upload
+            in a step; implies ``fixed_addresses``; gradients must stay at their addresses
+            (``zero_grad(set_to_none=False)``). ``docs/compile.md``.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype`` and ``fixed_addresses`` are
@@ -127,8 +131,14 @@ class FSAM(StepReports, Optimizer):
         ema_dtype: torch.dtype | None = None,
         fixed_addresses: bool = False,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
+        # [issue 17] capturable: the frozen step (fsam_fused/compiled.py), every weight copied
+        self.capturable = hparams.check_flag("capturable", capturable)
+        fixed_addresses = fixed_addresses or capturable is True
+        base_kwargs = compiled.base_kwargs(base_optimizer, base_kwargs, capturable)
+        # [/issue 17]
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
             if isinstance(base_optimizer, Optimizer):
                 raise TypeError(_messages.BASE_INSTANCE)
@@ -217,6 +227,7 @@ class FSAM(StepReports, Optimizer):
             self.state = State(self.state)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("nonfinite_group", None)
+        self.__dict__.setdefault("capturable", False)  # [issue 17]
         self._fresh_session()
 
     # ------------------------------------------------------------------ the step
@@ -238,9 +249,7 @@ class FSAM(StepReports, Optimizer):
         fs = own(self)
         # [issue 17] compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
         if compiled.frozen_active(fs):
-            if grad_scaler is not None:
-                raise RuntimeError(compiled.NO_SCALER)
-            return compiled.first_step(fs, zero_grad)
+            return compiled.first_step(fs, zero_grad, grad_scaler)
         # [/issue 17]
         fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 

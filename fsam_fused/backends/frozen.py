@@ -16,14 +16,29 @@ with the saved copy holding the perturbed weights).
 
 from __future__ import annotations
 
+import torch
+
 from ..ops import frozen as frozen_ops
+
+
+def _own_tensors(f, b) -> None:
+    """What every frozen bucket keeps: its found flag (set by the perturb pass), a float64
+    scratch value (``1 - lmbda``), and the static-address marks that let a CUDA graph tree
+    (``torch.compile(mode="reduce-overhead")``) keep the tensors the passes write in place
+    instead of skipping the graph for mutated inputs."""
+    f.found = torch.zeros((), dtype=torch.float32, device=b.device)
+    # (shape [1], not 0-dim: torch 2.13 compiled a 0-dim float64 CPU tensor's in-place
+    # updates into nothing, under aot_eager and Inductor alike)
+    f.scratch = torch.zeros(1, dtype=torch.float64, device=b.device)
+    for t in (*f.saved, *f.emas, f.rows, f.scalars, f.found, f.scratch):
+        torch._dynamo.mark_static_address(t)
 
 
 class CppFrozen:
     """The C++ passes over a bucket as custom ops (``fsam_fused/ops/frozen.py``), every
     tensor copied (never swapped)."""
 
-    __slots__ = ("params", "emas", "saved", "rows", "scalars", "paper")
+    __slots__ = ("params", "emas", "saved", "rows", "scalars", "paper", "found", "scratch")
 
     def __init__(self, b):
         # The parameters themselves (the ops detach them): a graph that also runs the model
@@ -32,6 +47,7 @@ class CppFrozen:
         self.emas = b.emas if b.emas is not None else []
         self.saved = b.saved
         self.rows, self.scalars, self.paper = b.rows, b.scalars, b.paper
+        _own_tensors(self, b)
 
     def norm(self, grads, inv):
         return frozen_ops.cpp_norm(
@@ -62,11 +78,9 @@ class TritonFrozen:
     address changes) and a partials buffer made here, once per plan."""
 
     __slots__ = ("ops", "launcher", "handle", "params", "emas", "saved", "rows", "scalars")
-    __slots__ += ("paper", "adaptive", "partials")
+    __slots__ += ("paper", "adaptive", "partials", "found", "scratch")
 
     def __init__(self, b):
-        import torch
-
         from ..kernels import fsam as kernels
         from ..ops import triton as triton_ops
 
@@ -82,6 +96,8 @@ class TritonFrozen:
         chunks = sum(-(-p.numel() // kernels.CHUNK) for p in b.params)
         n = min(chunks, kernels.max_programs(b.device))
         self.partials = torch.zeros(max(n, 1), dtype=torch.float32, device=b.device)
+        _own_tensors(self, b)
+        torch._dynamo.mark_static_address(self.partials)
 
     def norm(self, grads, inv):
         self.ops.triton_norm_(
