@@ -183,10 +183,9 @@ def write_values(plan, fs) -> None:
             _fill(rows[lo:hi, RHO], rhos[gi])
         _fill(rows[:, DECAY], lmbda)
         if isinstance(lmbda, torch.Tensor):
-            gain = b.frozen.scratch
-            gain.copy_(lmbda)
-            gain.mul_(-1.0)  # (exact)
-            gain.add_(1.0)
+            # (a tensor operand, not the number 1: a Python number is wrapped into a new
+            # tensor at every call, an allocation)
+            gain = torch.sub(b.frozen.one, lmbda, out=b.frozen.scratch)
         else:
             gain = 1.0 - lmbda
         _fill(rows[:, GAIN], gain)

@@ -191,9 +191,13 @@ class FSAM(StepReports, Optimizer):
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
         """As torch.optim's; zeroed (not freed) gradients are remembered as "no first pass
-        yet", so a following ``step(closure)`` runs both passes in the closure."""
+        yet", so a following ``step(closure)`` runs both passes in the closure. By default
+        gradients are freed (``set_to_none=True``), except with ``capturable=True``, where
+        they are zeroed in place (a captured graph holds their addresses)."""
+        if set_to_none is None:  # [issue 17]
+            set_to_none = not self.__dict__.get("capturable", False)
         super().zero_grad(set_to_none)
         if not set_to_none:
             self._session.sample.note_zeroed()

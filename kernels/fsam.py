@@ -498,6 +498,13 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_MOVED = (
+    "fsam_fused: {} is not at the address the pointer tables hold, and a table cannot be "
+    "uploaded inside a CUDA graph capture: keep gradients in place "
+    "(zero_grad(set_to_none=False)) and run the warm-up steps on the same tensors"
+)
+
+
 def max_programs(device: torch.device) -> int:
     """Grid size for a device: one wave of resident programs."""
     if device.type == "cuda":
@@ -533,7 +540,9 @@ class MultiTensorFSAM:
         # in compiled code; the interpreter reads it, so it gets the pointer table instead).
         self.grad_tab, self.grads_aligned = None, True
 
-    def set_static(self, weights, emas, saved, adaptive, rows, values) -> None:
+    def set_static(self, weights, emas, saved, adaptive, rows, values, frozen=False) -> None:
+        """``frozen``: a CUDA graph is being captured; a table that would have to be uploaded
+        raises instead (the captured copy would read host memory freed after the capture)."""
         for name, t, shape in (("rows", rows, (len(weights), 4)), ("values", values, (2,))):
             if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
                 raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
@@ -550,6 +559,8 @@ class MultiTensorFSAM:
         self.scal_tab, self.values = rows, values
         if key == self._static_key:
             return
+        if frozen:
+            raise RuntimeError(_MOVED.format("a weight, EMA or saved buffer"))
         chunks = []
         for t, n in enumerate(numels):
             chunks.extend((t, c) for c in range(-(-n // CHUNK)))
@@ -563,9 +574,12 @@ class MultiTensorFSAM:
         self.any_adaptive = any(adaptive)
         self._static_key = key
 
-    def set_grads(self, grads) -> None:
+    def set_grads(self, grads, frozen=False) -> None:
+        """``frozen`` as for :meth:`set_static`."""
         ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != self._grad_ptrs:
+            if frozen:
+                raise RuntimeError(_MOVED.format("a gradient"))
             self.grad_tab = _upload(ptrs, torch.int64, self.device)
             self.grads_aligned = all(p % ALIGN == 0 for p in ptrs)
             self._grad_ptrs = ptrs

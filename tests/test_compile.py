@@ -180,13 +180,15 @@ def _breaks_in_package(explained):
     return out
 
 
-def test_a_training_step_has_no_graph_break_from_fsam_fused():
+@pytest.mark.parametrize("capturable", [False, True])
+def test_a_training_step_has_no_graph_break_from_fsam_fused(capturable):
     """forward, backward, first_step, forward, backward, second_step under torch.compile
     (default mode): torch._dynamo.explain finds graph breaks (the two backward calls) but
     none whose frames lie in fsam_fused; the compiled steps then run and stay close to the
     eager ones (Inductor's forward and backward round differently from eager's)."""
     backend_available("cpp", "cpu")
     net, opt, _ = _make(float_values=True)
+    opt.capturable = capturable  # (gradients zeroed in place: another path)
     twin = copy.deepcopy(net)
     ref = FSAM(
         twin.groups(0.05, adaptive=True),

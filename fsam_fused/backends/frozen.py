@@ -23,14 +23,15 @@ from ..ops import frozen as frozen_ops
 
 def _own_tensors(f, b) -> None:
     """What every frozen bucket keeps: its found flag (set by the perturb pass), a float64
-    scratch value (``1 - lmbda``), and the static-address marks that let a CUDA graph tree
+    scratch value (``1 - lmbda``) and a float64 one, and the static-address marks that let a CUDA graph tree
     (``torch.compile(mode="reduce-overhead")``) keep the tensors the passes write in place
     instead of skipping the graph for mutated inputs."""
     f.found = torch.zeros((), dtype=torch.float32, device=b.device)
     # (shape [1], not 0-dim: torch 2.13 compiled a 0-dim float64 CPU tensor's in-place
     # updates into nothing, under aot_eager and Inductor alike)
     f.scratch = torch.zeros(1, dtype=torch.float64, device=b.device)
-    for t in (*f.saved, *f.emas, f.rows, f.scalars, f.found, f.scratch):
+    f.one = torch.ones(1, dtype=torch.float64, device=b.device)
+    for t in (*f.saved, *f.emas, f.rows, f.scalars, f.found, f.scratch, f.one):
         torch._dynamo.mark_static_address(t)
 
 
@@ -38,7 +39,7 @@ class CppFrozen:
     """The C++ passes over a bucket as custom ops (``fsam_fused/ops/frozen.py``), every
     tensor copied (never swapped)."""
 
-    __slots__ = ("params", "emas", "saved", "rows", "scalars", "paper", "found", "scratch")
+    __slots__ = ("params", "emas", "saved", "rows", "scalars", "paper", "found", "scratch", "one")
 
     def __init__(self, b):
         # The parameters themselves (the ops detach them): a graph that also runs the model
@@ -78,7 +79,7 @@ class TritonFrozen:
     address changes) and a partials buffer made here, once per plan."""
 
     __slots__ = ("ops", "launcher", "handle", "params", "emas", "saved", "rows", "scalars")
-    __slots__ += ("paper", "adaptive", "partials", "found", "scratch")
+    __slots__ += ("paper", "adaptive", "partials", "found", "scratch", "one")
 
     def __init__(self, b):
         from ..kernels import fsam as kernels

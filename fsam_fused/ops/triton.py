@@ -41,10 +41,16 @@ def _launcher(handle, weights, emas, saved, rows, scalars, adaptive, grads=None)
             f"fsam_fused: Triton launcher {handle} no longer exists (its plan was rebuilt): "
             "take an eager step, then compile or capture again"
         )
-    ln.set_static(weights, emas or None, saved, (adaptive,) * len(weights), rows, scalars)
+    frozen = capturing()
+    ln.set_static(weights, emas or None, saved, (adaptive,) * len(weights), rows, scalars, frozen)
     if grads is not None:
-        ln.set_grads(grads)
+        ln.set_grads(grads, frozen)
     return ln
+
+
+def capturing() -> bool:
+    """A CUDA graph is being captured on the current stream (no upload may happen)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @torch.library.custom_op("fsam_fused::triton_norm_", mutates_args=("partials",))
