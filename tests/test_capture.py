@@ -288,12 +288,10 @@ def _replayed(dtype, batches, scaler=None, warm=3):
 
 
 def _eager(dtype, batches, scaler=None, warm=3):
-    """The same steps eagerly (the capture itself ran one step's work: replay starts after
-    it, so the eager twin runs it too)."""
+    """The same steps eagerly (a capture records the step's work without running it)."""
     net, opt, rho, lr = _cuda_setup(dtype)
     for x, y in batches[:warm]:
         _cuda_step(net, opt, x, y, scaler)
-    _cuda_step(net, opt, batches[warm - 1][0], batches[warm - 1][1], scaler)  # (the capture)
     out = []
     for k, (x, y) in enumerate(batches[warm:]):
         rho.fill_(0.05 + 0.002 * k)
