@@ -293,3 +293,32 @@ def test_eager_and_compiled_halves_mix():
     assert opt.perturbed and not all(torch.equal(p, q) for p, q in zip(net.parameters(), w))
     assert opt.abandon_step()
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), w))
+
+
+def test_tensor_values_in_eager_steps():
+    """0-dim tensor values in eager steps: read on the host each step (a tensor changed in
+    place is seen), the same trajectory bit for bit as floats of the same values, and a bad
+    one named before anything changes."""
+    backend_available("cpp", "cpu")
+    a_net, a, v = _make()
+    b_net, b, _ = _make(float_values=True)
+    b.param_groups[0]["lr"] = 0.05
+    x, y = _xy(18)
+    for k in range(4):
+        _schedule(v, k)
+        v["lr"].fill_(0.05)
+        b.param_groups[0]["rho"], b.param_groups[1]["rho"] = (float(r) for r in v["rhos"])
+        b.sigma, b.lmbda = float(v["sigma"]), float(v["lmbda"])
+        for n, o in ((a_net, a), (b_net, b)):
+            torch.nn.functional.mse_loss(n(x), y).backward()
+            o.first_step(zero_grad=True)
+            torch.nn.functional.mse_loss(n(x), y).backward()
+            o.second_step(zero_grad=True)
+        for p, q in zip(a_net.parameters(), b_net.parameters()):
+            assert torch.equal(p, q), k
+    v["rhos"][1].fill_(-0.5)
+    w = [p.detach().clone() for p in a_net.parameters()]
+    torch.nn.functional.mse_loss(a_net(x), y).backward()
+    with pytest.raises(ValueError, match="rho in param group 1"):
+        a.first_step()
+    assert not a.perturbed and all(torch.equal(p, q) for p, q in zip(a_net.parameters(), w))
