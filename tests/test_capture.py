@@ -355,3 +355,46 @@ def test_cuda_reduce_overhead_compile_runs_with_cudagraphs():
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     for p, q in zip(net.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def _scaled_run(capturable, steps=8, inf_at=5):
+    net = make_net(26)
+    opt = FSAM(
+        net.parameters(),
+        torch.optim.SGD,
+        backend="cpp",
+        fixed_addresses=True,
+        capturable=capturable,
+        lr=0.05,
+        momentum=0.9,
+        fused=True,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = torch.Generator().manual_seed(27)
+    out = []
+    for k in range(steps):
+        x, y = torch.randn(8, 10, generator=g), torch.randn(8, 5, generator=g)
+        scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+        if k == inf_at:
+            net.fc2.bias.grad[0] = float("inf")
+        opt.first_step(zero_grad=True, grad_scaler=scaler)
+        scaler.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        out.append([p.detach().clone() for p in net.parameters()] + [scaler.get_scale()])
+    return out
+
+
+def test_capturable_steps_with_a_grad_scaler_equal_eager_steps():
+    """The frozen first_step with a GradScaler (its 1/scale inside the passes) finished by
+    scaler.step(opt), against eager steps: weights and scale bit for bit, an inf in the
+    first pass skipping the step and backing the scale off alike (CPU GradScaler)."""
+    backend_available("cpp", "cpu")
+    got, want = _scaled_run(True), _scaled_run(False)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a[-1] == b[-1], k
+        for p, q in zip(a[:-1], b[:-1]):
+            assert torch.equal(p, q), k
+    assert got[5][-1] == got[4][-1] / 2
+    assert all(torch.equal(p, q) for p, q in zip(got[5][:-1], got[4][:-1]))
