@@ -322,3 +322,38 @@ def test_tensor_values_in_eager_steps():
     with pytest.raises(ValueError, match="rho in param group 1"):
         a.first_step()
     assert not a.perturbed and all(torch.equal(p, q) for p, q in zip(a_net.parameters(), w))
+
+
+def test_two_dtype_buckets_compile_equal_eager():
+    """float32 and bfloat16 parameters (two buckets, one global norm over both partials):
+    the compiled halves equal eager FSAM bit for bit (its base step compiled as well, as in
+    the first test: Inductor's SGD rounds bfloat16 otherwise than eager)."""
+    backend_available("cpp", "cpu")
+
+    def run(compiled):
+        torch.manual_seed(0)
+        shapes = [((33, 10), torch.float32), ((17,), torch.bfloat16), ((40,), torch.float32)]
+        ps = [torch.nn.Parameter(torch.randn(s).to(dt)) for s, dt in shapes]
+        opt = FSAM(ps, torch.optim.SGD, lr=0.05, backend="cpp", fixed_addresses=True)
+        f1 = torch.compile(lambda: opt.first_step(), fullgraph=True)
+        f2 = torch.compile(lambda: opt.second_step(), fullgraph=True)
+        g = torch.Generator().manual_seed(1)
+        out = []
+        for k in range(6):
+            if not compiled and k == 2:
+                opt.base_optimizer.step = torch.compile(opt.base_optimizer.step)
+            eager = k < 2 or not compiled
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            (opt.first_step if eager else f1)()
+            out += [p.detach().clone() for p in ps]
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            (opt.second_step if eager else f2)()
+            out += [p.detach().clone() for p in ps]
+        assert len(opt.plan_summary()) == 2
+        return out
+
+    got, want = run(True), run(False)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.equal(a, b), i
