@@ -53,7 +53,9 @@ class FSAM(StepReports, Optimizer):
         params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
         base_optimizer: a ``torch.optim.Optimizer`` class (e.g. ``torch.optim.SGD``); it is
             built on the same param groups, so LR schedulers on either object act on both.
-        rho: perturbation radius (>= 0; per group).
+        rho: perturbation radius (>= 0; per group). rho, sigma and lmbda may be 0-dim
+            floating tensors, read on the device by compiled and captured steps
+            (``docs/compile.md``).
         sigma: weight of the EMA removed from the direction (>= 0; 0 gives plain SAM).
         lmbda: EMA decay, in [0, 1).
         adaptive: scale the perturbation by ``|w|`` (ASAM-style; per group).
