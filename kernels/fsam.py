@@ -554,8 +554,9 @@ class MultiTensorFSAM:
             for w, m, s in zip(weights, emas if has_ema else weights, saved)
         ]
         numels = [w.numel() for w in weights]
-        key = (ptrs, numels, tuple(adaptive), rows.data_ptr(), values.data_ptr())
-        # The tables keep the caller's value tensors: they must live as long as the tables.
+        # (Not the value tensors' addresses: the launches take them as arguments, no table
+        # holds them; a compiled graph may hand the ops a fresh copy of rows every step.)
+        key = (ptrs, numels, tuple(adaptive))
         self.scal_tab, self.values = rows, values
         if key == self._static_key:
             return
