@@ -282,7 +282,13 @@ def second_step(fs, zero_grad: bool) -> None:
         b.frozen.restore()
     engine.inflight = None
     session.phase = Phase.IDLE
-    base_step(fs.base_optimizer, engine.found)
+    first = engine.found
+    if first is not None and getattr(fs.base_optimizer, "_step_supports_amp_scaling", False):
+        # Data-parallel ranks act on one flag (as an eager step: distributed.agreed_found).
+        from .distributed import agreed_found
+
+        first = agreed_found(first, fs.nonfinite_group, engine.plan)
+    base_step(fs.base_optimizer, first)
     fs._opt_called = True
     session.sample.left = None  # (the closure sample: any gradient now is a first pass)
     if zero_grad:
