@@ -34,9 +34,12 @@ cat "$OUT/device.txt"
 status=0
 # (tests/test_amp.py and test_training_loops.py add the CUDA variants of the GradScaler
 # recipe, inf/NaN in either pass, no host synchronisation under set_sync_debug_mode("error"),
-# two forwards in one autocast block, accumulation and BatchNorm.) Budgets: the four steps
-# stay under 9 minutes together, a worst case; each normally ends well before its limit.
-timeout 180 python3 -m pytest tests -q -m "cuda or codegen" -p no:cacheprovider \
+# two forwards in one autocast block, accumulation and BatchNorm; tests/test_capture.py the
+# CUDA-graph capture of a whole step: replay against eager in fp32 and bf16, fp16 with a
+# GradScaler skipping an inf step, and torch.compile(mode="reduce-overhead") with no CUDA graph
+# skipped.) Budgets: the four steps stay under 10 minutes together (590 s), a worst case;
+# each normally ends well before its limit.
+timeout 230 python3 -m pytest tests -q -m "cuda or codegen" -p no:cacheprovider \
   --ignore=tests/test_distributed.py --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" \
   || status=1
 # NCCL on the one GPU (a single-rank process group still runs the cross-rank path).

@@ -49,3 +49,8 @@ CHEAP_SECOND_PASS = (
     "a second forward/backward must be skipped on such a step (`if opt.first_step(): ...`). "
     "The base optimizer did not step; the step is over"
 )
+NO_SCHEDULE = (
+    "FSAM: a perturbation schedule (EveryK, Bernoulli, Adaptive) decides on the host, step by "
+    "step, which passes run: it cannot run under torch.compile or CUDA-graph capture. Take "
+    "the optimizer's steps eagerly (compile the model alone), or drop the schedule"
+)

@@ -8,11 +8,13 @@ libraries are translated first (:mod:`fsam_fused.peers`).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
-from . import hparams, peers
+from . import hparams, peers, schedules
 from ._warnings import warn_at_caller
+from .buffers import State
 from .checkpoint_checks import VERSION, check_loadable
 
 __all__ = ["VERSION", "check_loadable", "check_new_group", "load", "state_dict"]
@@ -201,3 +203,60 @@ def _fill_flags(opt) -> None:
     for g in opt.param_groups:
         for k, v in opt.defaults.items():
             g.setdefault(k, copy.deepcopy(v))
+
+
+# Not copied by __getstate__: what the next step rebuilds, and hooks (torch.optim's copies
+# drop them too; a lambda hook would make the optimizer unpicklable).
+_NOT_COPIED = frozenset(
+    ("_session", "_config")
+    + tuple(
+        f"_optimizer_{kind}_hooks"
+        for kind in (
+            "step_pre",
+            "step_post",
+            "state_dict_pre",
+            "state_dict_post",
+            "load_state_dict_pre",
+            "load_state_dict_post",
+        )
+    )
+)
+
+
+class Checkpointing:
+    """``state_dict``, ``load_state_dict`` and copies of :class:`fsam_fused.FSAM` (mixed in;
+    the format and checks are this module's)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
+        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.). Hooks
+        and non-parameter entries as torch.optim's (``docs/semantics.md``)."""
+        self._session.refuse_mid_step("state_dict() called")
+        return state_dict(self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict, every check first; hooks, older group flags and ``param_names``
+        as torch.optim's. A checkpoint of davda54's SAM, of the authors' or
+        pytorch_optimizer's FriendlySAM or of pytorch_optimizer's SAM is translated, with a
+        :class:`fsam_fused.peers.PeerCheckpointWarning` (``docs/checkpoints.md``); a plain SAM
+        checkpoint makes this optimizer plain SAM, with a warning (``docs/semantics.md``)."""
+        self._session.refuse_mid_step("load_state_dict() called")
+        load(self, state_dict)
+
+    def __getstate__(self):
+        """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
+        state and the base optimizer; buffers and plans are rebuilt on the next step, and
+        hooks are not copied (as torch.optim's copies drop them)."""
+        self._session.refuse_mid_step("copying or pickling FSAM")
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
+
+    def __setstate__(self, st):
+        super().__setstate__(st)
+        if not isinstance(self.state, State):
+            self.state = State(self.state)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("nonfinite_group", None)
+        self.__dict__.setdefault("_schedule", None)
+        self.__dict__.setdefault("capturable", False)  # [issue 17]
+        schedules.check_schedule(self._schedule, self)  # (a copy's schedule is this copy's)
+        self._fresh_session()

@@ -68,11 +68,9 @@ Who calls what: :class:`fsam_fused.session.StepSession` is the only caller of
 :meth:`Engine.first_step` and :meth:`Engine.restore`; closures, GradScaler hand-off and the
 base optimizer's step are the session's, not the engine's.
 
-A capturable mode (CUDA graphs, ``torch.compile``) would plug in at the plan: a plan frozen
-after warm-up (no rebuild, no per-step metadata or address checks inside the captured step,
-those run once at capture), hyper-parameters as device tensors in the backends' tables
-instead of Python floats, and the passes registered as custom ops (the C++ ones already are,
-with fake kernels) so a compiled graph can call them.
+Compiled and captured steps (``torch.compile``, ``capturable=True``) do not run through this
+engine's checks: :mod:`fsam_fused.compiled` freezes the plan two eager steps built and calls
+the fused passes as custom ops (``docs/compile.md`` says what is checked per step then).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from . import _messages, amp, checkpoint, hparams, schedules
+from . import _messages, amp, checkpoint, compiled, hparams, schedules
 from .backends import build_ahead
 from .buffers import State
 from .reports import StepReports, own
@@ -22,25 +22,8 @@ from .session import StepSession
 # none of them (fsam_fused/__init__.py adds the accelerate wrapper's forwarding: integrations).
 ON_CREATE: list = []
 
-# Not copied by __getstate__: what the next step rebuilds, and hooks (torch.optim's copies
-# drop them too; a lambda hook would make the optimizer unpicklable).
-_NOT_COPIED = frozenset(
-    ("_session", "_config")
-    + tuple(
-        f"_optimizer_{kind}_hooks"
-        for kind in (
-            "step_pre",
-            "step_post",
-            "state_dict_pre",
-            "state_dict_post",
-            "load_state_dict_pre",
-            "load_state_dict_post",
-        )
-    )
-)
 
-
-class FSAM(StepReports, Optimizer):
+class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
     r"""Friendly Sharpness-Aware Minimization (Li et al., CVPR 2024), fused.
 
     Drop-in for the authors' ``FriendlySAM``: same constructor and methods. Each step keeps an
@@ -53,7 +36,9 @@ class FSAM(StepReports, Optimizer):
         params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
         base_optimizer: a ``torch.optim.Optimizer`` class (e.g. ``torch.optim.SGD``); it is
             built on the same param groups, so LR schedulers on either object act on both.
-        rho: perturbation radius (>= 0; per group).
+        rho: perturbation radius (>= 0; per group). rho, sigma and lmbda may be 0-dim
+            floating tensors, read on the device by compiled and captured steps
+            (``docs/compile.md``).
         sigma: weight of the EMA removed from the direction (>= 0; 0 gives plain SAM).
         lmbda: EMA decay, in [0, 1).
         adaptive: scale the perturbation by ``|w|`` (ASAM-style; per group).
@@ -74,6 +59,10 @@ class FSAM(StepReports, Optimizer):
         schedule: on which steps to perturb (:mod:`fsam_fused.schedules`: ``EveryK``,
             ``Bernoulli``, ``Adaptive``); None (default) perturbs every step. On other steps
             ``first_step()`` updates the EMA alone and returns False: skip the second pass.
+        capturable: steps that CUDA graphs can capture (``torch.cuda.graph``) once the plan
+            is built (two eager steps): no host synchronisation, allocation or table upload
+            in a step; implies ``fixed_addresses``; gradients must stay at their addresses
+            (``zero_grad(set_to_none=False)``). ``docs/compile.md``.
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
 
     ``sigma``, ``lmbda``, ``ema_order``, ``backend``, ``ema_dtype`` and ``fixed_addresses`` are
@@ -132,8 +121,13 @@ class FSAM(StepReports, Optimizer):
         fixed_addresses: bool = False,
         skip_nonfinite: bool = False,
         schedule: schedules.Schedule | None = None,
+        capturable: bool = False,
         **base_kwargs: Any,
     ) -> None:
+        # capturable: the frozen step (fsam_fused/compiled.py), every weight copied
+        self.capturable = hparams.check_flag("capturable", capturable)
+        fixed_addresses = fixed_addresses or capturable is True
+        base_kwargs = compiled.base_kwargs(base_optimizer, base_kwargs, capturable)
         if not isinstance(base_optimizer, type) or not issubclass(base_optimizer, Optimizer):
             if isinstance(base_optimizer, Optimizer):
                 raise TypeError(_messages.BASE_INSTANCE)
@@ -144,14 +138,17 @@ class FSAM(StepReports, Optimizer):
             sigma, lmbda, ema_order, backend, ema_dtype, fixed_addresses, [defaults]
         )
         build_ahead(backend)  # backend="cpp" compiles or loads the C++ ops now
-        self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
+        # (a tensor value is kept as the tensor: compiled steps read it in place)
+        self.sigma = sigma if isinstance(sigma, torch.Tensor) else values.sigma
+        self.lmbda, self.ema_order = compiled.kept(lmbda, values.lmbda), ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
-        self._schedule = schedules.check_schedule(schedule, self)
+        self._schedule = schedules.claim(self, schedule)
         # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
         self.nonfinite_group = None
         self.base_optimizer = None
-        super().__init__(params, dict(rho=float(rho), adaptive=adaptive, **base_kwargs))
+        rho = rho if isinstance(rho, torch.Tensor) else float(rho)  # [issue 17] (as sigma)
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(base, Optimizer):
             raise TypeError(
@@ -181,10 +178,7 @@ class FSAM(StepReports, Optimizer):
     @schedule.setter
     def schedule(self, schedule) -> None:
         self._session.refuse_mid_step("changing the schedule")
-        new = schedules.check_schedule(schedule, self)
-        if self._schedule is not None and self._schedule is not new:
-            self._schedule._owner = None  # (free for another optimizer)
-        self._schedule = self._session.schedule = new
+        self._schedule = self._session.schedule = schedules.claim(self, schedule)
 
     # ------------------------------------------------------------------ groups and state
 
@@ -198,45 +192,16 @@ class FSAM(StepReports, Optimizer):
         for k, v in self.defaults.items():
             param_group.setdefault(k, v)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
         """As torch.optim's; zeroed (not freed) gradients are remembered as "no first pass
-        yet", so a following ``step(closure)`` runs both passes in the closure."""
+        yet", so a following ``step(closure)`` runs both passes in the closure. By default
+        gradients are freed (``set_to_none=True``), except with ``capturable=True``, where
+        they are zeroed in place (a captured graph holds their addresses)."""
+        if set_to_none is None:  # [issue 17]
+            set_to_none = not self.__dict__.get("capturable", False)
         super().zero_grad(set_to_none)
         if not set_to_none:
             self._session.sample.note_zeroed()
-
-    def state_dict(self) -> dict[str, Any]:
-        """State to resume bit-exactly: the EMA (its presence is the "seen" flag), the param
-        groups, sigma/lmbda/order and the base optimizer's own state (momentum etc.). Hooks
-        and non-parameter entries as torch.optim's (``docs/semantics.md``)."""
-        self._session.refuse_mid_step("state_dict() called")
-        return checkpoint.state_dict(self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict, every check first; hooks, older group flags and ``param_names``
-        as torch.optim's. A checkpoint of davda54's SAM, of the authors' or
-        pytorch_optimizer's FriendlySAM or of pytorch_optimizer's SAM is translated, with a
-        :class:`fsam_fused.peers.PeerCheckpointWarning` (``docs/checkpoints.md``); a plain SAM
-        checkpoint makes this optimizer plain SAM, with a warning (``docs/semantics.md``)."""
-        self._session.refuse_mid_step("load_state_dict() called")
-        checkpoint.load(self, state_dict)
-
-    def __getstate__(self):
-        """Copies (``copy.deepcopy``, pickle, ``torch.save``) carry the configuration, the
-        state and the base optimizer; buffers and plans are rebuilt on the next step, and
-        hooks are not copied (as torch.optim's copies drop them)."""
-        self._session.refuse_mid_step("copying or pickling FSAM")
-        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
-
-    def __setstate__(self, st):
-        super().__setstate__(st)
-        if not isinstance(self.state, State):
-            self.state = State(self.state)
-        self.__dict__.setdefault("skip_nonfinite", False)
-        self.__dict__.setdefault("nonfinite_group", None)
-        self.__dict__.setdefault("_schedule", None)
-        schedules.check_schedule(self._schedule, self)  # (a copy's schedule is this copy's)
-        self._fresh_session()
 
     # ------------------------------------------------------------------ the step
 
@@ -257,6 +222,10 @@ class FSAM(StepReports, Optimizer):
         ``scaler.update()`` (``docs/training-loops.md``). A non-finite first gradient leaves
         weights and EMA as they were; see :meth:`found_nonfinite`."""
         fs = own(self)
+        # [issue 17] compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
+        if compiled.frozen_active(fs):
+            return compiled.first_step(fs, zero_grad, grad_scaler)
+        # [/issue 17]
         return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
@@ -265,6 +234,8 @@ class FSAM(StepReports, Optimizer):
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead."""
         fs = own(self)
+        if compiled.frozen_active(fs):  # [issue 17] (see first_step)
+            return compiled.second_step(fs, zero_grad)
         fs._session.second_step(fs, fs._inputs, zero_grad)
 
     @torch.no_grad()

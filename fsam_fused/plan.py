@@ -21,6 +21,7 @@ import torch
 
 from . import distributed
 from ._warnings import warn_at_caller
+from .backends.frozen import frozen_passes
 from .hparams import Structure
 from .rows import Rows
 
@@ -73,6 +74,9 @@ class Bucket:
     reduce_key: Any = None  # buckets with the same key are summed before one all-reduce
     grad_placements: list | None = None
     first_grads: list = field(default_factory=list)  # the gradients seen when planned
+    # The passes a compiled or captured step calls (backends/frozen.py); None when the
+    # bucket's backend cannot run frozen (foreach, reference).
+    frozen: Any = None
 
     @property
     def numel(self) -> int:
@@ -418,6 +422,7 @@ def build(st: Structure, groups, select, buffers) -> Plan:
     for b in buckets:
         b.homes = [p.detach() for p in b.params]
         b.backend.prepare(b)
+        b.frozen = frozen_passes(b)
     return Plan(
         key=(),
         flat=flat,

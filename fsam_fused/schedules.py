@@ -58,7 +58,7 @@ import weakref
 
 import torch
 
-from . import distributed
+from . import _messages, distributed
 from .hparams import number
 
 __all__ = ["Schedule", "EveryK", "Bernoulli", "Adaptive", "check_schedule"]
@@ -452,3 +452,15 @@ def check_schedule(schedule, owner=None) -> Schedule | None:
     if owner is not None:
         schedule._owner = weakref.ref(owner)
     return schedule
+
+
+def claim(opt, schedule) -> Schedule | None:
+    """``opt``'s new schedule, checked (:func:`check_schedule`; refused with
+    ``capturable=True``: a decision per step is host control flow); its previous one freed."""
+    new = check_schedule(schedule, opt)
+    if new is not None and opt.__dict__.get("capturable", False):
+        raise ValueError(f"schedule: {_messages.NO_SCHEDULE}")
+    old = opt.__dict__.get("_schedule")
+    if old is not None and old is not new:
+        old._owner = None  # (free for another optimizer)
+    return new

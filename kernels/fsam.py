@@ -498,6 +498,13 @@ def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return host.pin_memory().to(device, non_blocking=True)
 
 
+_MOVED = (
+    "fsam_fused: {} is not at the address the pointer tables hold, and a table cannot be "
+    "uploaded inside a CUDA graph capture: keep gradients in place "
+    "(zero_grad(set_to_none=False)) and run the warm-up steps on the same tensors"
+)
+
+
 def max_programs(device: torch.device) -> int:
     """Grid size for a device: one wave of resident programs."""
     if device.type == "cuda":
@@ -529,8 +536,13 @@ class MultiTensorFSAM:
         self.n_chunks = self.n_programs = 0
         self._static_key = None
         self._grad_ptrs = None
+        # Until set_grads: a restore needs no gradient (its table is passed but never read
+        # in compiled code; the interpreter reads it, so it gets the pointer table instead).
+        self.grad_tab, self.grads_aligned = None, True
 
-    def set_static(self, weights, emas, saved, adaptive, rows, values) -> None:
+    def set_static(self, weights, emas, saved, adaptive, rows, values, frozen=False) -> None:
+        """``frozen``: a CUDA graph is being captured; a table that would have to be uploaded
+        raises instead (the captured copy would read host memory freed after the capture)."""
         for name, t, shape in (("rows", rows, (len(weights), 4)), ("values", values, (2,))):
             if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
                 raise ValueError(f"{name} must be a contiguous float32 tensor of shape {shape}")
@@ -542,11 +554,14 @@ class MultiTensorFSAM:
             for w, m, s in zip(weights, emas if has_ema else weights, saved)
         ]
         numels = [w.numel() for w in weights]
-        key = (ptrs, numels, tuple(adaptive), rows.data_ptr(), values.data_ptr())
-        # The tables keep the caller's value tensors: they must live as long as the tables.
+        # (Not the value tensors' addresses: the launches take them as arguments, no table
+        # holds them; a compiled graph may hand the ops a fresh copy of rows every step.)
+        key = (ptrs, numels, tuple(adaptive))
         self.scal_tab, self.values = rows, values
         if key == self._static_key:
             return
+        if frozen:
+            raise RuntimeError(_MOVED.format("a weight, EMA or saved buffer"))
         chunks = []
         for t, n in enumerate(numels):
             chunks.extend((t, c) for c in range(-(-n // CHUNK)))
@@ -560,9 +575,12 @@ class MultiTensorFSAM:
         self.any_adaptive = any(adaptive)
         self._static_key = key
 
-    def set_grads(self, grads) -> None:
+    def set_grads(self, grads, frozen=False) -> None:
+        """``frozen`` as for :meth:`set_static`."""
         ptrs = list(map(torch.Tensor.data_ptr, grads))
         if ptrs != self._grad_ptrs:
+            if frozen:
+                raise RuntimeError(_MOVED.format("a gradient"))
             self.grad_tab = _upload(ptrs, torch.int64, self.device)
             self.grads_aligned = all(p % ALIGN == 0 for p in ptrs)
             self._grad_ptrs = ptrs
@@ -660,7 +678,7 @@ class MultiTensorFSAM:
         with self._on_device():
             _restore_kernel[(self.n_programs,)](
                 self.ptr_tab,
-                self.grad_tab,
+                self.ptr_tab if self.grad_tab is None else self.grad_tab,
                 self.numel_tab,
                 self.chunk_tab,
                 self.scal_tab,

@@ -525,3 +525,20 @@ def test_the_adaptive_statistic_reads_the_gradients_once_more_only_unlagged(lagg
     # Unlagged: a separate read every step (the decision picks the passes); lagged: only
     # the cheap steps' own first pass (the norm pass sums g**2 on the perturbing ones).
     assert len(calls) == (STEPS if not lagged else taken.count(False))
+
+
+def test_a_schedule_is_refused_where_steps_are_compiled_or_captured():
+    """A schedule decides on the host which passes run: capturable=True refuses it (at
+    construction and when set), and the frozen first_step (torch.compile) names why."""
+    p = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises(ValueError, match="schedule.*torch.compile or CUDA-graph capture"):
+        FSAM(p, torch.optim.SGD, lr=0.1, capturable=True, schedule=EveryK(2))
+    opt = FSAM(p, torch.optim.SGD, lr=0.1, capturable=True)
+    with pytest.raises(ValueError, match="schedule"):
+        opt.schedule = EveryK(2)
+    assert opt.schedule is None
+    from fsam_fused import compiled
+
+    opt = FSAM(p, torch.optim.SGD, lr=0.1, schedule=EveryK(2))
+    with pytest.raises(RuntimeError, match="cannot run under torch.compile"):
+        compiled.first_step(opt, zero_grad=False)
