@@ -75,7 +75,6 @@ the fused passes as custom ops (``docs/compile.md`` says what is checked per ste
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -91,6 +90,31 @@ from .plan import Plan, build
 from .traffic import bytes_per_step, cheap_bytes_per_step
 
 _GRAD = attrgetter("grad")
+
+
+class _Reading:
+    """``Engine._reading``'s context (a class, not a generator: it runs twice a step)."""
+
+    __slots__ = ("engine", "plan", "previous", "st", "groups", "state")
+
+    def __init__(self, engine, plan, previous, st, groups, state):
+        self.engine, self.plan, self.previous = engine, plan, previous
+        self.st, self.groups, self.state = st, groups, state
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            return False
+        engine = self.engine
+        engine.plan = None  # re-check everything next time
+        if issubclass(kind, Exception) and self.plan is self.previous:
+            # A reused plan leaves some per-step checks to the kernels (the C++ ops check
+            # devices): the full checks of a new plan name what is wrong more clearly.
+            engine.plan_for(self.st, self.groups, self.state)
+            engine.plan = None
+        return False
 
 
 class _NoHold:
@@ -250,22 +274,9 @@ class Engine(CheapPasses):
                 )
         return plan, inputs, (previous, st, groups, state)
 
-    @contextmanager
     def _reading(self, plan, previous, st, groups, state):
         """Around the passes that read: a failure drops the plan (re-checked next time)."""
-        try:
-            yield
-        except Exception:
-            self.plan = None
-            if plan is previous:
-                # A reused plan leaves some per-step checks to the kernels (the C++ ops check
-                # devices): the full checks of a new plan name what is wrong more clearly.
-                self.plan_for(st, groups, state)
-                self.plan = None
-            raise
-        except BaseException:
-            self.plan = None  # re-check everything next time
-            raise
+        return _Reading(self, plan, previous, st, groups, state)
 
     def perturb(self, prepared, before_write=None) -> None:
         """The norm pass, then the write region (see the module docstring). ``before_write``:
