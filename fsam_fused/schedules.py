@@ -414,14 +414,11 @@ def first_half(schedule, engine, step, inv, group) -> bool:
                 engine.perturb(prepared)
             else:
                 engine.cheap(prepared, sqs)
-        try:
-            if stat is not None:
-                schedule.observe(stat)
-        except BaseException:
-            if engine.inflight is not None:
-                engine.restore()
-            raise
+        if stat is not None:
+            schedule.observe(stat)
     except BaseException:
+        if engine.inflight is not None:  # written, then something raised: the weights back
+            engine.restore()
         schedule.restore(snap)
         raise
     return take

@@ -303,10 +303,18 @@ class StepSession(Closures, OneThread):
         inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
         sched = self.schedule
         snap = sched.snapshot() if sched is not None else None
-        took = schedules.first_half(
-            sched, self.engine, (st, values, self.groups, state), inv, group
-        )
-        self.phase, self.cheap, self.took = Phase.PERTURBED, not took, took
+        try:
+            took = schedules.first_half(
+                sched, self.engine, (st, values, self.groups, state), inv, group
+            )
+            self.phase, self.cheap, self.took = Phase.PERTURBED, not took, took
+        except BaseException:
+            # (a signal's handler raising between the commit and the phase: the weights back)
+            if self.phase is Phase.IDLE and self.engine.inflight is not None:
+                self.engine.restore()
+            if snap is not None:
+                sched.restore(snap)
+            raise
         try:
             self.found = self.engine.found
             if scaler is not None:
