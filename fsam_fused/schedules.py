@@ -16,8 +16,9 @@ Who learns the decision, and when:
   mean and variance, which live on the device. ``lagged=False`` (the paper's rule) reads one
   boolean on the host per step (a synchronisation on a GPU; free on the CPU).
   ``lagged=True`` applies at step t the decision the rule made at step t-1, copied to the
-  host without blocking at the end of step t-1 (on CUDA: to pinned memory, with an event), so
-  it never stalls.
+  host without blocking at the end of step t-1 (on CUDA: to pinned memory, with an event):
+  step t waits only for step t-1's passes, never for its own work (the host runs at most
+  about one step ahead of the device).
 
 The squared norm ``sum g**2`` (the unscaled first gradient, over every parameter with a
 gradient, all ranks of a sharded parameter) comes from the cheap step's own first pass. On a
@@ -381,10 +382,10 @@ def first_half(schedule, engine, step, inv, group) -> bool:
     """A step's first half as ``schedule`` decides: the perturbation (True) or the cheap step
     (False). ``step``: ``(structure, values, groups, state)``; ``inv``: a GradScaler's 1/scale
     or None; ``group``: ``FSAM.nonfinite_group`` (who averages the adaptive statistic).
-    All-or-nothing: if it raises, the weights, the EMA and the schedule are as they were.
-    Every setting is checked and the statistics' new values computed before the first write;
-    after it, only their commit (and a signal's handler) can raise, and the weights are then
-    restored (the EMA keeps a cheap step's update, as after any failed second pass)."""
+    Every setting is checked and the statistics' new values computed before the first write:
+    an error before it leaves weights, EMA and schedule as they were. After it only their
+    commit or a signal's handler can raise; then the weights and the schedule are restored and
+    the EMA keeps the step's update (the policy of any failed second pass)."""
     if schedule is None:
         engine.first_step(*step, inv)
         return True
