@@ -206,3 +206,16 @@ def test_schedule_step_benchmark_prints_both_kinds(capsys):
     assert "62 tensors, 11,173,962 parameters, backend foreach" in out
     assert "28.0 B/param" not in out  # foreach copies: 40 B/param; the cheap step 16
     assert " 40.0 B/param" in out and " 16.0 B/param" in out and "cheap / perturbing" in out
+
+
+def test_adamw_passes_benchmark_prints_the_floor(capsys):
+    backend_available("cpp", "cpu")
+    spec = importlib.util.spec_from_file_location(
+        "adamw_passes", os.path.join(os.path.dirname(__file__), "..", "bench", "adamw_passes.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--params", "2e5", "--tensors", "4", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "4 tensors, 200,000 float32 parameters" in out
+    assert "norm pass" in out and "perturb + restore" in out and "F-SAM / AdamW" in out
