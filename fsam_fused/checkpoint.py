@@ -257,6 +257,6 @@ class Checkpointing:
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("nonfinite_group", None)
         self.__dict__.setdefault("_schedule", None)
-        self.__dict__.setdefault("capturable", False)  # [issue 17]
+        self.__dict__.setdefault("capturable", False)
         schedules.check_schedule(self._schedule, self)  # (a copy's schedule is this copy's)
         self._fresh_session()

@@ -35,7 +35,7 @@ def number(name: str, value, lo: float, hi: float = math.inf, hi_open: bool = Fa
     ``TypeError``/``ValueError`` that names ``name``."""
     if type(value) is float and lo <= value < hi:  # the common case, checked in one compare
         return value
-    value = host_value(value)  # [issue 17] a 0-dim tensor value (compiled/captured steps)
+    value = host_value(value)  # (a 0-dim tensor value: compiled/captured steps)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     try:
@@ -48,7 +48,7 @@ def number(name: str, value, lo: float, hi: float = math.inf, hi_open: bool = Fa
     return f
 
 
-# [issue 17] Values may be given as 0-dim floating tensors (as torch.optim takes a Tensor
+# Values may be given as 0-dim floating tensors (as torch.optim takes a Tensor
 # lr), which a compiled or captured step reads on the device (fsam_fused/compiled.py); an
 # eager step reads them on the host: one synchronisation per tensor value and step on a GPU.
 def host_value(value):
@@ -57,9 +57,6 @@ def host_value(value):
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point():
         return value.item()
     return value
-
-
-# [/issue 17]
 
 
 def check_backend(backend) -> str:
@@ -157,7 +154,7 @@ class ConfigCache:
     def __call__(self, opt) -> tuple[Structure, Values]:
         groups = opt.param_groups
         sigma, lmbda = opt.sigma, opt.lmbda
-        # [issue 17] tensor values are compared by value (one may be changed in place)
+        # tensor values are compared by value (one may be changed in place)
         sigma, lmbda = host_value(sigma), host_value(lmbda)
         # Types too: 1 == True == 1.0, but only the last is a valid rho or sigma.
         vraw = (
@@ -165,7 +162,7 @@ class ConfigCache:
             type(sigma),
             lmbda,
             type(lmbda),
-            [(r, type(r)) for r in (host_value(g["rho"]) for g in groups)],  # [issue 17]
+            [(r, type(r)) for r in (host_value(g["rho"]) for g in groups)],
         )
         sraw = (
             opt.ema_order,

@@ -147,7 +147,7 @@ class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
         # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
         self.nonfinite_group = None
         self.base_optimizer = None
-        rho = rho if isinstance(rho, torch.Tensor) else float(rho)  # [issue 17] (as sigma)
+        rho = rho if isinstance(rho, torch.Tensor) else float(rho)  # (kept as given, as sigma)
         super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
         base = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(base, Optimizer):
@@ -197,7 +197,7 @@ class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
         yet", so a following ``step(closure)`` runs both passes in the closure. By default
         gradients are freed (``set_to_none=True``), except with ``capturable=True``, where
         they are zeroed in place (a captured graph holds their addresses)."""
-        if set_to_none is None:  # [issue 17]
+        if set_to_none is None:
             set_to_none = not self.__dict__.get("capturable", False)
         super().zero_grad(set_to_none)
         if not set_to_none:
@@ -222,11 +222,10 @@ class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
         ``scaler.update()`` (``docs/training-loops.md``). A non-finite first gradient leaves
         weights and EMA as they were; see :meth:`found_nonfinite`."""
         fs = own(self)
-        # [issue 17] compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
+        # compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
         if compiled.frozen_active(fs):
             return compiled.first_step(fs, zero_grad, grad_scaler)
-        # [/issue 17]
-        return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
+                return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -234,7 +233,7 @@ class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
         gradient taken at the perturbed point; call after the second backward. After
         ``first_step(grad_scaler=scaler)`` use ``scaler.step(opt)`` instead."""
         fs = own(self)
-        if compiled.frozen_active(fs):  # [issue 17] (see first_step)
+        if compiled.frozen_active(fs):  # (see first_step)
             return compiled.second_step(fs, zero_grad)
         fs._session.second_step(fs, fs._inputs, zero_grad)
 
