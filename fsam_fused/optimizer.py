@@ -225,7 +225,7 @@ class FSAM(StepReports, checkpoint.Checkpointing, Optimizer):
         # compiled and captured steps run the frozen plan (fsam_fused/compiled.py)
         if compiled.frozen_active(fs):
             return compiled.first_step(fs, zero_grad, grad_scaler)
-                return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
+        return fs._session.first_step(fs, fs._inputs, zero_grad, grad_scaler)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
