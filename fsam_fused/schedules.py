@@ -214,10 +214,12 @@ class Adaptive(Schedule):
 
     The rule, its update order (``mu`` first, the variance against the new ``mu``) and the
     linear threshold schedule from ``lambda2`` to ``lambda1`` over the ``T`` training steps
-    are the paper's. Its stored full text could not be read past the introduction here, so
-    the defaults (``delta = 0.9``; ``lambda1 = -1``, ``lambda2 = 1``: about half of the steps
-    perturb under a normal model of ``x``) were chosen on the validation split of
-    ``examples/schedules.py``, not taken from the paper's tables.
+    are the paper's. Its stored full text could not be read past the introduction here: the
+    formulas follow a third-party summary of the paper and a third-party implementation of it,
+    and the defaults are not the paper's tables'. ``lambda1 = -1``, ``lambda2 = 1`` (about
+    half of the steps perturb under a normal model of ``x``) were chosen on the validation
+    split of ``examples/schedules.py`` among four points; ``delta = 0.9`` was fixed, not
+    searched.
 
     A non-finite ``x_t`` (an overflowed GradScaler step) leaves ``mu`` and ``s2`` unchanged and
     takes the cheap step (whose EMA update is then skipped). ``lagged``: see the module
