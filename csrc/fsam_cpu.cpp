@@ -698,6 +698,18 @@ float global_norm(const at::Tensor& sq) {
   return std::sqrt(static_cast<float>(total));
 }
 
+// An optional 1-element float32 output (found, grad_sq), checked; as a list (empty when
+// absent) for the overlap check.
+at::TensorList checked_out(const char* what, const c10::optional<at::Tensor>& t) {
+  if (!t.has_value()) return {};
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->numel() == 1 &&
+                  t->is_contiguous(),
+              "fsam_fused: ", what, " must be a 1-element contiguous float32 CPU tensor, got ",
+              t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  TORCH_CHECK(!t->requires_grad(), "fsam_fused: ", what, " must not require grad");
+  return at::TensorList(*t);
+}
+
 // ------------------------------------------------------------------ the ops
 
 // `grad_sq` (optional, a 1-element contiguous float32 CPU tensor): also gets sum (inv * g)^2,
@@ -709,14 +721,8 @@ at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList 
   const auto specs = gather(weights, grads, emas, {}, nullptr, rows, {});
   const Direction dir{checked_scalars(scalars).first, paper, !emas.empty()};
   const float inv = inv_scale_of(inv_scale);
-  if (grad_sq.has_value()) {
-    TORCH_CHECK(grad_sq->device().is_cpu() && grad_sq->scalar_type() == at::kFloat &&
-                    grad_sq->numel() == 1 && grad_sq->is_contiguous() &&
-                    !grad_sq->requires_grad(),
-                "fsam_fused: grad_sq must be a 1-element contiguous float32 CPU tensor that "
-                "does not require grad, got ", grad_sq->scalar_type(), " ", grad_sq->sizes(),
-                " on ", grad_sq->device());
-    const at::TensorList out(*grad_sq);
+  const at::TensorList out = checked_out("grad_sq", grad_sq);
+  if (!out.empty()) {  // (the pass without it writes nothing: nothing to overlap)
     check_no_overlap({{"grad_sq", out, true}, {"weights", weights, false},
                       {"grads", grads, false}, {"emas", emas, false}});
   }
@@ -751,18 +757,10 @@ void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
   const float norm = global_norm(sq);  // reads sq only
   const float norm_eps = norm + eps;
   const float inv = inv_scale_of(inv_scale);
-  if (found.has_value()) {
-    TORCH_CHECK(found->device().is_cpu() && found->scalar_type() == at::kFloat &&
-                    found->numel() == 1 && found->is_contiguous(),
-                "fsam_fused: found must be a 1-element contiguous float32 CPU tensor, got ",
-                found->scalar_type(), " ", found->sizes(), " on ", found->device());
-    TORCH_CHECK(!found->requires_grad(), "fsam_fused: found must not require grad");
-  }
+  const at::TensorList found_list = checked_out("found", found);
   check_no_grad("weights", weights);
   check_no_grad("emas", emas);
   check_no_grad("saved", saved);
-  const at::TensorList found_list =
-      found.has_value() ? at::TensorList(*found) : at::TensorList();
   check_no_overlap({{"weights", weights, true}, {"emas", emas, true}, {"saved", saved, true},
                     {"found", found_list, true}, {"grads", grads, false}, {"sq", sq, false}});
   const bool ok = std::isfinite(norm);
@@ -786,16 +784,8 @@ void ema_(at::TensorList emas, at::TensorList grads, const at::Tensor& rows, con
   const auto specs = gather(grads, grads, emas, {}, nullptr, rows, {}, "grads");
   const float norm = global_norm(sq);
   const float inv = inv_scale_of(inv_scale);
-  if (found.has_value()) {
-    TORCH_CHECK(found->device().is_cpu() && found->scalar_type() == at::kFloat &&
-                    found->numel() == 1 && found->is_contiguous(),
-                "fsam_fused: found must be a 1-element contiguous float32 CPU tensor, got ",
-                found->scalar_type(), " ", found->sizes(), " on ", found->device());
-    TORCH_CHECK(!found->requires_grad(), "fsam_fused: found must not require grad");
-  }
+  const at::TensorList found_list = checked_out("found", found);
   check_no_grad("emas", emas);
-  const at::TensorList found_list =
-      found.has_value() ? at::TensorList(*found) : at::TensorList();
   check_no_overlap({{"emas", emas, true}, {"found", found_list, true}, {"grads", grads, false},
                     {"sq", sq, false}});
   const bool ok = std::isfinite(norm);

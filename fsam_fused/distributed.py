@@ -117,18 +117,8 @@ def agreed_found(found, group=None, plan=None):
       wait for the others).
 
     Every rank of the group must then take the step, as it must for DDP's all-reduces."""
-    if found is None:
-        return None
-    if group is False:
+    if found is None or not _asks_ranks(group, plan):
         return found
-    dist = sys.modules.get("torch.distributed")
-    if group is None:
-        if dist is None or not dist.is_available() or not dist.is_initialized():
-            return found
-        if dist.get_world_size() < 2:
-            return found
-        if plan is not None and all(b.owners is not None for b in plan.buckets):
-            return found
     import torch.distributed as dist
 
     out = found.clone()  # never the engine's own flag
@@ -136,21 +126,28 @@ def agreed_found(found, group=None, plan=None):
     return out
 
 
+def _asks_ranks(group, plan) -> bool:
+    """Whether :func:`agreed_found`'s rule (and :func:`agreed_mean`'s) asks other ranks."""
+    if group is False:
+        return False
+    if group is not None:
+        return True
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    if dist.get_world_size() < 2:
+        return False
+    # DTensor-only steps (FSDP2's) are global already: their sums are all-reduced.
+    return plan is None or not all(b.owners is not None for b in plan.buckets)
+
+
 def agreed_mean(x, group=None, plan=None):
     """``x`` (a 1-element float32 device tensor: a schedule's statistic) averaged over the
     data-parallel ranks that :func:`agreed_found` would ask (same ``group`` rule), so every
     rank takes the same decision from it; ``x`` itself when there are none. One collective
     of one float, no host synchronisation."""
-    if group is False:
+    if not _asks_ranks(group, plan):
         return x
-    dist = sys.modules.get("torch.distributed")
-    if group is None:
-        if dist is None or not dist.is_available() or not dist.is_initialized():
-            return x
-        if dist.get_world_size() < 2:
-            return x
-        if plan is not None and all(b.owners is not None for b in plan.buckets):
-            return x  # DTensor shards: the sum of squares is already global
     import torch.distributed as dist
 
     out = x.clone()
