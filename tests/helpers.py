@@ -243,3 +243,18 @@ def cpp_rows(adaptive, decay, gain, rho=None):
 def cpp_scalars(sigma, eps=1e-12):
     """The C++ ops' ``scalars`` tensor: float32 ``[sigma, eps]``."""
     return torch.tensor([sigma, eps], dtype=torch.float32)
+
+
+def lsq_grad64(w, b, x, y):
+    """d/dw, d/db of mean((x w^T + b - y)^2), by hand (the float64 statements' gradient)."""
+    r = (x @ w.T + b - y) * (2 / y.numel())
+    return r.T @ x, r.sum(0)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (one per process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
-from helpers import backend_available, opt_args
+from helpers import backend_available, lsq_grad64, opt_args
 
 RHO, SIGMA, LMBDA, LR = 0.5, 0.8, 0.7, 0.1
 STEPS = 4
@@ -28,19 +28,13 @@ def _problem(seed):
     return x, y, w, b
 
 
-def _grad64(w, b, x, y):
-    """d/dw, d/db of mean((x w^T + b - y)^2), by hand."""
-    r = (x @ w.T + b - y) * (2 / y.numel())
-    return r.T @ x, r.sum(0)
-
-
 def statement(steps, seed):
     """F-SAM (official order) + plain SGD in float64, written from SEMANTICS.md alone."""
     x, y, w, b = _problem(seed)
     ps = [w.clone(), b.clone()]
     m = None
     for _ in range(steps):
-        g = list(_grad64(*ps, x, y))
+        g = list(lsq_grad64(*ps, x, y))
         if m is None:  # first sight: m <- g, d = g
             d, m = g, [t.clone() for t in g]
         else:
@@ -48,7 +42,7 @@ def statement(steps, seed):
             m = [LMBDA * mi + (1 - LMBDA) * gi for gi, mi in zip(g, m)]
         norm = math.sqrt(sum(float((t * t).sum()) for t in d))
         e = [RHO / (norm + 1e-12) * t for t in d]
-        g2 = _grad64(*[p + ei for p, ei in zip(ps, e)], x, y)
+        g2 = lsq_grad64(*[p + ei for p, ei in zip(ps, e)], x, y)
         ps = [p - LR * gi for p, gi in zip(ps, g2)]
     return ps
 
@@ -116,7 +110,7 @@ def test_every_closure_pattern_is_fsam(pattern, backend):
     # Not SGD: the same steps of plain SGD land measurably elsewhere.
     sgd = [w0.clone(), b0.clone()]
     for _ in range(STEPS):
-        sgd = [p - LR * g for p, g in zip(sgd, _grad64(*sgd, x, y))]
+        sgd = [p - LR * g for p, g in zip(sgd, lsq_grad64(*sgd, x, y))]
     assert (lin.weight.detach().double() - sgd[0]).abs().max() > 1e-3
     # The loss returned: the first pass's (at w) for torch.optim's convention, the closure's
     # (at w + e) for the authors'; both finite tensors.

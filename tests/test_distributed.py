@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from fsam_fused import FSAM
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 150  # seconds for one pair of processes, start to finish
@@ -35,12 +35,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(jobs, out, world_size, kind):
     """Run ``jobs`` in one process group of ``world_size`` fresh processes; load every
     rank's results."""
@@ -48,7 +42,7 @@ def launch(jobs, out, world_size, kind):
     jobs_file = os.path.join(out, "jobs.json")
     with open(jobs_file, "w") as f:
         json.dump(jobs, f)
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         WORLD_SIZE=str(world_size),
@@ -486,7 +480,7 @@ def test_example_under_torchrun(tmp_path):
             "--master-addr",
             "127.0.0.1",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             script,
             "--mode",
             "fsdp",

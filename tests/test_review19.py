@@ -1,6 +1,7 @@
 """Review of the perturbation schedules (issue 19): each test is a defect found on main
 (8fca4e6), failing there; the one-line docstring says what is wrong."""
 
+import contextlib
 import os
 import signal
 
@@ -51,6 +52,28 @@ def _snap(lin, opt):
     )
 
 
+class Boom(Exception):
+    """What the SIGALRM handler of :func:`_raising_alarm` raises."""
+
+
+@contextlib.contextmanager
+def _raising_alarm():
+    """A SIGALRM handler that raises :class:`Boom`, for the duration of the block."""
+
+    def handler(signum, frame):
+        raise Boom
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGALRM, old)
+
+
+def _alarm():
+    os.kill(os.getpid(), signal.SIGALRM)  # delivered at the next bytecode
+
+
 def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
 
@@ -93,25 +116,17 @@ def test_a_signal_in_the_schedule_bookkeeping_after_the_perturbation_restores_th
     _loss(lin, x, y).backward()
     w, _ = _snap(lin, opt)
 
-    class Boom(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Boom
-
     original = Adaptive.observe
 
     def observe(self, sq):
-        os.kill(os.getpid(), signal.SIGALRM)  # delivered at the next bytecode
+        _alarm()
         return original(self, sq)
 
-    old = signal.signal(signal.SIGALRM, handler)
+    sched.observe = observe.__get__(sched)
     try:
-        sched.observe = observe.__get__(sched)
-        with pytest.raises(Boom):
+        with _raising_alarm(), pytest.raises(Boom):
             opt.first_step()
     finally:
-        signal.signal(signal.SIGALRM, old)
         del sched.observe
     assert not opt.perturbed
     assert _same([p.detach() for p in lin.parameters()], w)  # fails: left at w + e
@@ -296,25 +311,17 @@ def test_a_first_step_that_fails_after_the_decision_keeps_the_schedule():
     _loss(lin, x, y).backward()
     w, _ = _snap(lin, opt)
 
-    class Boom(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Boom
-
     original = opt.zero_grad
 
     def zero_grad(*a, **k):
-        os.kill(os.getpid(), signal.SIGALRM)
+        _alarm()
         return original(*a, **k)
 
-    old = signal.signal(signal.SIGALRM, handler)
+    opt.zero_grad = zero_grad
     try:
-        opt.zero_grad = zero_grad
-        with pytest.raises(Boom):
+        with _raising_alarm(), pytest.raises(Boom):
             opt.first_step(zero_grad=True)
     finally:
-        signal.signal(signal.SIGALRM, old)
         del opt.zero_grad
     assert not opt.perturbed
     assert _same([p.detach() for p in lin.parameters()], w)  # (abandoned: restored)

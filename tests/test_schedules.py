@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fsam_fused import FSAM, Adaptive, Bernoulli, EveryK
-from helpers import backend_available, opt_args
+from helpers import backend_available, lsq_grad64, opt_args
 
 RHO, SIGMA, LMBDA, LR, EPS = 0.4, 0.8, 0.7, 0.1, 1e-12
 STEPS = 10
@@ -29,12 +29,6 @@ def _problem(seed):
     w = torch.randn(2, 5, generator=g, dtype=torch.float64)
     b = torch.randn(2, generator=g, dtype=torch.float64)
     return xs, ys, w, b
-
-
-def _grad64(w, b, x, y):
-    """d/dw, d/db of mean((x w^T + b - y)^2), by hand."""
-    r = (x @ w.T + b - y) * (2 / y.numel())
-    return r.T @ x, r.sum(0)
 
 
 class _Rule:
@@ -70,7 +64,7 @@ def statement(rule, seed):
     xs, ys, w, b = _problem(seed)
     ps, m, taken = [w.clone(), b.clone()], None, []
     for x, y in zip(xs, ys):
-        g = list(_grad64(*ps, x, y))
+        g = list(lsq_grad64(*ps, x, y))
         take = rule(float(sum((t * t).sum() for t in g)))
         taken.append(take)
         m_old = m
@@ -85,7 +79,7 @@ def statement(rule, seed):
         d = g if m_old is None else [gi - SIGMA * mi for gi, mi in zip(g, m_old)]
         norm = math.sqrt(sum(float((t * t).sum()) for t in d))
         e = [RHO / (norm + EPS) * t for t in d]
-        g2 = _grad64(*[p + ei for p, ei in zip(ps, e)], x, y)
+        g2 = lsq_grad64(*[p + ei for p, ei in zip(ps, e)], x, y)
         ps = [p - LR * gi for p, gi in zip(ps, g2)]
     return ps, m, taken
 
@@ -105,10 +99,10 @@ SCHEDULES = {
 }
 
 
-def _model(seed, backend, schedule, **kw):
-    backend_available(backend, "cpu")
+def _model(seed, backend, schedule, device="cpu", **kw):
+    backend_available(backend, device)
     xs, ys, w, b = _problem(seed)
-    lin = torch.nn.Linear(5, 2)
+    lin = torch.nn.Linear(5, 2, device=device)
     with torch.no_grad():
         lin.weight.copy_(w)
         lin.bias.copy_(b)
@@ -123,7 +117,7 @@ def _model(seed, backend, schedule, **kw):
         **opt_args(backend),
         **kw,
     )
-    data = [(x.float(), y.float()) for x, y in zip(xs, ys)]
+    data = [(x.float().to(device), y.float().to(device)) for x, y in zip(xs, ys)]
     return lin, opt, data
 
 
@@ -414,10 +408,10 @@ def test_sam_with_a_schedule_is_sgd_on_cheap_steps(backend):
     assert _run(lin, opt, data, "two_pass") == [t % 3 == 0 for t in range(STEPS)]
     ps = [w.clone(), b.clone()]  # SAM every 3rd step, SGD otherwise, in float64
     for t, (x, y) in enumerate(zip(xs, ys)):
-        g = _grad64(*ps, x, y)
+        g = lsq_grad64(*ps, x, y)
         if t % 3 == 0:
             norm = math.sqrt(sum(float((u * u).sum()) for u in g))
-            g = _grad64(*[p + RHO / (norm + EPS) * u for p, u in zip(ps, g)], x, y)
+            g = lsq_grad64(*[p + RHO / (norm + EPS) * u for p, u in zip(ps, g)], x, y)
         ps = [p - LR * u for p, u in zip(ps, g)]
     for p, q in zip((lin.weight, lin.bias), ps):
         torch.testing.assert_close(p.detach().double(), q, rtol=2e-5, atol=2e-6)
@@ -432,20 +426,7 @@ def test_schedule_on_cuda_against_the_statement(name, backend):
     device, the lagged decision through pinned memory and an event."""
     seed = 41
     make, rule = SCHEDULES[name]
-    backend_available(backend, "cuda")
-    lin, opt, data = _model(seed, "reference", make())
-    lin.cuda()
-    opt = FSAM(
-        lin.parameters(),
-        torch.optim.SGD,
-        rho=RHO,
-        sigma=SIGMA,
-        lmbda=LMBDA,
-        lr=LR,
-        schedule=make(),
-        backend=backend,
-    )
-    data = [(x.cuda(), y.cuda()) for x, y in data]
+    lin, opt, data = _model(seed, backend, make(), device="cuda")
     taken = _run(lin, opt, data, "two_pass")
     want, m, want_taken = statement(rule(), seed)
     assert taken == want_taken
@@ -461,20 +442,9 @@ def test_adaptive_statistics_saved_on_cpu_resume_on_cuda():
     sd, model_sd = opt.state_dict(), {k: v.clone() for k, v in lin.state_dict().items()}
     assert sd["fsam"]["schedule"]["mu"].device.type == "cpu"
     rest_cpu = _run(lin, opt, data, "two_pass", STEPS // 2, STEPS)
-    lin2 = torch.nn.Linear(5, 2).cuda()
+    lin2, opt2, cuda_data = _model(42, "foreach", make(), device="cuda")
     lin2.load_state_dict(model_sd)
-    opt2 = FSAM(
-        lin2.parameters(),
-        torch.optim.SGD,
-        rho=RHO,
-        sigma=SIGMA,
-        lmbda=LMBDA,
-        lr=LR,
-        schedule=make(),
-        backend="foreach",
-    )
     opt2.load_state_dict(sd)
-    cuda_data = [(x.cuda(), y.cuda()) for x, y in data]
     assert _run(lin2, opt2, cuda_data, "two_pass", STEPS // 2, STEPS) == rest_cpu
     assert opt2.schedule.mu.device.type == "cuda"
     for p, q in zip(lin.parameters(), lin2.parameters()):

@@ -4,7 +4,6 @@ identical, in both DDP modes; synced DDP and FSDP2 (the adaptive statistic over 
 equal one process on the full batch."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import schedule_dist_worker as W
 import torch
 
 from fsam_fused import FSAM
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,14 +21,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(mode, name, out):
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",
