@@ -384,46 +384,40 @@ def first_half(schedule, engine, step, inv, group) -> bool:
     """A step's first half as ``schedule`` decides: the perturbation (True) or the cheap step
     (False). ``step``: ``(structure, values, groups, state)``; ``inv``: a GradScaler's 1/scale
     or None; ``group``: ``FSAM.nonfinite_group`` (who averages the adaptive statistic).
-    Every setting is checked and the statistics' new values computed before the first write:
-    an error before it leaves weights, EMA and schedule as they were. After it only their
-    commit or a signal's handler can raise; then the weights and the schedule are restored and
-    the EMA keeps the step's update (the policy of any failed second pass)."""
+    Every setting is checked and the statistics' new values computed before the first write,
+    so a bad setting raises with nothing written. After the write only their commit or a
+    signal's handler can raise; the caller (:meth:`fsam_fused.session.StepSession.first`)
+    then restores the weights and the schedule's snapshot, and the EMA keeps the step's
+    update (the policy of any failed second pass)."""
     if schedule is None:
         engine.first_step(*step, inv)
         return True
-    snap = schedule.snapshot()
-    try:
-        take = schedule.decide()
-        prepared = engine.prepare(*step, inv)
-        stat = None
+    take = schedule.decide()
+    prepared = engine.prepare(*step, inv)
+    stat = None
 
-        def settle(sqs):  # the statistic and what it decides, before any write
-            nonlocal stat, take
-            if sqs:
-                stat = distributed.agreed_mean(sqs[0].sum().reshape(1), group, prepared[0])
-                take = schedule.decide_with(stat) if take is None else schedule.prepare(stat, take)
+    def settle(sqs):  # the statistic and what it decides, before any write
+        nonlocal stat, take
+        if sqs:
+            stat = distributed.agreed_mean(sqs[0].sum().reshape(1), group, prepared[0])
+            take = schedule.decide_with(stat) if take is None else schedule.prepare(stat, take)
 
-        if take and schedule.needs_norm:
-            # Decided ahead (lagged): the norm pass sums g**2 too (no extra read, fused).
-            engine.perturb(prepared, before_write=settle)
+    if take and schedule.needs_norm:
+        # Decided ahead (lagged): the norm pass sums g**2 too (no extra read, fused).
+        engine.perturb(prepared, before_write=settle)
+    else:
+        sqs = None
+        if schedule.needs_norm or not take:
+            sqs = engine.grad_sq(prepared)  # the cheap step's first pass; the statistic
+            if schedule.needs_norm:
+                settle(sqs)
+        take = True if take is None else take  # (no gradient at all: nothing to decide)
+        if take:
+            engine.perturb(prepared)
         else:
-            sqs = None
-            if schedule.needs_norm or not take:
-                sqs = engine.grad_sq(prepared)  # the cheap step's first pass; the statistic
-                if schedule.needs_norm:
-                    settle(sqs)
-            take = True if take is None else take  # (no gradient at all: nothing to decide)
-            if take:
-                engine.perturb(prepared)
-            else:
-                engine.cheap(prepared, sqs)
-        if stat is not None:
-            schedule.observe(stat)
-    except BaseException:
-        if engine.inflight is not None:  # written, then something raised: the weights back
-            engine.restore()
-        schedule.restore(snap)
-        raise
+            engine.cheap(prepared, sqs)
+    if stat is not None:
+        schedule.observe(stat)
     return take
 
 
