@@ -229,9 +229,10 @@ struct Table {
 
 // ------------------------------------------------------------------ argument checks
 
-void check_list(const char* what, at::TensorList ts, at::TensorList weights) {
+void check_list(const char* what, at::TensorList ts, at::TensorList weights,
+                const char* ref = "weights") {
   TORCH_CHECK(ts.size() == weights.size(), "fsam_fused: ", what, " has ", ts.size(),
-              " tensors, weights has ", weights.size());
+              " tensors, ", ref, " has ", weights.size());
   for (const auto i : c10::irange(ts.size())) {
     const auto& t = ts[i];
     const auto& w = weights[i];
@@ -239,7 +240,7 @@ void check_list(const char* what, at::TensorList ts, at::TensorList weights) {
                 "; these kernels take CPU tensors");
     TORCH_CHECK(t.sizes() == w.sizes() && t.strides() == w.strides(), "fsam_fused: ", what,
                 "[", i, "] has sizes ", t.sizes(), " and strides ", t.strides(),
-                "; weights[", i, "] has ", w.sizes(), " and ", w.strides());
+                "; ", ref, "[", i, "] has ", w.sizes(), " and ", w.strides());
     TORCH_CHECK(t.is_non_overlapping_and_dense(), "fsam_fused: ", what, "[", i,
                 "] must be dense (contiguous or channels_last)");
   }
@@ -403,20 +404,20 @@ void check_no_overlap(std::initializer_list<Arg> args) {
 // Checks the lists, then gathers one Spec per tensor. `outs` may be empty (norm_sq).
 std::vector<Spec> gather(at::TensorList weights, at::TensorList grads, at::TensorList emas,
                          at::TensorList outs, const char* out_name, const at::Tensor& rows,
-                         at::IntArrayRef swap) {
+                         at::IntArrayRef swap, const char* w_name = "weights") {
   const size_t n = weights.size();
-  check_list("weights", weights, weights);
-  check_list("grads", grads, weights);
-  check_same_dtype("weights", weights);
+  check_list(w_name, weights, weights, w_name);
+  check_list("grads", grads, weights, w_name);
+  check_same_dtype(w_name, weights);
   check_same_dtype("grads", grads);
   if (n > 0) {
-    check_float_type("weights", weights[0].scalar_type());
+    check_float_type(w_name, weights[0].scalar_type());
     TORCH_CHECK(grads[0].scalar_type() == weights[0].scalar_type(),
                 "fsam_fused: grads must have the weights' dtype ", weights[0].scalar_type(),
                 ", got ", grads[0].scalar_type());
   }
   if (!emas.empty()) {
-    check_list("emas", emas, weights);
+    check_list("emas", emas, weights, w_name);
     check_same_dtype("emas", emas);
     check_float_type("emas", emas[0].scalar_type());
   }
@@ -757,7 +758,8 @@ void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
 void ema_(at::TensorList emas, at::TensorList grads, const at::Tensor& rows, const at::Tensor& sq,
           const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found) {
   TORCH_CHECK(!emas.empty() || grads.empty(), "fsam_fused: ema_ needs one EMA per gradient");
-  const auto specs = gather(grads, grads, emas, {}, nullptr, rows, {});
+  // (the gradients stand in for the weights: an EMA has its gradient's sizes and strides)
+  const auto specs = gather(grads, grads, emas, {}, nullptr, rows, {}, "grads");
   const float norm = global_norm(sq);
   const float inv = inv_scale_of(inv_scale);
   if (found.has_value()) {

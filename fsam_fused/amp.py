@@ -107,7 +107,9 @@ def finish(scaler, key: int, first_found, found_inf):
     dev = first.device
     # New tensors, never ours: update() adds into the first of its list in place.
     per_device[dev] = per_device[dev] + first if dev in per_device else first.clone()
-    return found_inf + first.to(found_inf.device, non_blocking=True)
+    # At most 1: torch's fused SGD/Adam/AdamW skip only when found_inf == 1.0, and a cheap
+    # step's overflow is seen by both checks (the scaler re-checks the same gradient).
+    return (found_inf + first.to(found_inf.device, non_blocking=True)).clamp_(max=1.0)
 
 
 def unscale_and_check(params, inv_scale=None) -> torch.Tensor | None:

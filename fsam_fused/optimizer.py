@@ -147,7 +147,7 @@ class FSAM(StepReports, Optimizer):
         self.sigma, self.lmbda, self.ema_order = values.sigma, values.lmbda, ema_order
         self.backend, self.ema_dtype, self.fixed_addresses = backend, ema_dtype, fixed_addresses
         self.skip_nonfinite = hparams.check_flag("skip_nonfinite", skip_nonfinite)
-        self._schedule = schedules.check_schedule(schedule)
+        self._schedule = schedules.check_schedule(schedule, self)
         # Which ranks agree on a non-finite first pass: fsam_fused.distributed.agreed_found.
         self.nonfinite_group = None
         self.base_optimizer = None
@@ -181,7 +181,10 @@ class FSAM(StepReports, Optimizer):
     @schedule.setter
     def schedule(self, schedule) -> None:
         self._session.refuse_mid_step("changing the schedule")
-        self._schedule = self._session.schedule = schedules.check_schedule(schedule)
+        new = schedules.check_schedule(schedule, self)
+        if self._schedule is not None and self._schedule is not new:
+            self._schedule._owner = None  # (free for another optimizer)
+        self._schedule = self._session.schedule = new
 
     # ------------------------------------------------------------------ groups and state
 
@@ -232,6 +235,7 @@ class FSAM(StepReports, Optimizer):
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("nonfinite_group", None)
         self.__dict__.setdefault("_schedule", None)
+        schedules.check_schedule(self._schedule, self)  # (a copy's schedule is this copy's)
         self._fresh_session()
 
     # ------------------------------------------------------------------ the step

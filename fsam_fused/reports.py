@@ -91,8 +91,16 @@ class StepReports:
         without consuming the decision (``Adaptive(lagged=False)`` raises: it decides from
         the step's gradient). For DDP's per-replica recipe, whose first backward runs under
         ``no_sync()`` only on steps that perturb (``docs/training-loops.md``)."""
-        schedule = own(self)._session.schedule
-        return True if schedule is None else schedule.peek()
+        session = own(self)._session
+        with session:  # (one thread at a time: Bernoulli's peek draws and puts back)
+            return True if session.schedule is None else session.schedule.peek()
+
+    @property
+    def in_flight(self) -> bool:
+        """True between ``first_step()`` and the end of the step, perturbed or not (a
+        schedule's cheap step waits for its base step then): ``state_dict()``,
+        ``load_state_dict()`` and copies are refused while it is. Host state only."""
+        return own(self)._session.in_flight
 
     @property
     def last_perturbed(self) -> bool | None:

@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -69,6 +70,12 @@ class Schedule:
 
     needs_norm = False  # observe() must be given the squared gradient norm of every step
     kind = "schedule"
+    _owner = None  # a weak reference to the optimizer stepping with it (one at a time)
+
+    def __getstate__(self):  # (copies belong to no optimizer until one claims them)
+        d = dict(vars(self))
+        d.pop("_owner", None)
+        return d
 
     def decide(self) -> bool | None:
         raise NotImplementedError
@@ -80,6 +87,11 @@ class Schedule:
 
     def decide_with(self, sq: torch.Tensor) -> bool:  # pragma: no cover - Adaptive's
         raise NotImplementedError
+
+    def prepare(self, sq: torch.Tensor, take: bool) -> bool:
+        """A decision already made (``decide``) and this step's statistic, before the
+        step's writes: compute whatever ``observe`` will commit. Returns the decision."""
+        return take
 
     def observe(self, sq: torch.Tensor) -> None:
         """The step's squared gradient norm (a 1-element float32 device tensor)."""
@@ -159,9 +171,10 @@ class Bernoulli(Schedule):
         return u < p
 
     def peek(self) -> bool:
+        p = number("schedule.p", self.p, 0.0, 1.0)
         state = self.generator.get_state()
         try:
-            return torch.rand((), generator=self.generator).item() < self.p
+            return torch.rand((), generator=self.generator).item() < p
         finally:
             self.generator.set_state(state)
 
@@ -176,7 +189,8 @@ class Bernoulli(Schedule):
 
     def load_state_dict(self, sd: dict) -> None:
         self._check_kind(sd)
-        self.p, self.seed, self.steps = float(sd["p"]), int(sd["seed"]), int(sd["steps"])
+        self.p = number("p", sd["p"], 0.0, 1.0)
+        self.seed, self.steps = int(sd["seed"]), int(sd["steps"])
         self.generator.set_state(sd["generator"].clone())
 
     def __repr__(self) -> str:
@@ -233,13 +247,17 @@ class Adaptive(Schedule):
         self._pending = None  # lagged: (host copy, event) of that decision, not read yet
         self._new = None  # this step's (mu, s2, flag), committed by observe()
 
-    def _threshold(self) -> float:
+    def _settings(self) -> tuple[float, float]:
+        """``(delta, c_t)``, every setting checked (a ``ValueError``/``TypeError`` naming it)."""
+        delta = number("schedule.delta", self.delta, 0.0, 1.0, hi_open=True)
         t = min(self.steps / _positive_int("schedule.total_steps", self.total_steps), 1.0)
-        return self.lambda1 * t + self.lambda2 * (1.0 - t)
+        l1 = number("schedule.lambda1", self.lambda1, -math.inf)
+        l2 = number("schedule.lambda2", self.lambda2, -math.inf)
+        return delta, l1 * t + l2 * (1.0 - t)
 
     def _update(self, sq: torch.Tensor):
         """(mu_t, s2_t, flag_t) from x_t = sq, as new device tensors (committed later)."""
-        delta = number("schedule.delta", self.delta, 0.0, 1.0, hi_open=True)
+        delta, c = self._settings()
         x = sq.reshape(1).float()
         self.to(x.device)  # (statistics loaded from a checkpoint arrive on the CPU)
         mu0 = self.mu if self.mu is not None else torch.zeros_like(x)
@@ -247,13 +265,21 @@ class Adaptive(Schedule):
         ok = torch.isfinite(x)
         mu = torch.where(ok, delta * mu0 + (1.0 - delta) * x, mu0)
         s2 = torch.where(ok, delta * s0 + (1.0 - delta) * (x - mu) ** 2, s0)
-        flag = ok & (x >= mu + self._threshold() * s2.sqrt())
+        flag = ok & (x >= mu + c * s2.sqrt())
         return mu, s2, flag
 
     def decide(self) -> bool | None:
+        self._settings()  # (checked before anything is written, lagged or not)
         return self._read_pending() if self.lagged else None
 
+    def prepare(self, sq: torch.Tensor, take: bool) -> bool:
+        """Lagged: this step's statistics computed before the step's writes (committed by
+        :meth:`observe`); the decision, made a step ago, stands."""
+        self._new = self._update(sq)
+        return take
+
     def peek(self) -> bool:
+        self._settings()
         if not self.lagged:
             raise RuntimeError(
                 "Adaptive(lagged=False) decides from the step's own gradient, after its "
@@ -267,9 +293,9 @@ class Adaptive(Schedule):
         return bool(self._new[2].item())  # the documented synchronisation (lagged=False)
 
     def observe(self, sq: torch.Tensor) -> None:
-        """Commit this step's statistics (and, lagged, start copying the next decision)."""
-        new = self._new if self._new is not None else self._update(sq)
-        self._new = None
+        """Commit this step's statistics (computed before the writes: ``decide_with`` or
+        ``prepare``) and, lagged, start copying the next decision to the host."""
+        new, self._new = self._new, None
         self.mu, self.s2, flag = new
         self.steps += 1
         if self.lagged:
@@ -323,10 +349,20 @@ class Adaptive(Schedule):
                 f"optimizer's lagged={self.lagged}"
             )
         self.total_steps = _positive_int("total_steps", sd["total_steps"])
-        self.delta, self.lambda1, self.lambda2 = sd["delta"], sd["lambda1"], sd["lambda2"]
+        self.delta = number("delta", sd["delta"], 0.0, 1.0, hi_open=True)
+        self.lambda1 = number("lambda1", sd["lambda1"], -math.inf)
+        self.lambda2 = number("lambda2", sd["lambda2"], -math.inf)
         self.steps, self._next, self._pending, self._new = int(sd["steps"]), sd["next"], None, None
         # Moved to the parameters' device by the first step that reads them.
         self.mu, self.s2 = sd["mu"], sd["s2"]
+
+    def __getstate__(self):
+        # A pending decision is read first: a CUDA event cannot be copied or pickled.
+        if self._pending is not None:
+            self._read_pending()
+        d = super().__getstate__()
+        d["_pending"] = d["_new"] = None
+        return d
 
     def to(self, device) -> None:
         if self.mu is not None and self.mu.device != device:
@@ -343,7 +379,10 @@ def first_half(schedule, engine, step, inv, group) -> bool:
     """A step's first half as ``schedule`` decides: the perturbation (True) or the cheap step
     (False). ``step``: ``(structure, values, groups, state)``; ``inv``: a GradScaler's 1/scale
     or None; ``group``: ``FSAM.nonfinite_group`` (who averages the adaptive statistic).
-    All-or-nothing: if it raises, the weights, the EMA and the schedule are as they were."""
+    All-or-nothing: if it raises, the weights, the EMA and the schedule are as they were.
+    Every setting is checked and the statistics' new values computed before the first write;
+    after it, only their commit (and a signal's handler) can raise, and the weights are then
+    restored (the EMA keeps a cheap step's update, as after any failed second pass)."""
     if schedule is None:
         engine.first_step(*step, inv)
         return True
@@ -356,15 +395,19 @@ def first_half(schedule, engine, step, inv, group) -> bool:
             sqs = engine.grad_sq(prepared)  # the cheap step's first pass, and the statistic
             if schedule.needs_norm and sqs:
                 stat = distributed.agreed_mean(sqs[0].sum().reshape(1), group, prepared[0])
-                if take is None:
-                    take = schedule.decide_with(stat)
+                take = schedule.decide_with(stat) if take is None else schedule.prepare(stat, take)
         take = True if take is None else take  # (no gradient at all: nothing to decide on)
         if take:
             engine.perturb(prepared)
         else:
             engine.cheap(prepared, sqs)
-        if stat is not None:
-            schedule.observe(stat)
+        try:
+            if stat is not None:
+                schedule.observe(stat)
+        except BaseException:
+            if engine.inflight is not None:
+                engine.restore()
+            raise
     except BaseException:
         schedule.restore(snap)
         raise
@@ -377,11 +420,22 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
-def check_schedule(schedule) -> Schedule | None:
-    """``FSAM(schedule=...)``'s check: None or a :class:`Schedule`."""
-    if schedule is None or isinstance(schedule, Schedule):
-        return schedule
-    raise TypeError(
-        "schedule must be None (perturb every step) or a fsam_fused schedule "
-        f"(EveryK, Bernoulli, Adaptive), got {type(schedule).__name__}"
-    )
+def check_schedule(schedule, owner=None) -> Schedule | None:
+    """``FSAM(schedule=...)``'s check: None or a :class:`Schedule` that no other live
+    optimizer steps with (its counters are one run's); ``owner`` claims it."""
+    if schedule is None:
+        return None
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            "schedule must be None (perturb every step) or a fsam_fused schedule "
+            f"(EveryK, Bernoulli, Adaptive), got {type(schedule).__name__}"
+        )
+    other = schedule._owner() if schedule._owner is not None else None
+    if other is not None and other is not owner:
+        raise ValueError(
+            f"schedule: this {type(schedule).__name__} already belongs to another optimizer "
+            "(it holds that run's step counter and state); give each optimizer its own"
+        )
+    if owner is not None:
+        schedule._owner = weakref.ref(owner)
+    return schedule

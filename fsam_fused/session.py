@@ -60,10 +60,11 @@ class GradientSample:
     that ``zero_grad()`` frees alive (the sampled ones are often the largest: an embedding,
     an LM head); a gradient that died was replaced, which is what a dead reference says."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "ran", "handles")
 
     def __init__(self):
         self.left: list | None = None
+        self.ran, self.handles = False, []
 
     def first_pass_ran(self, groups) -> bool:
         """True if a gradient was written since the last step (pattern (a) in the module
@@ -92,6 +93,29 @@ class GradientSample:
                 else (p, ref, v)
                 for p, ref, v in left
             ]
+
+    def watch(self) -> None:
+        """After a cheap ``first_step()``: note whether a backward accumulates into a sampled
+        parameter's gradient before the step ends (a second pass that must not run). A
+        post-accumulate-grad hook, not the version counter: clipping or unscaling the
+        gradient in place in between is allowed."""
+        self.ran, self.handles = False, []
+
+        def hook(_):
+            self.ran = True
+
+        for p, _ref, _v in self.left or ():
+            try:
+                self.handles.append(p.register_post_accumulate_grad_hook(hook))
+            except RuntimeError:  # (a tensor that takes no hooks: not watched)
+                pass
+
+    def unwatch(self) -> bool:
+        """Remove :meth:`watch`'s hooks; True if a backward reached a watched parameter."""
+        for h in getattr(self, "handles", ()):
+            h.remove()
+        self.handles = []
+        return getattr(self, "ran", False)
 
     def leave(self, plan, groups=None) -> None:
         """Remember a sample of the gradients the step leaves, for :meth:`first_pass_ran`:
@@ -187,6 +211,7 @@ class StepSession(Closures, OneThread):
                 if not self.in_flight:  # (init_state's template, when no load followed)
                     distributed.drop_unloaded_template(opt)
                 st, values, state = inputs()
+                snap = self.schedule.snapshot() if self.schedule is not None else None
                 took = self.first(st, values, state, scaler, opt.nonfinite_group)
             except BaseException:
                 hooks.close(rng)
@@ -197,6 +222,8 @@ class StepSession(Closures, OneThread):
                     opt.zero_grad()
                 except BaseException:  # (a signal handler's): all-or-nothing, restored
                     self.abandon_step()
+                    if snap is not None:
+                        self.schedule.restore(snap)  # (the step did not happen)
                     raise
             return took
 
@@ -274,8 +301,10 @@ class StepSession(Closures, OneThread):
                 "schedule's cheap step, whose base step second_step() takes"
             )
         inv, unscaled = (None, False) if scaler is None else amp.begin(scaler, self.key)
+        sched = self.schedule
+        snap = sched.snapshot() if sched is not None else None
         took = schedules.first_half(
-            self.schedule, self.engine, (st, values, self.groups, state), inv, group
+            sched, self.engine, (st, values, self.groups, state), inv, group
         )
         self.phase, self.cheap, self.took = Phase.PERTURBED, not took, took
         try:
@@ -288,11 +317,14 @@ class StepSession(Closures, OneThread):
                 # caller's unscale_ already unscaled: the scaler keeps that record.
                 amp.after_first_step(scaler, self.key, unscaled and took)
             if not took:
-                self.sample.leave(self.engine.plan)  # (finish() checks they stay untouched)
+                self.sample.leave(self.engine.plan)
+                self.sample.watch()  # (finish() refuses a second backward)
         except BaseException:
             # All-or-nothing also for an exception here (a signal handler's): the weights go
             # back, as after a failed second pass.
             self.abandon()
+            if snap is not None:
+                sched.restore(snap)
             raise
         return took
 
@@ -355,7 +387,7 @@ class StepSession(Closures, OneThread):
         """End a cheap step (nothing to restore); ``check``: refuse to step the base on
         gradients a second backward wrote after ``first_step()`` returned False."""
         self.phase, self.cheap = Phase.IDLE, False
-        if check and self.sample.first_pass_ran(self.groups):
+        if self.sample.unwatch() and check:
             self.scaler = None
             raise RuntimeError(_messages.CHEAP_SECOND_PASS)
 

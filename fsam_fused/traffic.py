@@ -14,7 +14,9 @@ weights: 26 and 20.
 
 A schedule's cheap step (:mod:`fsam_fused.schedules`) reads g for the sum of squares, then g
 and m and writes m: ``2 W + 2 M``, 16 bytes for float32 (12 for bfloat16 gradients), no weight
-touched. The adaptive rule's statistic costs a perturbing step one more read of g (``W``).
+touched; plain SAM's reads g once (``W``). The adaptive rule's statistic costs a perturbing
+step one more read of g (``W``). These count the fused C++ passes; the other backends run the
+cheap step in plain torch per tensor (more traffic, temporaries).
 """
 
 from __future__ import annotations
@@ -38,5 +40,6 @@ def bytes_per_step(
 
 
 def cheap_bytes_per_step(numel: int, w_bytes: int, m_bytes: int = 4, has_ema: bool = True) -> int:
-    """Bytes a schedule's cheap step moves for ``numel`` parameters of one bucket."""
-    return numel * (2 * w_bytes + (2 * m_bytes if has_ema else 0))
+    """Bytes a schedule's cheap step moves for ``numel`` parameters of one bucket (without
+    an EMA, plain SAM: the sum of squares alone)."""
+    return numel * (2 * w_bytes + 2 * m_bytes if has_ema else w_bytes)

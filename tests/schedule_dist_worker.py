@@ -39,7 +39,14 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    if mode == "fsdp":  # FSDP2: DTensor shards, gradients reduce-scattered (averaged)
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(net[0])
+        fully_shard(net)
+        ddp = net
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
     opt = FSAM(
         net.parameters(), torch.optim.SGD, rho=0.3, lmbda=0.7, lr=0.1, schedule=schedule(name)
     )
@@ -59,10 +66,11 @@ def main():
             loss_fn().backward()
         opt.second_step(zero_grad=True)
         taken.append(took)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
     torch.save(
         {
-            "params": [p.detach().clone() for p in net.parameters()],
-            "emas": [opt.state[p]["ema"].clone() for p in net.parameters()],
+            "params": [full(p.detach()).clone() for p in net.parameters()],
+            "emas": [full(opt.state[p]["ema"]).clone() for p in net.parameters()],
             "taken": taken,
         },
         os.path.join(out, f"rank{rank}.pt"),

@@ -1,6 +1,7 @@
-"""DDP with a perturbation schedule, 2 processes on gloo (127.0.0.1, a free port, bounded
-steps and time): every rank takes the same decisions and the replicas stay identical, in
-both DDP modes; synced DDP equals one process on the full batch."""
+"""DDP and FSDP2 with a perturbation schedule, 2 processes on gloo (127.0.0.1, a free port,
+bounded steps and time): every rank takes the same decisions and the replicas stay
+identical, in both DDP modes; synced DDP and FSDP2 (the adaptive statistic over the shards)
+equal one process on the full batch."""
 
 import os
 import socket
@@ -90,6 +91,8 @@ def _single_process(name):
         ("synced", "adaptive"),
         ("per_replica", "bernoulli"),
         ("per_replica", "adaptive_lagged"),
+        ("fsdp", "adaptive"),
+        ("fsdp", "every2"),
     ],
 )
 def test_ddp_with_a_schedule(mode, name, tmp_path):
@@ -101,8 +104,8 @@ def test_ddp_with_a_schedule(mode, name, tmp_path):
     # The EMA too when synced; per replica each rank's EMA follows its own first gradients
     # on the perturbing steps (as without a schedule: docs/training-loops.md).
     same_emas = [torch.equal(a, b) for a, b in zip(r0["emas"], r1["emas"])]
-    assert all(same_emas) if mode == "synced" else not any(same_emas)
-    if mode == "synced":
+    assert all(same_emas) if mode != "per_replica" else not any(same_emas)
+    if mode != "per_replica":
         want, taken = _single_process(name)
         assert taken == r0["taken"]
         for a, b in zip(r0["params"], want):

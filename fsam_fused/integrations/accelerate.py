@@ -35,6 +35,9 @@ FORWARDED = frozenset(
         "backend_for",
         "perturbed",
         "abandon_step",
+        "will_perturb",
+        "last_perturbed",
+        "schedule",
     }
 )
 
