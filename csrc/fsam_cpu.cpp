@@ -219,6 +219,14 @@ std::vector<int64_t> chunk_sizes(const std::vector<Chunk>& chunks) {
   return sizes;
 }
 
+// A pass's work units and their sizes: built per call by the ops, once per plan by Bound.
+struct Table {
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> sizes;
+  explicit Table(const std::vector<Spec>& specs)
+      : chunks(chunk_table(specs)), sizes(chunk_sizes(chunks)) {}
+};
+
 // ------------------------------------------------------------------ argument checks
 
 void check_list(const char* what, at::TensorList ts, at::TensorList weights,
@@ -474,13 +482,13 @@ struct Direction {
 // `unscale`: every gradient is multiplied by `inv` (a GradScaler's 1/scale) right after its
 // load, as the reference does; without it the arithmetic is the unscaled one, untouched.
 template <typename W, typename M, bool kGradSq = false>
-std::pair<double, double> norm_sq_impl(const std::vector<Spec>& specs, const Direction& dir,
-                                       bool unscale, float inv) {
+std::pair<double, double> norm_sq_impl(const std::vector<Spec>& specs, const Table& table,
+                                       const Direction& dir, bool unscale, float inv) {
   // kGradSq: also sum (inv * g)^2, in the same order as a pass without EMA and |w| would (the
   // cheap step's first pass): bit for bit the statistic that pass gives, without its read.
-  const auto chunks = chunk_table(specs);
+  const auto& chunks = table.chunks;
   std::vector<double> partial(chunks.size(), 0.0), partial_g(kGradSq ? chunks.size() : 0, 0.0);
-  balanced_for(chunk_sizes(chunks), 1, [&](int64_t lo, int64_t hi) {
+  balanced_for(table.sizes, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const Spec& s = specs[ch.spec];
@@ -551,10 +559,10 @@ std::pair<double, double> norm_sq_impl(const std::vector<Spec>& specs, const Dir
 // and w gets w + e. The branch is per chunk and per element step, on a flag that is the same
 // for a whole chunk: it costs nothing measurable against the memory traffic.
 template <typename W, typename M>
-void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float norm_eps,
-                  bool unscale, float inv) {
-  const auto chunks = chunk_table(specs);
-  balanced_for(chunk_sizes(chunks), 1, [&](int64_t lo, int64_t hi) {
+void perturb_impl(const std::vector<Spec>& specs, const Table& table, const Direction& dir,
+                  float norm_eps, bool unscale, float inv) {
+  const auto& chunks = table.chunks;
+  balanced_for(table.sizes, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const Spec& s = specs[ch.spec];
@@ -617,9 +625,9 @@ void perturb_impl(const std::vector<Spec>& specs, const Direction& dir, float no
 // The cheap step's EMA pass (a step a perturbation schedule does not perturb):
 // m <- m * decay + g * gain, in the reference's operation order, nothing else written.
 template <typename W, typename M>
-void ema_impl(const std::vector<Spec>& specs, bool unscale, float inv) {
-  const auto chunks = chunk_table(specs);
-  balanced_for(chunk_sizes(chunks), 1, [&](int64_t lo, int64_t hi) {
+void ema_impl(const std::vector<Spec>& specs, const Table& table, bool unscale, float inv) {
+  const auto& chunks = table.chunks;
+  balanced_for(table.sizes, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const Chunk& ch = chunks[c];
       const Spec& s = specs[ch.spec];
@@ -731,9 +739,10 @@ at::Tensor norm_sq(at::TensorList weights, at::TensorList grads, at::TensorList 
     dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
       using Wt = decltype(w);
       using Mt = decltype(m);
+      const Table table(specs);
       total = grad_sq.has_value()
-                  ? norm_sq_impl<Wt, Mt, true>(specs, dir, inv_scale.has_value(), inv)
-                  : norm_sq_impl<Wt, Mt>(specs, dir, inv_scale.has_value(), inv);
+                  ? norm_sq_impl<Wt, Mt, true>(specs, table, dir, inv_scale.has_value(), inv)
+                  : norm_sq_impl<Wt, Mt>(specs, table, dir, inv_scale.has_value(), inv);
     });
   }
   if (grad_sq.has_value()) grad_sq->data_ptr<float>()[0] = static_cast<float>(total.second);
@@ -771,7 +780,8 @@ void perturb_(at::TensorList weights, at::TensorList grads, at::TensorList emas,
     return;
   }
   dispatch(weights[0].scalar_type(), ema_type(weights, emas), [&](auto w, auto m) {
-    perturb_impl<decltype(w), decltype(m)>(specs, dir, norm_eps, inv_scale.has_value(), inv);
+    perturb_impl<decltype(w), decltype(m)>(specs, Table(specs), dir, norm_eps,
+                                           inv_scale.has_value(), inv);
   });
 }
 
@@ -792,35 +802,23 @@ void ema_(at::TensorList emas, at::TensorList grads, const at::Tensor& rows, con
   if (found.has_value()) found->data_ptr<float>()[0] = ok ? 0.0f : 1.0f;
   if (specs.empty() || !ok) return;
   dispatch(grads[0].scalar_type(), emas[0].scalar_type(), [&](auto w, auto m) {
-    ema_impl<decltype(w), decltype(m)>(specs, inv_scale.has_value(), inv);
+    ema_impl<decltype(w), decltype(m)>(specs, Table(specs), inv_scale.has_value(), inv);
   });
 }
 
-void restore_(at::TensorList weights, at::TensorList saved) {
-  check_list("weights", weights, weights);
-  check_list("saved", saved, weights);
-  for (const auto i : c10::irange(weights.size())) {
-    TORCH_CHECK(saved[i].scalar_type() == weights[i].scalar_type(), "fsam_fused: saved[", i,
-                "] is ", saved[i].scalar_type(), ", weights[", i, "] is ",
-                weights[i].scalar_type());
-  }
-  check_no_grad("weights", weights);
-  check_no_overlap({{"weights", weights, true}, {"saved", saved, false}});
-  struct Span {
-    char* dst;
-    const char* src;
-    int64_t bytes;
-  };
-  std::vector<Span> spans;
+// A byte range restore_ copies with streaming stores, one work unit.
+struct Span {
+  char* dst;
+  const char* src;
+  int64_t bytes;
+};
+
+void add_spans(std::vector<Span>& spans, char* dst, const char* src, int64_t n) {
   constexpr int64_t kBytes = kChunk * 4;
-  for (const auto i : c10::irange(weights.size())) {
-    char* dst = static_cast<char*>(weights[i].data_ptr());
-    const char* src = static_cast<const char*>(saved[i].data_ptr());
-    const int64_t n = weights[i].numel() * weights[i].element_size();
-    for (int64_t b = 0; b < n; b += kBytes) {
-      spans.push_back({dst + b, src + b, std::min(kBytes, n - b)});
-    }
-  }
+  for (int64_t b = 0; b < n; b += kBytes) spans.push_back({dst + b, src + b, std::min(kBytes, n - b)});
+}
+
+void copy_spans(const std::vector<Span>& spans) {
   std::vector<int64_t> span_bytes;
   span_bytes.reserve(spans.size());
   for (const Span& sp : spans) span_bytes.push_back(sp.bytes);
@@ -842,6 +840,252 @@ void restore_(at::TensorList weights, at::TensorList saved) {
     fence();
   });
 }
+
+void restore_(at::TensorList weights, at::TensorList saved) {
+  check_list("weights", weights, weights);
+  check_list("saved", saved, weights);
+  for (const auto i : c10::irange(weights.size())) {
+    TORCH_CHECK(saved[i].scalar_type() == weights[i].scalar_type(), "fsam_fused: saved[", i,
+                "] is ", saved[i].scalar_type(), ", weights[", i, "] is ",
+                weights[i].scalar_type());
+  }
+  check_no_grad("weights", weights);
+  check_no_overlap({{"weights", weights, true}, {"saved", saved, false}});
+  std::vector<Span> spans;
+  for (const auto i : c10::irange(weights.size())) {
+    add_spans(spans, static_cast<char*>(weights[i].data_ptr()),
+              static_cast<const char*>(saved[i].data_ptr()),
+              weights[i].numel() * weights[i].element_size());
+  }
+  copy_spans(spans);
+}
+
+
+// ------------------------------------------------------------------ Bound: a plan's ops
+
+// The three passes (and the cheap step's two) of one plan bucket, with what the plan fixes
+// checked and built once instead of per call: the weights, EMAs and saved copies (their
+// counts, dtypes, sizes, strides, density, no-grad, mutual non-overlap), the work tables
+// and the restore spans. Per call it still checks what a call can change: every gradient
+// (count, CPU, dtype, sizes and strides equal to its weight's, no byte shared with a tensor
+// the pass writes: O(log n) each against the written ranges sorted once), the values in
+// `rows`/`scalars` (finite, rho >= 0, adaptive 0/1, eps > 0), `sq`, `inv_scale`, `found`;
+// all before the first write, as the ops do. Pointers are read from the held tensors at
+// every call (a storage that grew since is followed). Eager calls only (the direct
+// bindings): torch.compile and opcheck use the ops.
+class Bound {
+ public:
+  Bound(std::vector<at::Tensor> weights, std::vector<at::Tensor> emas,
+        std::vector<at::Tensor> saved, std::vector<int64_t> swap, bool paper, at::Tensor rows,
+        at::Tensor scalars)
+      : w_(std::move(weights)),
+        m_(std::move(emas)),
+        s_(std::move(saved)),
+        swap_(std::move(swap)),
+        paper_(paper),
+        rows_(std::move(rows)),
+        scalars_(std::move(scalars)),
+        table_(gather(w_, w_, m_, s_, "saved", rows_, swap_)) {
+    checked_scalars(scalars_);
+    check_no_grad("weights", w_);
+    check_no_grad("emas", m_);
+    check_no_grad("saved", s_);
+    check_no_overlap({{"weights", w_, true}, {"emas", m_, true}, {"saved", s_, true}});
+    wt_ = w_.empty() ? at::kFloat : w_[0].scalar_type();
+    mt_ = ema_type(w_, m_);
+    for (const auto* list : {&w_, &m_, &s_}) {
+      for (const at::Tensor& t : *list) {
+        if (t.numel() == 0) continue;
+        const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
+        written_.push_back({b, b + static_cast<uintptr_t>(t.numel() * t.element_size())});
+      }
+    }
+    std::sort(written_.begin(), written_.end());
+    for (const auto i : c10::irange(w_.size())) {
+      if (swap_[i] == 0) copied_.push_back(static_cast<int64_t>(i));
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(w_.size()); }
+
+  // True if the passes take these gradients (None, a wrong layout or an overlap: false).
+  // Raises nothing: the engine's per-step test of a step's gradients (Bucket.take_grads),
+  // the same checks the passes make again before their first write.
+  bool accepts(const std::vector<c10::optional<at::Tensor>>& g) const {
+    if (g.size() != w_.size()) return false;
+    const auto python = c10::DispatchKeySet(c10::DispatchKey::Python);
+    for (const auto i : c10::irange(g.size())) {
+      if (!g[i].has_value() || g[i]->key_set().has_any(python) || refusal(*g[i], i) != nullptr) {
+        return false;
+      }
+    }
+    return true;
+  }
+  const std::vector<at::Tensor>& weights() const { return w_; }
+  const std::vector<at::Tensor>& emas() const { return m_; }
+  const std::vector<at::Tensor>& saved() const { return s_; }
+  const std::vector<int64_t>& swap() const { return swap_; }
+  bool paper() const { return paper_; }
+  const at::Tensor& rows() const { return rows_; }
+  const at::Tensor& scalars() const { return scalars_; }
+
+  at::Tensor norm_sq(const std::vector<at::Tensor>& g, const c10::optional<at::Tensor>& inv) {
+    auto specs = this->specs(g, true);
+    const Direction dir{checked_scalars(scalars_).first, paper_, !m_.empty()};
+    return sum_of(specs, dir, inv);
+  }
+
+  // sum (inv * g)^2: norm_sq with no EMA and no |w| (the cheap step's first pass).
+  at::Tensor grad_sq(const std::vector<at::Tensor>& g, const c10::optional<at::Tensor>& inv) {
+    auto specs = this->specs(g, false);
+    checked_scalars(scalars_);
+    return sum_of(specs, Direction{0.0f, false, false}, inv);
+  }
+
+  void perturb_(const std::vector<at::Tensor>& g, const at::Tensor& sq,
+                const c10::optional<at::Tensor>& inv_scale,
+                const c10::optional<at::Tensor>& found) {
+    auto specs = this->specs(g, true);
+    const auto [sigma, eps] = checked_scalars(scalars_);
+    TORCH_CHECK(eps > 0.0f, "fsam_fused: eps must be > 0 (in float32), got ", eps,
+                " (scalars[1])");
+    const float norm = global_norm(sq);
+    const float inv = inv_scale_of(inv_scale);
+    check_found(found, g);
+    const bool ok = std::isfinite(norm);
+    if (found.has_value()) found->data_ptr<float>()[0] = ok ? 0.0f : 1.0f;
+    if (specs.empty()) return;
+    if (!ok) {
+      save_only(specs, w_[0].element_size());
+      return;
+    }
+    const Direction dir{sigma, paper_, !m_.empty()};
+    dispatch(wt_, mt_, [&](auto w, auto m) {
+      perturb_impl<decltype(w), decltype(m)>(specs, table_, dir, norm + eps,
+                                             inv_scale.has_value(), inv);
+    });
+  }
+
+  void ema_(const std::vector<at::Tensor>& g, const at::Tensor& sq,
+            const c10::optional<at::Tensor>& inv_scale, const c10::optional<at::Tensor>& found) {
+    TORCH_CHECK(!m_.empty() || w_.empty(), "fsam_fused: ema_ needs one EMA per gradient");
+    auto specs = this->specs(g, true);
+    const float norm = global_norm(sq);
+    const float inv = inv_scale_of(inv_scale);
+    check_found(found, g);
+    const bool ok = std::isfinite(norm);
+    if (found.has_value()) found->data_ptr<float>()[0] = ok ? 0.0f : 1.0f;
+    if (specs.empty() || !ok) return;
+    dispatch(wt_, mt_, [&](auto w, auto m) {
+      ema_impl<decltype(w), decltype(m)>(specs, table_, inv_scale.has_value(), inv);
+    });
+  }
+
+  // w <- saved for the exact-copy tensors (the swapped ones are swapped back by the caller).
+  void restore_() {
+    std::vector<Span> spans;
+    for (const int64_t i : copied_) {
+      add_spans(spans, static_cast<char*>(w_[i].data_ptr()),
+                static_cast<const char*>(s_[i].data_ptr()), w_[i].numel() * w_[i].element_size());
+    }
+    copy_spans(spans);
+  }
+
+ private:
+  // Why the passes would refuse gradient `t` for weight `i` (nullptr: they take it): a
+  // layout other than the weight's, or bytes shared with a tensor the passes write (found
+  // by binary search in the written ranges sorted once).
+  const char* refusal(const at::Tensor& t, size_t i) const {
+    const at::Tensor& w = w_[i];
+    if (!(t.defined() && t.device().is_cpu() && t.scalar_type() == wt_ &&
+          t.sizes() == w.sizes() && t.strides() == w.strides())) {
+      return "layout";
+    }
+    if (t.numel() > 0) {
+      const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
+      const uintptr_t e = b + static_cast<uintptr_t>(t.numel() * t.element_size());
+      // The last written range starting before this one ends must end before it starts.
+      auto it = std::lower_bound(written_.begin(), written_.end(), std::make_pair(e, e));
+      if (it != written_.begin() && std::prev(it)->second > b) return "overlap";
+    }
+    return nullptr;
+  }
+
+  // This call's specs: the gradients checked (see the class comment), the values read.
+  std::vector<Spec> specs(const std::vector<at::Tensor>& g, bool full) const {
+    const size_t n = w_.size();
+    TORCH_CHECK(g.size() == n, "fsam_fused: grads has ", g.size(), " tensors, weights has ", n);
+    const float* r = checked_rows(rows_, static_cast<int64_t>(n));
+    std::vector<Spec> specs(n);
+    for (const auto i : c10::irange(n)) {
+      const at::Tensor& t = g[i];
+      const at::Tensor& w = w_[i];
+      if (const char* why = refusal(t, i)) {
+        TORCH_CHECK(why[0] != 'l', "fsam_fused: grads[", i, "] must be a CPU ", wt_,
+                    " tensor of sizes ", w.sizes(), " and strides ", w.strides(),
+                    " (its weight's), got ", t.defined() ? t.toString() : std::string("None"),
+                    " ", t.sizes(), " ", t.strides());
+        TORCH_CHECK(false, "fsam_fused: grads[", i, "] overlaps a weight, EMA or saved copy in "
+                    "memory; a tensor the op writes must not share memory with any other "
+                    "tensor argument");
+      }
+      specs[i] = Spec{w.numel(),
+                      w.data_ptr(),
+                      t.data_ptr(),
+                      m_.empty() ? nullptr : m_[i].data_ptr(),
+                      s_.empty() ? nullptr : s_[i].data_ptr(),
+                      r[i * kCols + kRho],
+                      full && r[i * kCols + kAdaptive] != 0.0f,
+                      swap_[i] != 0,
+                      r[i * kCols + kDecay],
+                      r[i * kCols + kGain]};
+      if (!full) specs[i].m = nullptr;
+    }
+    return specs;
+  }
+
+  at::Tensor sum_of(const std::vector<Spec>& specs, const Direction& dir,
+                    const c10::optional<at::Tensor>& inv_scale) const {
+    const float inv = inv_scale_of(inv_scale);
+    double total = 0.0;
+    if (!specs.empty()) {
+      dispatch(wt_, dir.has_ema ? mt_ : wt_, [&](auto w, auto m) {
+        total = norm_sq_impl<decltype(w), decltype(m)>(specs, table_, dir,
+                                                       inv_scale.has_value(), inv)
+                    .first;
+      });
+    }
+    return at::full({1}, static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
+  }
+
+  // `found` as the ops check it, and apart from every tensor the passes write (binary search)
+  // or read (the gradients, whose layouts `specs` checked first): it is written before the
+  // first read.
+  void check_found(const c10::optional<at::Tensor>& found, const std::vector<at::Tensor>& g) const {
+    if (checked_out("found", found).empty()) return;
+    const auto b = reinterpret_cast<uintptr_t>(found->data_ptr());
+    const uintptr_t e = b + sizeof(float);
+    auto it = std::lower_bound(written_.begin(), written_.end(), std::make_pair(e, e));
+    bool apart = it == written_.begin() || std::prev(it)->second <= b;
+    for (const at::Tensor& t : g) {
+      const auto tb = reinterpret_cast<uintptr_t>(t.data_ptr());
+      apart = apart && (t.numel() == 0 || tb >= e ||
+                        tb + static_cast<uintptr_t>(t.numel() * t.element_size()) <= b);
+    }
+    TORCH_CHECK(apart, "fsam_fused: found overlaps a weight, EMA, saved copy or gradient in "
+                "memory; a tensor the op writes must not share memory with any other tensor "
+                "argument");
+  }
+
+  std::vector<at::Tensor> w_, m_, s_;
+  std::vector<int64_t> swap_;
+  bool paper_;
+  at::Tensor rows_, scalars_;
+  Table table_;
+  at::ScalarType wt_ = at::kFloat, mt_ = at::kFloat;
+  std::vector<std::pair<uintptr_t, uintptr_t>> written_;  // sorted, pairwise disjoint
+  std::vector<int64_t> copied_;
+};
 
 }  // namespace
 
@@ -960,6 +1204,61 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       op.call(w, saved);
     });
   });
+  // A plan bucket's ops (fsam_cpu::Bound). Each call returns None, doing nothing, when a
+  // gradient or an optional tensor is not a plain tensor (a subclass, under a Python
+  // dispatch mode): the caller then takes the ops' path, through the dispatcher.
+  using fsam_cpu::Bound;
+  py::class_<Bound>(m, "Bound")
+      .def(py::init<TV, TV, TV, std::vector<int64_t>, bool, at::Tensor, at::Tensor>())
+      .def("__len__", &Bound::size)
+      .def("accepts",
+           [](const Bound& b, const std::vector<c10::optional<at::Tensor>>& g) {
+             return b.accepts(g);
+           })
+      .def("norm_sq",
+           [](Bound& b, const TV& g, const OptT& inv) -> py::object {
+             at::Tensor out;
+             {
+               py::gil_scoped_release no_gil;  // (no Python object is touched inside)
+               if (plain({&g}, {inv ? &*inv : nullptr})) {
+                 out = guarded([&] { return b.norm_sq(g, inv); });
+               }
+             }
+             return out.defined() ? py::cast(out) : py::none();
+           })
+      .def("grad_sq",
+           [](Bound& b, const TV& g, const OptT& inv) -> py::object {
+             at::Tensor out;
+             {
+               py::gil_scoped_release no_gil;  // (no Python object is touched inside)
+               if (plain({&g}, {inv ? &*inv : nullptr})) {
+                 out = guarded([&] { return b.grad_sq(g, inv); });
+               }
+             }
+             return out.defined() ? py::cast(out) : py::none();
+           })
+      .def("perturb_",
+           [](Bound& b, const TV& g, const at::Tensor& sq, const OptT& inv, const OptT& found) {
+             py::gil_scoped_release no_gil;
+             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr})) {
+               return false;
+             }
+             guarded([&] { b.perturb_(g, sq, inv, found); });
+             return true;
+           })
+      .def("ema_",
+           [](Bound& b, const TV& g, const at::Tensor& sq, const OptT& inv, const OptT& found) {
+             py::gil_scoped_release no_gil;
+             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr})) {
+               return false;
+             }
+             guarded([&] { b.ema_(g, sq, inv, found); });
+             return true;
+           })
+      .def("restore_", [](Bound& b) {
+        py::gil_scoped_release no_gil;
+        guarded([&] { b.restore_(); });
+      });
   m.def("ema_", [](const TV& e, const TV& g, const at::Tensor& rows, const at::Tensor& sq,
                    const OptT& inv, const OptT& found) {
     py::gil_scoped_release no_gil;

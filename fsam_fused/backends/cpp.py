@@ -30,7 +30,7 @@ class _Static:
     tensors, the ops' contract) are the bucket's own, rewritten in place by the engine when a
     value changes: nothing here needs rebuilding for them."""
 
-    __slots__ = ("weights", "emas", "swap", "swapped", "copied", "plain_rows")
+    __slots__ = ("weights", "emas", "swap", "swapped", "copied", "plain_rows", "bound")
 
     def __init__(self, b):
         self.emas = b.emas if b.emas is not None else []
@@ -56,6 +56,11 @@ class _Static:
         self.copied = (
             [d for d, w in zip(self.weights, self.swap) if not w],
             [s for s, w in zip(b.saved, self.swap) if not w],
+        )
+        # The eager path: the ops bound to these lists once (checks and tables per plan, not
+        # per call: about 1 us less per tensor and step; see bind()).
+        self.bound = cpp_ops.bind(
+            self.weights, self.emas, b.saved, self.swap, b.paper, b.rows, b.scalars
         )
 
 
@@ -104,8 +109,19 @@ class CppBackend:
             s.data_ptr() if w else p.data_ptr() for p, s, w in zip(b.params, b.saved, st.swap)
         ]
 
+    @staticmethod
+    def accepts(b, grads) -> bool:
+        """True if the passes take ``grads`` as they are (C++, one call for the whole list:
+        the per-step test that is otherwise a Python pass per property)."""
+        bound = b.prep.bound
+        return bound is not None and cpp_ops.eager() and bound.accepts(grads)
+
     def norm(self, b, inputs: StepInputs):
         st = b.prep
+        if st.bound is not None and cpp_ops.eager():
+            sq = st.bound.norm_sq(inputs.grads, inputs.inv)
+            if sq is not None:
+                return sq, None
         return cpp_ops.norm_sq(
             st.weights, inputs.grads, st.emas, b.rows, b.scalars, b.paper, inputs.inv
         ), None
@@ -113,19 +129,24 @@ class CppBackend:
     def perturb(self, b, inputs: StepInputs, sq, carry) -> None:
         st = b.prep
         # One op for both kinds: it checks everything before it writes anything.
-        cpp_ops.perturb_(
-            st.weights,
-            inputs.grads,
-            st.emas,
-            b.saved,
-            sq,
-            b.rows,
-            b.scalars,
-            st.swap,
-            b.paper,
-            inputs.inv,
-            inputs.found,
-        )
+        if not (
+            st.bound is not None
+            and cpp_ops.eager()
+            and st.bound.perturb_(inputs.grads, sq, inputs.inv, inputs.found)
+        ):
+            cpp_ops.perturb_(
+                st.weights,
+                inputs.grads,
+                st.emas,
+                b.saved,
+                sq,
+                b.rows,
+                b.scalars,
+                st.swap,
+                b.paper,
+                inputs.inv,
+                inputs.found,
+            )
         try:
             for p, _, spare in st.swapped:
                 p.data = spare
@@ -143,6 +164,10 @@ class CppBackend:
 
     def grad_sq(self, b, inputs: StepInputs):
         st = b.prep
+        if st.bound is not None and cpp_ops.eager():
+            sq = st.bound.grad_sq(inputs.grads, inputs.inv)
+            if sq is not None:
+                return sq
         return cpp_ops.norm_sq(
             st.weights, inputs.grads, [], st.plain_rows, b.scalars, False, inputs.inv
         )
@@ -153,7 +178,11 @@ class CppBackend:
             if inputs.found is not None:
                 inputs.found.copy_(~torch.isfinite(sq.sum()))
             return
-        cpp_ops.ema_(b.prep.emas, inputs.grads, b.rows, sq, inputs.inv, inputs.found)
+        st = b.prep
+        if st.bound is not None and cpp_ops.eager():
+            if st.bound.ema_(inputs.grads, sq, inputs.inv, inputs.found):
+                return
+        cpp_ops.ema_(st.emas, inputs.grads, b.rows, sq, inputs.inv, inputs.found)
 
     def restore(self, b) -> None:
         st = b.prep
@@ -165,7 +194,10 @@ class CppBackend:
             else:
                 p.data = own.as_strided(p.shape, p.stride())
         if st.copied[0]:
-            cpp_ops.restore_(*st.copied)
+            if st.bound is not None and cpp_ops.eager():
+                st.bound.restore_()
+            else:
+                cpp_ops.restore_(*st.copied)
 
     def original(self, b, i):
         st = b.prep

@@ -139,10 +139,26 @@ def ema_(
     f(emas, grads, rows, sq, inv_scale, found)
 
 
-def _eager() -> bool:
+def bind(weights, emas, saved, swap, paper, rows, scalars):
+    """A plan bucket's ops with what the plan fixes checked and built once (``Bound`` in
+    ``csrc/fsam_cpu.cpp``: the weights, EMAs and saved copies, their work tables and restore
+    spans); None when the direct bindings are not loaded. Its methods ``norm_sq(grads, inv)``,
+    ``grad_sq(grads, inv)``, ``perturb_(grads, sq, inv, found)``, ``ema_(grads, sq, inv,
+    found)`` and ``restore_()`` check per call what a call may change (the gradients, the
+    values, ``sq``, ``inv``, ``found``) and return None/False, doing nothing, for tensors
+    that must go through the dispatcher (a subclass, a dispatch mode): use the ops then."""
+    if _direct is None:
+        return None
+    return _direct.Bound(weights, emas, saved, swap, paper, rows, scalars)
+
+
+def eager() -> bool:
     """The direct bindings are loaded and nothing is tracing: a compiled graph must see
     the torch.ops call, which the direct bindings hide from it."""
     return _direct is not None and not torch.compiler.is_compiling()
+
+
+_eager = eager
 
 
 def _no_meta(op: str, **lists) -> None:
