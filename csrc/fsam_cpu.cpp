@@ -1158,6 +1158,41 @@ auto guarded(const F& f) -> decltype(f()) {
   }
 }
 
+// A plan's parameters and the addresses it recorded for them: the engine's per-step test that
+// each parameter is still where the plan put it (p.data not reassigned) and has a gradient,
+// one C++ loop instead of Python passes over the list (about 0.2 us a tensor less at 10,000
+// tensors). It holds the parameters themselves (their TensorImpl: a `p.data = x` is seen),
+// and only plain ones (the caller checks: a subclass may have no storage to point at).
+class Watch {
+ public:
+  Watch(TV params, std::vector<int64_t> ptrs) : params_(std::move(params)), ptrs_(std::move(ptrs)) {
+    TORCH_CHECK(params_.size() == ptrs_.size(), "fsam_fused: Watch needs one address per tensor");
+  }
+
+  bool unmoved() const {
+    for (const auto i : c10::irange(params_.size())) {
+      if (reinterpret_cast<int64_t>(params_[i].data_ptr()) != ptrs_[i]) return false;
+    }
+    return true;
+  }
+
+  // Each parameter's .grad if every one is unmoved and has one; None otherwise.
+  py::object grads() const {
+    if (!unmoved()) return py::none();
+    py::list out(params_.size());
+    for (const auto i : c10::irange(params_.size())) {
+      const at::Tensor& g = params_[i].grad();
+      if (!g.defined()) return py::none();
+      out[i] = py::cast(g);  // the gradient's own Python object, as `p.grad` gives it
+    }
+    return out;
+  }
+
+ private:
+  TV params_;
+  std::vector<int64_t> ptrs_;
+};
+
 }  // namespace fsam_cpu_py
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1207,6 +1242,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // A plan bucket's ops (fsam_cpu::Bound). Each call returns None, doing nothing, when a
   // gradient or an optional tensor is not a plain tensor (a subclass, under a Python
   // dispatch mode): the caller then takes the ops' path, through the dispatcher.
+  py::class_<Watch>(m, "Watch")
+      .def(py::init<TV, std::vector<int64_t>>())
+      .def("unmoved", &Watch::unmoved)
+      .def("grads", &Watch::grads);
   using fsam_cpu::Bound;
   py::class_<Bound>(m, "Bound")
       .def(py::init<TV, TV, TV, std::vector<int64_t>, bool, at::Tensor, at::Tensor>())

@@ -86,6 +86,7 @@ from ._warnings import warn_at_caller
 from .backends.base import StepInputs
 from .buffers import Buffers, state_version
 from .hparams import Structure, Values
+from .ops import cpp as cpp_ops
 from .plan import Plan, build
 from .traffic import bytes_per_step, cheap_bytes_per_step
 
@@ -216,14 +217,21 @@ class Engine(CheapPasses):
         key = (id(state), state_version(), [(id(g["params"]), len(g["params"])) for g in groups])
         plan = self.plan
         if plan is not None and plan.structure == st and plan.key == key:
-            grads = list(map(_GRAD, plan.flat))
-            if plan.every:
+            if plan.watch is not None and cpp_ops.eager():
+                # (None if a parameter moved or has no gradient)
+                grads = plan.watch.grads()
+                taken = None if grads is None else plan.take_grads(grads)
+                if taken is not None:
+                    return plan, taken
+            elif plan.every:
                 # (take_grads also turns down a None: a parameter without a gradient)
+                grads = list(map(_GRAD, plan.flat))
                 if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs:
                     taken = plan.take_grads(grads)
                     if taken is not None:
                         return plan, taken
             else:
+                grads = list(map(_GRAD, plan.flat))
                 have = [i for i, g in enumerate(grads) if g is not None]
                 if have == plan.have and [plan.flat[i].data_ptr() for i in have] == plan.ptrs:
                     taken = plan.take_grads(grads)
@@ -369,7 +377,11 @@ class Engine(CheapPasses):
         held = self._held_restore if held else _NO_HOLD
         with held:
             for b in self.inflight:
-                if list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs:
+                if (
+                    b.watch.unmoved()
+                    if b.watch is not None and cpp_ops.eager()
+                    else list(map(torch.Tensor.data_ptr, b.params)) == b.perturbed_ptrs
+                ):
                     try:
                         b.backend.restore(b)
                         continue

@@ -23,6 +23,7 @@ from . import distributed
 from ._warnings import warn_at_caller
 from .backends.frozen import frozen_passes
 from .hparams import Structure
+from .ops import cpp as cpp_ops
 from .rows import Rows
 
 
@@ -67,6 +68,9 @@ class Bucket:
     homes: list = field(default_factory=list)
     perturbed_ptrs: list = field(default_factory=list)  # set by the backend's prepare()
     prep: Any = None  # the backend's per-plan data
+    # ``ops.cpp.watch(params, perturbed_ptrs)`` (None without the C++ bindings): the restore's
+    # test that every parameter still has its perturbed storage, in one C++ loop.
+    watch: Any = None
     # torch.distributed: the optimizer's parameters (DTensors) whose local shards ``params``
     # holds; None for plain tensors, whose ``params`` are the optimizer's own.
     owners: list | None = None
@@ -181,6 +185,9 @@ class Plan:
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
     structure: Any = None  # the Structure it was built for
+    # With ``every``: ``ops.cpp.watch(flat, ptrs)`` (None without the C++ bindings), the
+    # step's test that no parameter moved and its gradients, in one C++ loop.
+    watch: Any = None
 
     def take_grads(self, grads) -> list | None:
         """Per bucket, this step's gradients (see :meth:`Bucket.take_grads`), or None if any
@@ -427,14 +434,18 @@ def build(st: Structure, groups, select, buffers) -> Plan:
         b.homes = [p.detach() for p in b.params]
         b.backend.prepare(b)
         b.frozen = frozen_passes(b)
+        b.watch = cpp_ops.watch(b.params, b.perturbed_ptrs)
+    ptrs = [flat[i].data_ptr() for i in have]
+    every = len(buckets) == 1 and len(have) == len(flat)
     return Plan(
         key=(),
         flat=flat,
         have=have,
-        ptrs=[flat[i].data_ptr() for i in have],
+        ptrs=ptrs,
         buckets=buckets,
         commit=commit,
         new_emas=new_emas,
         first_sights=first_sights,
-        every=len(buckets) == 1 and len(have) == len(flat),
+        every=every,
+        watch=cpp_ops.watch(flat, ptrs) if every else None,
     )

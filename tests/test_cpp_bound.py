@@ -219,3 +219,54 @@ def test_bound_refuses_a_found_flag_that_shares_memory(cpp, where):
             call()
         for k, v in before.items():
             assert all(torch.equal(x, y) for x, y in zip(a[k], v)), k
+
+
+def test_watch_sees_moved_parameters_and_missing_gradients(cpp):
+    """``Watch`` (the engine's per-step test that no parameter moved, and its gradients): it
+    holds the parameters themselves, so ``p.data = x`` and ``p.grad = None`` are seen."""
+    g = torch.Generator().manual_seed(9)
+    ps = [torch.nn.Parameter(torch.randn(5 + i, generator=g)) for i in range(3)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g)
+    w = cpp.watch(ps, [p.data_ptr() for p in ps])
+    got = w.grads()
+    assert w.unmoved() and all(a is p.grad for a, p in zip(got, ps))
+    ps[1].grad = torch.randn(6, generator=g)  # a new gradient object: the new one is given
+    assert w.grads()[1] is ps[1].grad
+    ps[2].grad = None
+    assert w.grads() is None and w.unmoved()
+    ps[2].grad = torch.zeros(7)
+    ps[0].data = torch.randn(5, generator=g)
+    assert w.grads() is None and not w.unmoved()
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    assert cpp.watch([TwoTensor(torch.ones(2), torch.ones(2))], [0]) is None
+
+
+def test_a_moved_parameter_still_replans_with_the_watch(cpp):
+    """Through the optimizer: the steady state takes the watched path (no new plan), a
+    reassigned ``p.data`` or a dropped gradient builds a new plan, and the weights follow the
+    reference backend over the same sequence."""
+    from fsam_fused import FSAM
+
+    torch.manual_seed(10)
+    runs = {}
+    for backend in ("cpp", "reference"):
+        torch.manual_seed(10)
+        ps = [torch.nn.Parameter(torch.randn(64, 3)) for _ in range(5)]
+        opt = FSAM(ps, torch.optim.SGD, lr=0.1, backend=backend)
+        builds = []
+        for step in range(6):
+            for i, p in enumerate(ps):
+                p.grad = None if (step == 4 and i == 2) else torch.randn(64, 3)
+            if step == 3:
+                ps[1].data = ps[1].data.clone()
+            opt.first_step()
+            opt.second_step()
+            builds.append(opt.engine.builds)
+        runs[backend] = ([p.detach().clone() for p in ps], builds)
+    (wc, bc), (wr, _) = runs["cpp"], runs["reference"]
+    # (step 1 replans once: step 0 created the EMAs; step 2 is the steady state)
+    assert bc == [1, 2, 2, 3, 4, 5], bc
+    for a, b in zip(wc, wr):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

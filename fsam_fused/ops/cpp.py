@@ -152,6 +152,19 @@ def bind(weights, emas, saved, swap, paper, rows, scalars):
     return _direct.Bound(weights, emas, saved, swap, paper, rows, scalars)
 
 
+def watch(params, ptrs):
+    """A ``Watch`` (``csrc/fsam_cpu.cpp``) of ``params`` at the addresses ``ptrs``:
+    ``unmoved()`` (every ``data_ptr()`` as recorded) and ``grads()`` (every ``.grad``, or
+    None if one moved or has none) in one C++ loop each. None when the direct bindings are
+    not loaded (this never builds them) or a parameter is not a plain tensor."""
+    if _direct is None or any(type(p) not in _PLAIN for p in params):
+        return None
+    return _direct.Watch(list(params), list(ptrs))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager() -> bool:
     """The direct bindings are loaded and nothing is tracing: a compiled graph must see
     the torch.ops call, which the direct bindings hide from it."""
