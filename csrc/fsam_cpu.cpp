@@ -870,8 +870,8 @@ void restore_(at::TensorList weights, at::TensorList saved) {
 // (count, CPU, dtype, sizes and strides equal to its weight's, no byte shared with a tensor
 // the pass writes: O(log n) each against the written ranges sorted once), the values in
 // `rows`/`scalars` (finite, rho >= 0, adaptive 0/1, eps > 0), `sq`, `inv_scale`, `found`;
-// all before the first write, as the ops do. Pointers are read from the held tensors at
-// every call (a storage that grew since is followed). Eager calls only (the direct
+// all before the first write, as the ops do. An EMA changed in place since (another
+// storage, layout, dtype: fresh()) sends the call to the ops. Eager calls only (the direct
 // bindings): torch.compile and opcheck use the ops.
 class Bound {
  public:
@@ -901,12 +901,30 @@ class Bound {
       }
     }
     std::sort(written_.begin(), written_.end());
+    for (const at::Tensor& m : m_) m_ptrs_.push_back(m.data_ptr());
     for (const auto i : c10::irange(w_.size())) {
       if (swap_[i] == 0) copied_.push_back(static_cast<int64_t>(i));
     }
   }
 
   int64_t size() const { return static_cast<int64_t>(w_.size()); }
+
+  // False if an EMA is no longer as bound: the EMAs are the optimizer state's own tensors,
+  // which a user can change in place between steps without a new plan (`m.data = x`,
+  // `m.resize_(n)`, `m.requires_grad_()`), and the table, the written ranges and the dtype
+  // were taken from them. accepts() then answers None (the engine rebuilds the plan, whose
+  // checks refuse or convert the EMA) and the passes do nothing (the caller takes the ops,
+  // which check everything). (The weights and saved copies are aliases no one else holds.)
+  bool fresh() const {
+    for (const auto i : c10::irange(m_.size())) {
+      const at::Tensor& m = m_[i];
+      if (m.data_ptr() != m_ptrs_[i] || m.scalar_type() != mt_ || m.requires_grad() ||
+          m.sizes() != w_[i].sizes() || m.strides() != w_[i].strides()) {
+        return false;
+      }
+    }
+    return true;
+  }
 
   // True if the passes take these gradients (None, a wrong layout or an overlap: false).
   // Raises nothing: the engine's per-step test of a step's gradients (Bucket.take_grads),
@@ -1084,6 +1102,7 @@ class Bound {
   Table table_;
   at::ScalarType wt_ = at::kFloat, mt_ = at::kFloat;
   std::vector<std::pair<uintptr_t, uintptr_t>> written_;  // sorted, pairwise disjoint
+  std::vector<const void*> m_ptrs_;  // the EMAs' addresses when bound (see fresh())
   std::vector<int64_t> copied_;
 };
 
@@ -1241,7 +1260,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   // A plan bucket's ops (fsam_cpu::Bound). Each call returns None, doing nothing, when a
   // gradient or an optional tensor is not a plain tensor (a subclass, under a Python
-  // dispatch mode): the caller then takes the ops' path, through the dispatcher.
+  // dispatch mode) or an EMA changed since it was bound (Bound::fresh): the caller then
+  // takes the ops' path, through the dispatcher.
   py::class_<Watch>(m, "Watch")
       .def(py::init<TV, std::vector<int64_t>>())
       .def("unmoved", &Watch::unmoved)
@@ -1251,15 +1271,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<TV, TV, TV, std::vector<int64_t>, bool, at::Tensor, at::Tensor>())
       .def("__len__", &Bound::size)
       .def("accepts",
-           [](const Bound& b, const std::vector<c10::optional<at::Tensor>>& g) {
-             return b.accepts(g);
+           [](const Bound& b, const std::vector<c10::optional<at::Tensor>>& g) -> py::object {
+             if (!b.fresh()) return py::none();  // (the plan no longer fits: rebuild it)
+             return py::bool_(b.accepts(g));
            })
       .def("norm_sq",
            [](Bound& b, const TV& g, const OptT& inv) -> py::object {
              at::Tensor out;
              {
                py::gil_scoped_release no_gil;  // (no Python object is touched inside)
-               if (plain({&g}, {inv ? &*inv : nullptr})) {
+               if (plain({&g}, {inv ? &*inv : nullptr}) && b.fresh()) {
                  out = guarded([&] { return b.norm_sq(g, inv); });
                }
              }
@@ -1270,7 +1291,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              at::Tensor out;
              {
                py::gil_scoped_release no_gil;  // (no Python object is touched inside)
-               if (plain({&g}, {inv ? &*inv : nullptr})) {
+               if (plain({&g}, {inv ? &*inv : nullptr}) && b.fresh()) {
                  out = guarded([&] { return b.grad_sq(g, inv); });
                }
              }
@@ -1279,7 +1300,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("perturb_",
            [](Bound& b, const TV& g, const at::Tensor& sq, const OptT& inv, const OptT& found) {
              py::gil_scoped_release no_gil;
-             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr})) {
+             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr}) ||
+                 !b.fresh()) {
                return false;
              }
              guarded([&] { b.perturb_(g, sq, inv, found); });
@@ -1288,7 +1310,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("ema_",
            [](Bound& b, const TV& g, const at::Tensor& sq, const OptT& inv, const OptT& found) {
              py::gil_scoped_release no_gil;
-             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr})) {
+             if (!plain({&g}, {&sq, inv ? &*inv : nullptr, found ? &*found : nullptr}) ||
+                 !b.fresh()) {
                return false;
              }
              guarded([&] { b.ema_(g, sq, inv, found); });

@@ -101,10 +101,15 @@ class Bucket:
                 ):
                     return None
                 grads = list(map(_LOCAL, grads))
-            # A backend that checks the whole list in one call (C++): taken as they are.
+            # A backend that checks the whole list in one call (C++): taken as they are; None
+            # when its per-plan data no longer fits (an EMA changed in place): a new plan.
             accepts = getattr(self.backend, "accepts", None)
-            if accepts is not None and accepts(self, grads):
-                return grads
+            if accepts is not None:
+                fits = accepts(self, grads)
+                if fits:
+                    return grads
+                if fits is None:
+                    return None
             if (
                 set(map(_DTYPE, grads)) != self._dtype_set
                 or list(map(torch.Tensor.size, grads)) != self.sizes

@@ -50,12 +50,13 @@ this file says how to add one.
 ``norm_and_grad_sq(b, inputs) -> (partials, carry, grad_sq)``
     ``norm`` and ``grad_sq`` together (a schedule's statistic on a perturbing step); the C++
     backend takes both from one read of the gradients.
-``accepts(b, grads) -> bool`` (optional)
+``accepts(b, grads) -> bool | None`` (optional)
     True if the passes take this step's ``grads`` as they are (the planned dtype, sizes,
     strides and device; raising nothing). :meth:`~fsam_fused.plan.Bucket.take_grads` calls
     it first and takes the gradients on True; on False it runs its own Python checks, which
-    decide between a view, a new plan and an error. The C++ backend makes the whole test in
-    one call (``Bound.accepts``), instead of a Python pass per property.
+    decide between a view, a new plan and an error; on None (the backend's per-plan data no
+    longer fits: an EMA changed in place) it asks for a new plan. The C++ backend makes the
+    whole test in one call (``Bound.accepts``), instead of a Python pass per property.
 ``double_buffered(b) -> tuple[bool, ...]``, ``aligned(b) -> bool | None``
     Introspection (``FSAM.plan_summary``): which tensors are swapped instead of copied, and
     whether every address allows the widest vector accesses (None: not applicable).

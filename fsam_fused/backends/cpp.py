@@ -110,11 +110,14 @@ class CppBackend:
         ]
 
     @staticmethod
-    def accepts(b, grads) -> bool:
+    def accepts(b, grads) -> bool | None:
         """True if the passes take ``grads`` as they are (C++, one call for the whole list:
-        the per-step test that is otherwise a Python pass per property)."""
+        the per-step test that is otherwise a Python pass per property); None if an EMA was
+        changed in place since the plan was built (the plan must be rebuilt)."""
         bound = b.prep.bound
-        return bound is not None and cpp_ops.eager() and bound.accepts(grads)
+        if bound is None or not cpp_ops.eager():
+            return False
+        return bound.accepts(grads)
 
     def norm(self, b, inputs: StepInputs):
         st = b.prep

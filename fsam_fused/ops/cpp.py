@@ -146,7 +146,8 @@ def bind(weights, emas, saved, swap, paper, rows, scalars):
     ``grad_sq(grads, inv)``, ``perturb_(grads, sq, inv, found)``, ``ema_(grads, sq, inv,
     found)`` and ``restore_()`` check per call what a call may change (the gradients, the
     values, ``sq``, ``inv``, ``found``) and return None/False, doing nothing, for tensors
-    that must go through the dispatcher (a subclass, a dispatch mode): use the ops then."""
+    that must go through the dispatcher (a subclass, a dispatch mode) or when an EMA was
+    changed in place since (``accepts(grads)`` is then None): use the ops then."""
     if _direct is None:
         return None
     return _direct.Bound(weights, emas, saved, swap, paper, rows, scalars)
