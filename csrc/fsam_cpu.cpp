@@ -1178,14 +1178,19 @@ auto guarded(const F& f) -> decltype(f()) {
 }
 
 // A plan's parameters and the addresses it recorded for them: the engine's per-step test that
-// each parameter is still where the plan put it (p.data not reassigned) and has a gradient,
-// one C++ loop instead of Python passes over the list (about 0.2 us a tensor less at 10,000
-// tensors). It holds the parameters themselves (their TensorImpl: a `p.data = x` is seen),
-// and only plain ones (the caller checks: a subclass may have no storage to point at).
+// each parameter is still where and as the plan put it (p.data not reassigned or re-viewed)
+// and has a gradient, one C++ loop instead of Python passes over the list (about 0.2 us a
+// tensor less at 10,000 tensors). It holds the parameters themselves (their TensorImpl: a
+// `p.data = x` is seen), and only plain ones (the caller checks: a subclass may have no
+// storage to point at).
 class Watch {
  public:
   Watch(TV params, std::vector<int64_t> ptrs) : params_(std::move(params)), ptrs_(std::move(ptrs)) {
     TORCH_CHECK(params_.size() == ptrs_.size(), "fsam_fused: Watch needs one address per tensor");
+    for (const at::Tensor& p : params_) {
+      sizes_.push_back(p.sizes().vec());
+      strides_.push_back(p.strides().vec());
+    }
   }
 
   bool unmoved() const {
@@ -1195,12 +1200,18 @@ class Watch {
     return true;
   }
 
-  // Each parameter's .grad if every one is unmoved and has one; None otherwise.
+  // Each parameter's .grad if every one is unmoved, in its planned sizes and strides, and has
+  // one; None otherwise. (A re-view at the same address, p.data = p.data.t() of a square
+  // weight, needs a new plan: the passes walk memory in the planned layout.)
   py::object grads() const {
-    if (!unmoved()) return py::none();
     py::list out(params_.size());
-    for (const auto i : c10::irange(params_.size())) {
-      const at::Tensor& g = params_[i].grad();
+    for (const auto i : c10::irange(params_.size())) {  // (one pass over the parameters)
+      const at::Tensor& p = params_[i];
+      if (reinterpret_cast<int64_t>(p.data_ptr()) != ptrs_[i] ||
+          p.sizes() != at::IntArrayRef(sizes_[i]) || p.strides() != at::IntArrayRef(strides_[i])) {
+        return py::none();
+      }
+      const at::Tensor& g = p.grad();
       if (!g.defined()) return py::none();
       out[i] = py::cast(g);  // the gradient's own Python object, as `p.grad` gives it
     }
@@ -1210,6 +1221,7 @@ class Watch {
  private:
   TV params_;
   std::vector<int64_t> ptrs_;
+  std::vector<std::vector<int64_t>> sizes_, strides_;  // as planned
 };
 
 }  // namespace fsam_cpu_py

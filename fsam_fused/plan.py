@@ -189,6 +189,10 @@ class Plan:
     first_sights: set = field(default_factory=set)  # those of parameters never seen
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
+    # Their sizes and strides when planned: a re-view at the same address (p.data = p.data.t()
+    # of a square weight) needs a new plan, as the passes walk memory in the planned layout.
+    psizes: list = field(default_factory=list)
+    pstrides: list = field(default_factory=list)
     structure: Any = None  # the Structure it was built for
     # With ``every``: ``ops.cpp.watch(flat, ptrs)`` (None without the C++ bindings), the
     # step's test that no parameter moved and its gradients, in one C++ loop.
@@ -452,5 +456,7 @@ def build(st: Structure, groups, select, buffers) -> Plan:
         new_emas=new_emas,
         first_sights=first_sights,
         every=every,
+        psizes=[flat[i].size() for i in have],
+        pstrides=[flat[i].stride() for i in have],
         watch=cpp_ops.watch(flat, ptrs) if every else None,
     )
