@@ -98,6 +98,17 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def fits(t: torch.Tensor, shape=None, stride=None) -> bool:
+    """``t``'s storage holds every element its view (or ``shape``/``stride`` at its offset)
+    addresses: False after ``t.untyped_storage().resize_(0)`` (FSDP-style code frees
+    parameters so), when a copy into it would write past its end."""
+    shape, stride = (t.shape, t.stride()) if shape is None else (shape, stride)
+    if any(n == 0 for n in shape):
+        return True
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    return t.untyped_storage().nbytes() >= (t.storage_offset() + extent) * t.element_size()
+
+
 class Buffers:
     def __init__(self):
         self.saved: dict = {}
@@ -108,7 +119,9 @@ class Buffers:
 
     def saved_for(self, p: torch.Tensor) -> torch.Tensor:
         s = self.saved.get(p)
-        if s is None or not _same_layout(s, p):
+        # (A double buffer's spare is the parameter's storage during the second pass: code
+        # that freed the parameter's storage then freed the spare.)
+        if s is None or not _same_layout(s, p) or not fits(s):
             # empty_like keeps the parameter's strides: the kernels walk all the buffers of
             # one parameter in the same storage order.
             s = self.saved[p] = torch.empty_like(p)

@@ -59,8 +59,8 @@ Failure policy (all-or-nothing):
   the two steps (``p.data = ...``, ``model.half()``: the saved value is copied into the new
   storage, cast if the dtype changed, with a warning); a parameter given another view of the
   same storage (``p.data = p.data.t()``) has its storage restored and keeps its view; one
-  given new storage of another shape cannot be restored, and the error names it after every
-  other parameter is restored. The base optimizer does not step then. If a restore itself
+  given new storage of another shape, or whose storage was freed or shrunk, cannot be
+  restored, and the error names it after every other parameter is restored. The base optimizer does not step then. If a restore itself
   fails, the step stays in flight (the optimizer still says the weights are perturbed) and
   ``restore`` can be called again.
 
@@ -84,7 +84,7 @@ from . import backends, reduce
 from ._sigint import Held
 from ._warnings import warn_at_caller
 from .backends.base import StepInputs
-from .buffers import Buffers, state_version
+from .buffers import Buffers, fits, state_version
 from .hparams import Structure, Values
 from .ops import cpp as cpp_ops
 from .plan import Plan, build
@@ -393,9 +393,9 @@ class Engine(CheapPasses):
             self.inflight = None
         if changed:
             raise RuntimeError(
-                "second_step(): the shape of " + "; ".join(changed) + " changed between "
-                "first_step() and second_step(); every other parameter was restored and the "
-                "base optimizer did not step"
+                "second_step(): " + "; ".join(changed) + " between first_step() and "
+                "second_step(); every other parameter was restored and the base optimizer "
+                "did not step"
             )
         held.deliver()
 
@@ -425,7 +425,7 @@ class Engine(CheapPasses):
 def _restore_each(b) -> list:
     """The slow path: one parameter at a time, for a bucket where some parameter's storage
     or view changed since first_step. Returns the parameters that could not be restored:
-    a new storage of another shape."""
+    a new storage of another shape, or a storage freed or shrunk in between."""
     changed = []
     swapped = b.backend.double_buffered(b)
     for i, (p, ptr) in enumerate(zip(b.params, b.perturbed_ptrs)):
@@ -438,14 +438,27 @@ def _restore_each(b) -> list:
                 # storage gets its bits back, the parameter keeps the view it was given.
                 if swapped[i]:
                     p.data = orig.as_strided(p.shape, p.stride())
-                else:
+                elif fits(p, orig.shape, orig.stride()):
                     p.data.as_strided(orig.shape, orig.stride()).copy_(orig)
+                else:
+                    changed.append(
+                        f"the storage of the parameter planned as shape {tuple(orig.shape)} "
+                        "was shrunk"
+                    )
             else:
                 changed.append(
-                    f"the parameter planned as shape {tuple(orig.shape)} (now {tuple(p.shape)})"
+                    f"the shape of the parameter planned as shape {tuple(orig.shape)} (now "
+                    f"{tuple(p.shape)}) changed"
                 )
         elif swapped[i] and (same_place or same_kind):
             p.data = orig  # the double buffer: the untouched home storage goes back
+        elif not fits(p):
+            # Its storage was freed or shrunk in between (untyped_storage().resize_(0), as
+            # FSDP-style code does): a copy into it would write past its end.
+            changed.append(
+                f"the storage of the parameter of shape {tuple(p.shape)} was freed or shrunk "
+                f"(now {p.untyped_storage().nbytes()} bytes)"
+            )
         else:
             if not same_kind:
                 warn_at_caller(

@@ -293,3 +293,54 @@ def test_an_explicit_cpp_backend_refuses_the_re_viewed_parameter(many):
         torch.equal(a, s["ema"])
         for a, s in zip(emas, [s for s in opt.state.values() if "ema" in s])
     )
+
+
+def _freed_model(backend, fixed=False):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.1, backend=backend, fixed_addresses=fixed)
+    return m, opt, torch.randn(4, 8)
+
+
+@pytest.mark.parametrize(
+    "backend, fixed", [("cpp", True), ("reference", False), ("foreach", False)]
+)
+def test_a_storage_freed_between_the_two_steps_is_an_error_not_a_crash(backend, fixed):
+    """A parameter whose storage is freed between first_step and second_step
+    (``untyped_storage().resize_(0)``, as FSDP-style code frees parameters) cannot get its
+    bits back into that storage: second_step names it and restores every other parameter; it
+    used to copy the saved value past the end of the freed storage (a segfault)."""
+    if backend == "cpp":
+        backend_available("cpp", "cpu")
+    m, opt, x = _freed_model(backend, fixed)
+    m(x).square().mean().backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.first_step(zero_grad=True)
+    m(x).square().mean().backward()
+    m[0].bias.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=r"storage of the parameter of shape \(8,\) was freed"):
+        opt.second_step()
+    for p, b, name in zip(m.parameters(), before, ("w0", "b0", "w2", "b2")):
+        if name != "b0":
+            assert torch.equal(p, b), name
+
+
+def test_a_freed_double_buffer_is_not_reused():
+    """Double-buffered, the parameter's storage during the second pass is the spare: freeing
+    it there frees the spare (after the second backward: no value depends on it).
+    second_step puts the home storage back and the next steps take a new spare, bit for bit
+    as without the free; they used to write w + e into the freed one (a segfault)."""
+    backend_available("cpp", "cpu")
+    runs = []
+    for free in (False, True):
+        m, opt, x = _freed_model("cpp")
+        for t in range(4):
+            m(x).square().mean().backward()
+            opt.first_step(zero_grad=True)
+            m(x).square().mean().backward()
+            if free and t == 1:
+                m[0].bias.untyped_storage().resize_(0)
+            opt.second_step(zero_grad=True)
+        assert opt.plan_summary()[0].double_buffered == (True,) * 4
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
