@@ -914,7 +914,9 @@ class Bound {
   // `m.resize_(n)`, `m.requires_grad_()`), and the table, the written ranges and the dtype
   // were taken from them. accepts() then answers None (the engine rebuilds the plan, whose
   // checks refuse or convert the EMA) and the passes do nothing (the caller takes the ops,
-  // which check everything). (The weights and saved copies are aliases no one else holds.)
+  // which check everything). (The weights are aliases no one else holds. A spare buffer is
+  // the parameter's storage during the second pass; one freed or moved there changes the
+  // parameter's address, and the restore then drops the plan, and this Bound with it.)
   bool fresh() const {
     for (const auto i : c10::irange(m_.size())) {
       const at::Tensor& m = m_[i];
