@@ -60,9 +60,9 @@ Failure policy (all-or-nothing):
   storage, cast if the dtype changed, with a warning); a parameter given another view of the
   same storage (``p.data = p.data.t()``) has its storage restored and keeps its view; one
   given new storage of another shape, or whose storage was freed or shrunk, cannot be
-  restored, and the error names it after every other parameter is restored. The base optimizer does not step then. If a restore itself
-  fails, the step stays in flight (the optimizer still says the weights are perturbed) and
-  ``restore`` can be called again.
+  restored, and the error names it after every other parameter is restored. The base
+  optimizer does not step then. If a restore itself fails, the step stays in flight (the
+  optimizer still says the weights are perturbed) and ``restore`` can be called again.
 
 Who calls what: :class:`fsam_fused.session.StepSession` is the only caller of
 :meth:`Engine.first_step` and :meth:`Engine.restore`; closures, GradScaler hand-off and the

@@ -189,8 +189,9 @@ class Plan:
     first_sights: set = field(default_factory=set)  # those of parameters never seen
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
-    # Their sizes and strides when planned: a re-view at the same address (p.data = p.data.t()
-    # of a square weight) needs a new plan, as the passes walk memory in the planned layout.
+    # The sizes and strides of those with a gradient when planned: a re-view at the same
+    # address (p.data = p.data.t() of a square weight) needs a new plan, as the passes walk
+    # memory in the planned layout.
     psizes: list = field(default_factory=list)
     pstrides: list = field(default_factory=list)
     structure: Any = None  # the Structure it was built for
