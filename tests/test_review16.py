@@ -5,7 +5,11 @@ the one-line docstring says what is wrong.
 The Bound holds a bucket's EMAs, which are the optimizer state's own tensors: a user can
 change one in place between two steps (``m.data = x``, ``m.resize_(n)``,
 ``m.requires_grad_()``) without the plan being rebuilt, and the Bound used the table, the
-written ranges and the dtype it had taken from them when bound."""
+written ranges and the dtype it had taken from them when bound.
+
+The last tests are older defects the review found (also at 48ccf37): a parameter re-viewed at
+the same address kept its plan; a parameter's storage freed between the two steps crashed the
+restore, and a double buffer freed so was reused."""
 
 import warnings
 
