@@ -81,8 +81,7 @@ def _fits(fs) -> bool:
             and _same_structure(fs, plan.structure)
             and [i for i, g in enumerate(grads) if g is not None] == plan.have
             and [plan.flat[i].data_ptr() for i in plan.have] == plan.ptrs
-            and [plan.flat[i].size() for i in plan.have] == plan.psizes
-            and [plan.flat[i].stride() for i in plan.have] == plan.pstrides
+            and plan.laid_out([plan.flat[i] for i in plan.have])
             and plan.take_grads(grads) is not None
         )
     if not ok and capturing():

@@ -223,18 +223,17 @@ class Engine(CheapPasses):
                 taken = None if grads is None else plan.take_grads(grads)
                 if taken is not None:
                     return plan, taken
+            elif plan.every:
+                # (take_grads also turns down a None: a parameter without a gradient)
+                grads = list(map(_GRAD, plan.flat))
+                if list(map(torch.Tensor.data_ptr, plan.flat)) == plan.ptrs:
+                    taken = plan.take_grads(grads)
+                    if taken is not None:
+                        return plan, taken
             else:
                 grads = list(map(_GRAD, plan.flat))
                 have = [i for i, g in enumerate(grads) if g is not None]
-                ps = plan.flat if plan.every else [plan.flat[i] for i in have]
-                # Same parameters with gradients, at the planned addresses, in the planned
-                # layouts (take_grads also turns down a None: a parameter without a gradient)
-                if (
-                    have == plan.have
-                    and list(map(torch.Tensor.data_ptr, ps)) == plan.ptrs
-                    and list(map(torch.Tensor.size, ps)) == plan.psizes
-                    and list(map(torch.Tensor.stride, ps)) == plan.pstrides
-                ):
+                if have == plan.have and [plan.flat[i].data_ptr() for i in have] == plan.ptrs:
                     taken = plan.take_grads(grads)
                     if taken is not None:
                         return plan, taken

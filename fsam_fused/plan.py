@@ -189,15 +189,25 @@ class Plan:
     first_sights: set = field(default_factory=set)  # those of parameters never seen
 
     every: bool = False  # every parameter has a gradient, and there is one bucket
-    # The sizes and strides of those with a gradient when planned: a re-view at the same
-    # address (p.data = p.data.t() of a square weight) needs a new plan, as the passes walk
-    # memory in the planned layout.
-    psizes: list = field(default_factory=list)
+    # The strides of those with a gradient when planned, and whether each was contiguous: a
+    # re-view at the same address (p.data = p.data.t() of a square weight) needs a new plan,
+    # as the passes walk memory in the planned layout. Watch (C++) tests it every step; the
+    # Python test does not (its per-step cost on the GPU path), see laid_out().
     pstrides: list = field(default_factory=list)
+    contiguous: bool = False
     structure: Any = None  # the Structure it was built for
     # With ``every``: ``ops.cpp.watch(flat, ptrs)`` (None without the C++ bindings), the
     # step's test that no parameter moved and its gradients, in one C++ loop.
     watch: Any = None
+
+    def laid_out(self, params) -> bool:
+        """``params`` (those with a gradient) still in their planned strides: the frozen
+        plan's test (``capturable=True``). Contiguous parameters are asked only whether they
+        still are (a C-level bool per parameter, no tuple), which a transpose at the same
+        address is not; a reshape that stays contiguous keeps the planned memory order."""
+        if self.contiguous:
+            return all(map(torch.Tensor.is_contiguous, params))
+        return list(map(torch.Tensor.stride, params)) == self.pstrides
 
     def take_grads(self, grads) -> list | None:
         """Per bucket, this step's gradients (see :meth:`Bucket.take_grads`), or None if any
@@ -457,7 +467,7 @@ def build(st: Structure, groups, select, buffers) -> Plan:
         new_emas=new_emas,
         first_sights=first_sights,
         every=every,
-        psizes=[flat[i].size() for i in have],
         pstrides=[flat[i].stride() for i in have],
+        contiguous=all(flat[i].is_contiguous() for i in have),
         watch=cpp_ops.watch(flat, ptrs) if every else None,
     )
