@@ -241,10 +241,10 @@ def test_bound_passes_do_nothing_when_an_ema_changed():
     assert found.item() == 7.0
 
 
-def _re_view_run(be, fixed, steps=5):
+def _re_view_run(be, fixed, steps=5, **kw):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(24, 24), torch.nn.Tanh(), torch.nn.Linear(24, 1))
-    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.05, backend=be, fixed_addresses=fixed)
+    opt = FSAM(m.parameters(), torch.optim.SGD, lr=0.05, backend=be, fixed_addresses=fixed, **kw)
     g = torch.Generator().manual_seed(1)
     for t in range(steps):
         x = torch.randn(16, 24, generator=g)
@@ -275,11 +275,14 @@ def test_a_parameter_re_viewed_at_the_same_address_replans(backend, fixed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_an_explicit_cpp_backend_refuses_the_re_viewed_parameter():
+@pytest.mark.parametrize("capturable", [False, True])
+def test_an_explicit_cpp_backend_refuses_the_re_viewed_parameter(capturable):
     """With ``backend="cpp"`` the new plan's checks refuse the re-viewed weight (its gradient
-    no longer has its strides), naming what to use, before anything changes."""
+    no longer has its strides), naming what to use, before anything changes. With
+    ``capturable=True`` the frozen plan must not be taken for it either (its passes walk
+    memory in the planned layout): the same error, not a silently transposed step."""
     backend_available("cpp", "cpu")
-    m, opt = _re_view_run("cpp", False, steps=2)
+    m, opt = _re_view_run("cpp", False, steps=2, capturable=capturable)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, 24, generator=g)
     m(x).square().mean().backward()
